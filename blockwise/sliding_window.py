@@ -1,0 +1,348 @@
+"""Sliding-window inference maths on a global patch grid (knows nothing of synapses or storage).
+
+All coordinates here are integer voxel indices (z, y, x) relative to the first voxel of the
+volume, which is the grid origin.
+
+**The global grid.** Along each axis with volume size ``n``, patch size ``p`` and stride ``s``
+(``1 <= s <= p <= n``), patch origins are ``0, s, 2s, …`` below ``n - p`` plus a last origin
+clamped to ``n - p``, so every patch lies inside the volume and every voxel is covered. The
+patches are the Cartesian product of the per-axis origins. The grid is a fixed function of
+(volume shape, patch shape, stride), which is what makes blockwise prediction block-independent:
+a voxel's value is ``Σ w·p / Σ w`` over the same global patches, whichever write block asks for it.
+Volumes smaller than a patch along an axis must be padded by the caller.
+
+**Blending.** Each patch prediction is weighted by a window (``blend_window``) that is largest in
+the patch centre and small but positive at its faces, so voxels near patch faces (where the
+network sees less context) count less.
+
+Typical use (per write block)::
+
+    read_begin, read_end = required_read_region(wb, we, patch, stride, vol_shape)
+    raw = volume[read_begin:read_end]                 # (z, y, x) uint8
+    prob = predict_region(TorchPredictor(model), raw, read_begin, wb, we, patch, stride,
+                          vol_shape, blend_window(patch))   # (C, z, y, x) float32 in [0, 1]
+    out = to_uint8(prob)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import BlockwiseError
+
+__all__ = [
+    "blend_window",
+    "grid_origins",
+    "overlapping_origins",
+    "patch_origins",
+    "required_read_region",
+    "predict_region",
+    "TorchPredictor",
+    "to_uint8",
+]
+
+log = logging.getLogger(__name__)
+
+Shape = Tuple[int, int, int]
+ModelFn = Callable[[np.ndarray], np.ndarray]
+
+
+def _shape3(value: Sequence[int], name: str, minimum: int = 1) -> Shape:
+    try:
+        out = tuple(int(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise BlockwiseError(f"{name} must be 3 integers (z, y, x), got {value!r}") from exc
+    if len(out) != 3 or any(v < minimum for v in out):
+        raise BlockwiseError(f"{name} must be 3 integers >= {minimum} (z, y, x), got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+def blend_window(patch_shape: Sequence[int], mode: str = "bump", sigma_scale: float = 1.0 / 8,
+                 min_weight: float = 1e-3) -> np.ndarray:
+    """Blending weights for one patch: float32 (z, y, x), max 1, every value >= ``min_weight``.
+
+    The window is a product of 1-D profiles evaluated at voxel centres, mirror-symmetric along
+    each axis:
+
+    - ``"bump"``: ``exp(-1 / (1 - t²))`` with ``t ∈ (-1, 1)`` the voxel centre's position
+      across the patch (a smooth bump that vanishes at the faces);
+    - ``"gaussian"``: ``exp(-d² / (2 σ²))`` with ``d`` the distance (voxels) to the patch centre
+      and ``σ = sigma_scale · size`` per axis (nnU-Net style);
+
+    then scaled to a maximum of 1 and floored at ``min_weight`` so that no voxel has weight 0
+    (at the volume borders a voxel may be covered only by patch faces).
+    """
+    shape = _shape3(patch_shape, "patch_shape")
+    if mode not in ("bump", "gaussian"):
+        raise BlockwiseError(f"blend_window: mode must be 'bump' or 'gaussian', got {mode!r}")
+    if not 0 < min_weight <= 1:
+        raise BlockwiseError(f"blend_window: min_weight must lie in (0, 1], got {min_weight}")
+    if mode == "gaussian" and not sigma_scale > 0:
+        raise BlockwiseError(f"blend_window: sigma_scale must be > 0, got {sigma_scale}")
+    profiles = []
+    for n in shape:
+        # Offsets of voxel centres from the patch centre, in voxels; exactly antisymmetric.
+        d = (2.0 * np.arange(n) + 1.0 - n) / 2.0
+        if mode == "bump":
+            t2 = (d / (n / 2.0)) ** 2  # in [0, 1)
+            prof = np.exp(-1.0 / (1.0 - t2))
+        else:
+            sigma = sigma_scale * n
+            prof = np.exp(-(d ** 2) / (2.0 * sigma ** 2))
+        profiles.append(prof / prof.max())
+    w = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
+    np.maximum(w, min_weight, out=w)
+    return w.astype(np.float32)
+
+
+def grid_origins(volume_shape: Sequence[int], patch_shape: Sequence[int],
+                 stride: Sequence[int]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-axis patch origins (voxels) of the global grid; see the module docstring.
+
+    Returns three sorted int64 arrays (z, y, x): ``0, s, 2s, …`` below ``n - p`` and ``n - p``.
+    Raises BlockwiseError if a patch is larger than the volume (pad the volume) or a stride is
+    outside ``[1, patch]`` (it would leave voxels uncovered).
+    """
+    vol = _shape3(volume_shape, "volume_shape")
+    patch = _shape3(patch_shape, "patch_shape")
+    step = _shape3(stride, "stride")
+    out = []
+    for ax, n, p, s in zip("zyx", vol, patch, step):
+        if p > n:
+            raise BlockwiseError(
+                f"patch {patch} is larger than the volume {vol} along {ax} ({p} > {n} voxels); "
+                "pad the volume to at least one patch"
+            )
+        if s > p:
+            raise BlockwiseError(f"stride {step} exceeds patch {patch} along {ax}: voxels would be skipped")
+        out.append(np.append(np.arange(0, n - p, s, dtype=np.int64), np.int64(n - p)))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _check_write_region(write_begin: Sequence[int], write_end: Sequence[int],
+                        volume_shape: Sequence[int]) -> Tuple[Shape, Shape]:
+    wb = _shape3(write_begin, "write_begin", minimum=0)
+    we = _shape3(write_end, "write_end", minimum=0)
+    vol = _shape3(volume_shape, "volume_shape")
+    if any(b >= e for b, e in zip(wb, we)) or any(e > n for e, n in zip(we, vol)):
+        raise BlockwiseError(
+            f"write region [{wb}, {we}) is empty or outside the volume [(0, 0, 0), {vol})"
+        )
+    return wb, we
+
+
+def overlapping_origins(write_begin: Sequence[int], write_end: Sequence[int], patch_shape: Sequence[int],
+                        stride: Sequence[int], volume_shape: Sequence[int]
+                        ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-axis origins of the global-grid patches overlapping the write region [begin, end).
+
+    A patch overlaps when ``origin < end`` and ``origin + patch > begin`` along every axis.
+    Returns three sorted int64 arrays (z, y, x); their Cartesian product is the patch set.
+    """
+    wb, we = _check_write_region(write_begin, write_end, volume_shape)
+    patch = _shape3(patch_shape, "patch_shape")
+    axes = grid_origins(volume_shape, patch, stride)
+    return tuple(o[(o < e) & (o + p > b)] for o, b, e, p in zip(axes, wb, we, patch))  # type: ignore[return-value]
+
+
+def patch_origins(write_begin: Sequence[int], write_end: Sequence[int], patch_shape: Sequence[int],
+                  stride: Sequence[int], volume_shape: Sequence[int]) -> np.ndarray:
+    """Origins (N, 3) int64 (z, y, x voxels) of the patches overlapping the write region,
+    in lexicographic (z, then y, then x) order, the order ``predict_region`` accumulates in."""
+    oz, oy, ox = overlapping_origins(write_begin, write_end, patch_shape, stride, volume_shape)
+    grid = np.stack(np.meshgrid(oz, oy, ox, indexing="ij"), axis=-1)
+    return grid.reshape(-1, 3)
+
+
+def required_read_region(write_begin: Sequence[int], write_end: Sequence[int], patch_shape: Sequence[int],
+                         stride: Sequence[int], volume_shape: Sequence[int]) -> Tuple[Shape, Shape]:
+    """Voxel box [read_begin, read_end) (z, y, x) = union of the patches overlapping the write
+    region; always inside the volume and containing the write region."""
+    patch = _shape3(patch_shape, "patch_shape")
+    axes = overlapping_origins(write_begin, write_end, patch, stride, volume_shape)
+    begin = tuple(int(o[0]) for o in axes)
+    end = tuple(int(o[-1]) + p for o, p in zip(axes, patch))
+    return begin, end  # type: ignore[return-value]
+
+
+def _normalise(batch: np.ndarray) -> np.ndarray:
+    """Raw intensities → float32 in [0, 1]: integers are divided by their dtype's maximum;
+    floats are taken as already scaled."""
+    if np.issubdtype(batch.dtype, np.integer):
+        return batch.astype(np.float32) * np.float32(1.0 / np.iinfo(batch.dtype).max)
+    return batch.astype(np.float32, copy=False)
+
+
+def predict_region(model_fn: ModelFn, raw: np.ndarray, raw_begin: Sequence[int],
+                   write_begin: Sequence[int], write_end: Sequence[int], patch_shape: Sequence[int],
+                   stride: Sequence[int], volume_shape: Sequence[int], window: Optional[np.ndarray] = None,
+                   batch_size: int = 4, out_channels: int = 3) -> np.ndarray:
+    """Blended prediction over the write region [write_begin, write_end) (z, y, x voxels).
+
+    Args:
+        model_fn: maps a batch (B, 1, pz, py, px) float32 in [0, 1] to (B, C, pz, py, px)
+            probabilities (e.g. a ``TorchPredictor``).
+        raw: (z, y, x) raw intensities covering at least ``required_read_region(...)``; integer
+            dtypes are scaled to [0, 1] by their maximum (uint8: /255), floats used as they are.
+        raw_begin: global voxel (z, y, x) of ``raw[0, 0, 0]``.
+        patch_shape, stride, volume_shape: define the global grid (see module docstring).
+        window: (pz, py, px) positive blending weights; None → ``blend_window(patch_shape)``.
+        batch_size: patches per ``model_fn`` call.
+        out_channels: C, the number of channels ``model_fn`` returns.
+
+    Returns:
+        float32 (C, wz, wy, wx): ``Σ w·p / Σ w`` over every global patch overlapping the write
+        region. Patches are accumulated in lexicographic origin order, so a voxel receives the
+        same sequence of float32 additions whichever write block contains it: blockwise results
+        equal whole-volume results up to differences in ``model_fn`` itself.
+    """
+    patch = _shape3(patch_shape, "patch_shape")
+    wb, we = _check_write_region(write_begin, write_end, volume_shape)
+    rb = _shape3(raw_begin, "raw_begin", minimum=0)
+    if batch_size < 1 or out_channels < 1:
+        raise BlockwiseError(f"predict_region: batch_size ({batch_size}) and out_channels ({out_channels}) must be >= 1")
+    raw = np.asarray(raw)
+    if raw.ndim != 3:
+        raise BlockwiseError(f"predict_region: raw must be (z, y, x), got shape {raw.shape}")
+    read_begin, read_end = required_read_region(wb, we, patch, stride, volume_shape)
+    raw_end = tuple(b + s for b, s in zip(rb, raw.shape))
+    if any(r < b for r, b in zip(read_begin, rb)) or any(r > e for r, e in zip(read_end, raw_end)):
+        raise BlockwiseError(
+            f"predict_region: raw covers [{rb}, {raw_end}) but the write region [{wb}, {we}) needs "
+            f"[{read_begin}, {read_end})"
+        )
+    if window is None:
+        window = blend_window(patch)
+    window = np.asarray(window, dtype=np.float32)
+    if window.shape != patch or not np.all(window > 0):
+        raise BlockwiseError(
+            f"predict_region: window must be positive with shape {patch}, got shape {window.shape}"
+        )
+
+    origins = patch_origins(wb, we, patch, stride, volume_shape)
+    wshape = tuple(e - b for b, e in zip(wb, we))
+    num = np.zeros((out_channels,) + wshape, dtype=np.float32)
+    den = np.zeros(wshape, dtype=np.float32)
+    log.debug("predict_region write [%s, %s): %d patches", wb, we, len(origins))
+
+    # Per patch: slice in the raw array, and (patch-local, write-local) slices of the overlap.
+    def raw_slices(o: np.ndarray) -> Tuple[slice, ...]:
+        return tuple(slice(int(a) - r, int(a) - r + p) for a, r, p in zip(o, rb, patch))
+
+    def overlap(o: np.ndarray) -> Tuple[Tuple[slice, ...], Tuple[slice, ...]]:
+        lo = np.maximum(o, wb)
+        hi = np.minimum(o + patch, we)
+        local = tuple(slice(int(a - b), int(c - b)) for a, b, c in zip(lo, o, hi))
+        out = tuple(slice(int(a - b), int(c - b)) for a, b, c in zip(lo, wb, hi))
+        return local, out
+
+    for start in range(0, len(origins), batch_size):
+        chunk = origins[start:start + batch_size]
+        batch = _normalise(np.stack([raw[raw_slices(o)] for o in chunk])[:, None])
+        pred = np.asarray(model_fn(batch))
+        expected = (len(chunk), out_channels) + patch
+        if pred.shape != expected:
+            raise BlockwiseError(f"predict_region: model_fn returned shape {pred.shape}, expected {expected}")
+        pred = pred.astype(np.float32, copy=False)
+        for o, p in zip(chunk, pred):
+            local, out = overlap(o)
+            w = window[local]
+            num[(slice(None),) + out] += w * p[(slice(None),) + local]
+            den[out] += w
+    num /= den
+    return num
+
+
+def to_uint8(prob: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] → uint8 ``round(prob · 255)`` (values outside [0, 1] are clipped).
+    Any shape; raises BlockwiseError on NaN (a diverged model)."""
+    prob = np.asarray(prob)
+    scaled = np.multiply(prob, 255.0, dtype=np.float32)
+    if np.isnan(scaled).any():
+        raise BlockwiseError("to_uint8: probabilities contain NaN")
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint8)
+
+
+class TorchPredictor:
+    """A torch model as a ``model_fn``: (B, 1, z, y, x) float32 numpy → (B, C, z, y, x) float32
+    probabilities.
+
+    Args:
+        model: an ``nn.Module`` producing logits (B, C, z, y, x); put in eval mode here.
+        device: "auto" (cuda if available, else cpu), or any torch device.
+        activation: "sigmoid" (independent channels), "softmax" (exclusive channels, over C) or
+            "none"; None → the model's ``output_activation`` attribute, else "sigmoid".
+        amp_dtype: None, "bf16" or "fp16": autocast on CUDA (ignored on CPU).
+        tta: average probabilities over all 8 flips of (z, y, x) (test-time augmentation).
+        num_threads: if given, ``torch.set_num_threads(num_threads)`` (process-wide).
+        pin_memory: use pinned host buffers for CUDA transfers.
+    """
+
+    def __init__(self, model, device: Union[str, "torch.device", None] = "auto",
+                 activation: Optional[str] = None, amp_dtype: Optional[str] = None, tta: bool = False,
+                 num_threads: Optional[int] = None, pin_memory: bool = True):
+        import torch
+
+        self._torch = torch
+        if device is None or device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if activation is None:
+            activation = getattr(model, "output_activation", "sigmoid")
+        if activation not in ("sigmoid", "softmax", "none"):
+            raise BlockwiseError(f"TorchPredictor: activation must be sigmoid/softmax/none, got {activation!r}")
+        self.activation = activation
+        dtypes = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+        if amp_dtype not in dtypes:
+            raise BlockwiseError(f"TorchPredictor: amp_dtype must be None, 'bf16' or 'fp16', got {amp_dtype!r}")
+        self.amp_dtype = dtypes[amp_dtype] if self.device.type == "cuda" else None
+        if amp_dtype is not None and self.amp_dtype is None:
+            log.info("TorchPredictor: amp_dtype=%s ignored on %s", amp_dtype, self.device)
+        self.tta = bool(tta)
+        self.pin_memory = bool(pin_memory) and self.device.type == "cuda"
+        if num_threads is not None:
+            torch.set_num_threads(int(num_threads))
+        self.model = model.to(self.device).eval()
+
+    def _probabilities(self, x):
+        torch = self._torch
+        if self.amp_dtype is not None:
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
+                logits = self.model(x)
+        else:
+            logits = self.model(x)
+        logits = logits.float()
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        if self.activation == "softmax":
+            return torch.softmax(logits, dim=1)
+        return logits
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 5:
+            raise BlockwiseError(f"TorchPredictor: expected a (B, C, z, y, x) batch, got shape {batch.shape}")
+        x = torch.from_numpy(batch)
+        if self.pin_memory:
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            if not self.tta:
+                prob = self._probabilities(x)
+            else:
+                prob = None
+                flips = [dims for k in range(4) for dims in itertools.combinations((2, 3, 4), k)]
+                for dims in flips:
+                    xi = torch.flip(x, dims) if dims else x
+                    pi = self._probabilities(xi)
+                    pi = torch.flip(pi, dims) if dims else pi
+                    prob = pi if prob is None else prob + pi
+                prob = prob / len(flips)
+            return prob.cpu().numpy()

@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Run the cleftwise pipeline on a volume: ``python launch/predict_volume.py --config C.yaml``.
+
+Thin CLI: parse → build the config dataclasses → call :mod:`postprocess.pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from blockwise.errors import BlockwiseError
+from models.errors import ModelError
+from postprocess.errors import PostprocessError
+from postprocess.pipeline import STAGES, parse_config, pipeline_status, run_pipeline
+from storage.errors import StorageError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="pipeline YAML (see README: Configuration)")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--backend", choices=["local", "daisy", "ray", "dask"], help="override backend")
+    p.add_argument("--workers", type=int, help="override number of workers")
+    p.add_argument("--address", help="ray/dask cluster address (ray: auto or ray://host:port)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", default=True,
+                   help="skip blocks already done (default)")
+    g.add_argument("--overwrite", action="store_true", help="discard earlier results and start fresh")
+    p.add_argument("--status", action="store_true", help="print blocks done/remaining/failed per stage")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.config:
+        _parser().error("--config is required")
+    import yaml
+
+    try:
+        with open(args.config) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise StorageError(f"{args.config}: top level must be a mapping")
+        backend = dict(data.get("backend") or {})
+        for key in ("backend", "workers", "address"):
+            if getattr(args, key) is not None:
+                backend[key] = getattr(args, key)
+        if args.no_progress:
+            backend["progress"] = False
+        data["backend"] = backend
+        cfg = parse_config(data, where=args.config)
+        if args.status:
+            print(json.dumps(pipeline_status(cfg), indent=1))
+            return 0
+        stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+        summary = run_pipeline(cfg, stages, overwrite=args.overwrite)
+        print(json.dumps(summary["stages"], indent=1))
+        return 0
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (StorageError, BlockwiseError, ModelError, PostprocessError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

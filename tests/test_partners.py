@@ -1,0 +1,135 @@
+"""Partner assignment: majority votes, ties, background, autapses, dilation, blockwise merge."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from postprocess.errors import PostprocessError
+from postprocess.partners import (
+    assign_partners,
+    dilation_radius_voxels,
+    merge_partner_votes,
+    partner_votes_block,
+)
+
+
+def _row(frame, sid):
+    return frame.set_index("id").loc[sid]
+
+
+def test_majority_ties_background_and_autapse():
+    labels = np.zeros((1, 4, 6), np.uint64)
+    sides = np.zeros(labels.shape, np.uint8)
+    neurons = np.zeros(labels.shape, np.uint64)
+    # Synapse 1: pre side votes 10,10,11,0 -> 10 (2/3); post votes 20,21 -> tie -> 20.
+    labels[0, 0, :6] = 1
+    sides[0, 0, :6] = [1, 1, 1, 1, 2, 2]
+    neurons[0, 0, :6] = [10, 10, 11, 0, 21, 20]
+    # Synapse 2: pre on neuron 30, post on background only.
+    labels[0, 1, :3] = 2
+    sides[0, 1, :3] = [1, 2, 2]
+    neurons[0, 1, :3] = [30, 0, 0]
+    # Synapse 3: both sides on neuron 40 (autapse); one voxel is both pre and post.
+    labels[0, 2, :3] = 3
+    sides[0, 2, :3] = [1, 3, 2]
+    neurons[0, 2, :3] = [40, 40, 40]
+    # Synapse 4: no side voxels at all.
+    labels[0, 3, 0] = 4
+    neurons[0, 3, 0] = 50
+    res = assign_partners(labels, sides, neurons)
+    assert res["id"].tolist() == [1, 2, 3, 4]
+    r = _row(res, 1)
+    assert (r["pre_neuron"], r["pre_votes"], r["pre_background_votes"]) == (10, 3, 1)
+    assert r["pre_confidence"] == pytest.approx(2 / 3) and not r["pre_tie"]
+    assert (r["post_neuron"], r["post_confidence"], r["post_tie"]) == (20, 0.5, True)
+    assert not r["autapse"] and not r["pre_background"] and not r["post_background"]
+    r = _row(res, 2)
+    assert r["pre_neuron"] == 30 and r["post_neuron"] == 0
+    assert r["post_background"] and r["post_background_votes"] == 2 and r["post_confidence"] == 0
+    assert not r["autapse"]
+    r = _row(res, 3)
+    assert r["autapse"] and r["pre_neuron"] == r["post_neuron"] == 40
+    assert (r["pre_votes"], r["post_votes"]) == (2, 2)
+    r = _row(res, 4)
+    assert r["pre_background"] and r["post_background"] and not r["autapse"]
+    assert res["pre_neuron"].dtype == np.uint64
+
+
+def test_dilation_reaches_past_the_cleft_anisotropically():
+    # A two-voxel-thick cleft: pre side at y = 5, post side at y = 6, both x = 2..6, z = 2.
+    # Pre neuron at y <= 3, post neuron at y >= 8; y = 4 and y = 7 are background, so only
+    # dilation finds the partners.
+    shape = (5, 12, 9)
+    vs = (40.0, 8.0, 8.0)
+    labels = np.zeros(shape, np.uint64)
+    sides = np.zeros(shape, np.uint8)
+    neurons = np.zeros(shape, np.uint64)
+    labels[2, 5:7, 2:7] = 1
+    sides[2, 5, 2:7] = 1
+    sides[2, 6, 2:7] = 2
+    neurons[:, :4] = 100
+    neurons[:, 8:] = 200
+    r = _row(assign_partners(labels, sides, neurons, vs, dilate_nm=0.0), 1)
+    assert r["pre_background"] and r["post_background"]
+    assert (r["pre_background_votes"], r["post_background_votes"]) == (5, 5)
+    # 16 nm = 2 voxels in y/x but 0 in z (40 nm voxels).
+    assert dilation_radius_voxels(16.0, vs) == (0, 2, 2)
+    r = _row(assign_partners(labels, sides, neurons, vs, dilate_nm=16.0), 1)
+    assert (r["pre_neuron"], r["post_neuron"]) == (100, 200)
+    assert r["pre_confidence"] == 1.0 and r["post_confidence"] == 1.0
+    # Within 2 voxels in-plane, only row y = 3 (dy = 2, dx = 0) of the pre neuron is reached:
+    # x = 2..6, five votes; likewise row y = 8 for the post side.
+    assert (r["pre_votes"], r["post_votes"]) == (5, 5)
+    # 40 nm reaches one z plane up and down and five voxels in-plane: more votes, and the
+    # far neuron now gets some too, but the near one still wins.
+    assert dilation_radius_voxels(40.0, vs) == (1, 5, 5)
+    r40 = _row(assign_partners(labels, sides, neurons, vs, dilate_nm=40.0), 1)
+    assert (r40["pre_neuron"], r40["post_neuron"]) == (100, 200)
+    assert r40["pre_votes"] > 5 and 0.5 < r40["pre_confidence"] < 1.0
+    # Nearby synapses are dilated independently: a second synapse does not steal votes.
+    labels2, sides2 = labels.copy(), sides.copy()
+    labels2[2, 4, 2:5] = 2
+    sides2[2, 4, 2:5] = 1
+    res2 = assign_partners(labels2, sides2, neurons, vs, dilate_nm=16.0)
+    assert _row(res2, 1)["pre_votes"] == r["pre_votes"]
+    assert _row(res2, 2)["pre_neuron"] == 100
+
+
+def test_blockwise_votes_merge_to_whole_volume():
+    rng = np.random.default_rng(11)
+    shape = (9, 20, 18)
+    vs = (30.0, 10.0, 10.0)
+    labels = np.zeros(shape, np.uint64)
+    labels[2:7, 4:16, 3:15] = 5
+    labels[0:2, 0:5, 12:18] = 8
+    labels[8, 19, 17] = 9
+    labels[(rng.random(shape) < 0.1) & (labels == 0)] = 12
+    sides = rng.integers(0, 4, shape).astype(np.uint8) * (labels > 0)
+    neurons = rng.integers(0, 4, shape).astype(np.uint64) * 1000
+    dilate = 25.0
+    whole = assign_partners(labels, sides, neurons, vs, dilate)
+    r = dilation_radius_voxels(dilate, vs)
+    pad = [(ri, ri) for ri in r]
+    L, S, N = np.pad(labels, pad), np.pad(sides, pad), np.pad(neurons, pad)
+    for block in [(4, 7, 5), (9, 20, 18), (2, 3, 18)]:
+        frames = []
+        for begin in itertools.product(*(range(0, n, b) for n, b in zip(shape, block))):
+            # Read the write region grown by the radius (the padded arrays put the volume
+            # at offset r, so the grown region starts at `begin` there).
+            end = [min(o + b, n) for o, b, n in zip(begin, block, shape)]
+            sl = tuple(slice(o, e + 2 * ri) for o, e, ri in zip(begin, end, r))
+            frames.append(partner_votes_block(L[sl], S[sl], N[sl], vs, dilate, context=r))
+        merged = merge_partner_votes(frames, instance_ids=[5, 8, 9, 12])
+        assert merged.equals(whole)
+
+
+def test_votes_need_enough_context():
+    a = np.zeros((5, 5, 5), np.uint64)
+    with pytest.raises(PostprocessError, match="dilation radius"):
+        partner_votes_block(a, a.astype(np.uint8), a, (10, 10, 10), 20.0, context=(1, 1, 1))
+    with pytest.raises(PostprocessError, match="shapes"):
+        partner_votes_block(a, a[:4].astype(np.uint8), a)
+    with pytest.raises(PostprocessError, match="side values"):
+        import pandas as pd
+        merge_partner_votes(pd.DataFrame({"id": [1], "side": [3], "neuron": [2], "count": [1]}))
