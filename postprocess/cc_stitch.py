@@ -221,7 +221,7 @@ def label_block(
     # cc3d numbers labels 1..n in order of first occurrence in memory (C) order.
     local, n_labels = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
     n_labels = int(n_labels)
-    if id_stride is not None and n_labels >= id_stride:
+    if id_stride is not None and n_labels > id_stride:
         raise PostprocessError(
             f"block at {tuple(begin)} has {n_labels} components, more than its id_stride "
             f"{id_stride} allows"
@@ -342,10 +342,14 @@ def _as_records(records: pd.DataFrame | Iterable[pd.DataFrame]) -> pd.DataFrame:
     if isinstance(records, pd.DataFrame):
         frame = records
     else:
-        frames = [f for f in records if len(f)]
-        frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-            {c: np.zeros(0, np.int64) for c in RECORD_COLUMNS}
-        )
+        frames = list(records)
+        nonempty = [f for f in frames if len(f)]
+        if nonempty:
+            frame = pd.concat(nonempty, ignore_index=True)
+        elif frames:
+            frame = frames[0]
+        else:
+            frame = pd.DataFrame({c: np.zeros(0, np.int64) for c in RECORD_COLUMNS})
     missing = [c for c in RECORD_COLUMNS if c not in frame.columns]
     if missing:
         raise PostprocessError(f"records lack columns {missing}")

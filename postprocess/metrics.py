@@ -22,7 +22,6 @@ Arrays are (z, y, x) on one voxel grid; voxel sizes and distances are in nm.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -37,8 +36,6 @@ from scipy.sparse.csgraph import connected_components
 from postprocess.errors import PostprocessError
 
 __all__ = ["InstanceMatch", "instance_overlaps", "instance_f1", "cremi_cleft_metrics"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

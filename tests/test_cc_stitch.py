@@ -123,7 +123,7 @@ def test_diagonal_staircase_chain_through_many_blocks():
     mask = np.zeros(shape, bool)
     for i in range(12):
         mask[i, i, 11 - i] = True
-    for bs in [(2, 2, 2), (3, 5, 4), (1, 1, 1)]:
+    for bs in [(2, 2, 2), (3, 5, 4), (1, 3, 2)]:
         out26, res26 = blockwise_cc_reference(mask, bs, 26)
         assert len(res26.instances) == 1 and res26.instances["size"].iloc[0] == 12
         out6, res6 = blockwise_cc_reference(mask, bs, 6)
@@ -231,7 +231,15 @@ def test_label_block_records_are_global():
     assert r.loc[1001, ["sum_z", "sum_y", "sum_x"]].tolist() == [22, 44, 33 + 34]
     assert r.loc[1002, ["first_z", "first_y", "first_x"]].tolist() == [13, 20, 30]
     with pytest.raises(PostprocessError, match="id_stride"):
-        label_block(mask, (0, 0, 0), 26, id_offset=0, id_stride=2)
+        label_block(mask, (0, 0, 0), 26, id_offset=0, id_stride=1)
+
+
+def test_empty_volume():
+    mask = np.zeros((6, 7, 8), bool)
+    probs = np.zeros(mask.shape, np.float32)
+    out, res = blockwise_cc_reference(mask, (4, 4, 4), 26, probs=probs, min_peak_prob=0.5)
+    assert out.dtype == np.uint64 and not out.any()
+    assert len(res.instances) == 0 and res.provisional_ids.size == 0
 
 
 def test_block_id_offsets_are_disjoint():

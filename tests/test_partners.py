@@ -3,6 +3,7 @@
 import itertools
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from postprocess.errors import PostprocessError
@@ -131,5 +132,4 @@ def test_votes_need_enough_context():
     with pytest.raises(PostprocessError, match="shapes"):
         partner_votes_block(a, a[:4].astype(np.uint8), a)
     with pytest.raises(PostprocessError, match="side values"):
-        import pandas as pd
         merge_partner_votes(pd.DataFrame({"id": [1], "side": [3], "neuron": [2], "count": [1]}))

@@ -147,9 +147,19 @@ def test_blockwise_equals_whole_rsunet():
     whole = predict_region(predictor, raw, (0, 0, 0), (0, 0, 0), VOL, PATCH, STRIDE, VOL,
                            blend_window(PATCH), batch_size=8)
     assert whole.min() >= 0 and whole.max() <= 1 and whole.std() > 1e-3
-    for block in [(7, 33, 40), (20, 45, 30)]:
-        tiled = _predict_tiled(predictor, raw, block, batch_size=3)
+    for block, batch_size in [((7, 33, 40), 3), ((20, 45, 30), 1)]:
+        tiled = _predict_tiled(predictor, raw, block, batch_size=batch_size)
         np.testing.assert_allclose(tiled, whole, atol=1e-6, rtol=0)
+
+
+def test_torch_predictor_result_independent_of_batch_grouping():
+    torch.manual_seed(1)
+    predictor = TorchPredictor(build_rsunet(RSUNetConfig(filters=(4, 8, 8, 12))), device="cpu")
+    batch = np.random.default_rng(8).random((3, 1, 8, 32, 32), dtype=np.float32)
+    together = predictor(batch)
+    singles = np.concatenate([predictor(batch[i:i + 1]) for i in range(3)])
+    assert singles.shape == together.shape == (3, 3, 8, 32, 32)
+    np.testing.assert_allclose(singles, together, atol=1e-7, rtol=0)
 
 
 def test_predict_region_from_offset_raw_and_errors():

@@ -1,0 +1,385 @@
+"""Blockwise synapse instances: exact stitched connected components, polarity and partners.
+
+Stages, each a :class:`~blockwise.task.BlockTask` (resumable, any backend):
+
+``segment`` — connected components of the thresholded union channel, exactly equal to one
+global ``cc3d`` labelling (up to the deterministic renumbering of
+:mod:`postprocess.cc_stitch`):
+
+1. ``segment_label``: per block, cc3d on the write ROI, provisional block-unique ids written
+   to ``<work>/labels.zarr/provisional`` and per-label statistics to ``records/<block>.parquet``;
+2. ``segment_stitch``: per block, the provisional labels plus a one-voxel halo on the high
+   sides → the id pairs that touch across block faces, edges and corners (``pairs/<block>.npy``);
+3. resolve (driver): union-find over all pairs, statistics merged, size filter applied to
+   whole instances, final ids 1..N ordered by each instance's first voxel in z-y-x raster
+   order (``mapping.npz``, ``instances.parquet``);
+4. ``segment_relabel``: per block, final uint64 ids written to the output label volume.
+
+``partners`` — per block (with context for the optional side dilation): pre/post side of each
+voxel (PyTorch Connectomics polarity rules, :mod:`postprocess.polarity`), partial polarity
+sums and neuron votes (:mod:`postprocess.partners`); merged in the driver into one record per
+synapse (``synapses.parquet``: centroid, bbox, size, scores, pre/post sites, partner neurons
+and confidences, flags), the table the synapse DB stores.
+
+All positions in records are nm at voxel centres: ``offset + (index + 0.5) * voxel_size``;
+bboxes are nm, half-open ``[begin, end)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+from funlib.geometry import Coordinate, Roi
+
+from blockwise.grid import Block, plan_blocks
+from blockwise.task import BlockTask
+from storage.volume import create_volume, open_volume
+
+from .cc_stitch import block_id_offset, halo_equivalences, label_block, relabel_block, resolve
+from .errors import PostprocessError
+from .partners import dilation_radius_voxels, merge_partner_votes, partner_votes_block
+from .polarity import assign_sides, merge_polarity_stats, polarity_stats_block
+
+__all__ = ["SegmentConfig", "SegmentLabelTask", "SegmentStitchTask", "SegmentRelabelTask",
+           "PartnersTask", "resolve_segmentation", "segment_tasks", "synapse_table"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentConfig:
+    """Instance segmentation and partner assignment settings. Shapes in voxels (z, y, x)."""
+
+    predictions: str = ""
+    """(c, z, y, x) probability volume from the predict step (the pipeline fills it)"""
+    output: str = ""
+    """final uint64 synapse label volume (the pipeline fills it)"""
+    work_dir: str = ""
+    """folder for per-block records, pairs, mapping and tables (the pipeline fills it)"""
+    neurons: Optional[str] = None
+    """uint64 neuron segmentation on the same voxel grid (for partners); optional"""
+    union_channel: int = 2
+    """channel thresholded for instances: 2 = union of a (pre, post, union) model, 0 = cleft"""
+    threshold: float = 0.5
+    """probability threshold on the union channel, 0..1"""
+    min_peak: Optional[float] = None
+    """drop instances whose maximum union probability is below this (0..1)"""
+    connectivity: int = 26
+    """6, 18 or 26"""
+    min_size: int = 50
+    """drop instances with fewer voxels (judged after stitching)"""
+    max_size: Optional[int] = None
+    """drop instances with more voxels"""
+    block_shape: tuple = (32, 256, 256)
+    """write block shape, voxels"""
+    polarity_mode: str = "nonexclusive"
+    """nonexclusive (pre, post, union sigmoids) or exclusive (softmax bg/pre/post)"""
+    side_threshold: float = 0.5
+    """threshold of the pre/post channels (nonexclusive), 0..1"""
+    side_rule: str = "threshold"
+    """threshold (PyTC) or argmax"""
+    dilate_nm: float = 0.0
+    """grow each side by this many nm before voting for its neuron (reach past the cleft)"""
+
+
+def _atomic_parquet(df: pd.DataFrame, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _atomic_npy(arr: np.ndarray, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+class _SegmentStep(BlockTask):
+    """Shared geometry: blocks tile the prediction volume's ROI; voxel indices are global."""
+
+    def __init__(self, cfg: SegmentConfig):
+        for key in ("predictions", "output", "work_dir"):
+            if not getattr(cfg, key):
+                raise PostprocessError(f"segment: '{key}' is not set")
+        if cfg.connectivity not in (6, 18, 26):
+            raise PostprocessError(f"segment: connectivity must be 6, 18 or 26, got {cfg.connectivity}")
+        if not 0.0 <= cfg.threshold <= 1.0:
+            raise PostprocessError(f"segment: threshold must be in [0, 1], got {cfg.threshold}")
+        self.cfg = cfg
+        pred = open_volume(cfg.predictions)
+        if pred.num_channels is None or cfg.union_channel >= pred.num_channels:
+            raise PostprocessError(
+                f"{cfg.predictions}: expected a (c, z, y, x) prediction volume with channel "
+                f"{cfg.union_channel}, got shape {pred.shape}")
+        self.voxel_size = pred.voxel_size
+        self.roi = pred.roi
+        self.volume_shape = tuple(pred.spatial_shape)
+        self.num_channels = pred.num_channels
+        self.block = Coordinate(int(b) for b in cfg.block_shape)
+        self._blocks = plan_blocks(self.roi, self.block * self.voxel_size, (0, 0, 0),
+                                   self.block * self.voxel_size, self.voxel_size)
+        self.work = os.path.abspath(cfg.work_dir)
+        self.provisional_url = os.path.join(self.work, "labels.zarr", "provisional")
+
+    def blocks(self) -> list[Block]:
+        return self._blocks
+
+    def settings(self) -> dict:
+        return {"step": self.name, **asdict(self.cfg)}
+
+    def ledger_path(self) -> str:
+        return os.path.join(self.work, "ledger", self.name)
+
+    def begin_vox(self, roi: Roi) -> tuple:
+        return tuple(int(x) for x in (roi.begin - self.roi.begin) / self.voxel_size)
+
+    def id_offset(self, block: Block) -> int:
+        return block_id_offset(self.begin_vox(block.write_roi), tuple(self.block), self.volume_shape)
+
+    def subdir(self, name: str) -> str:
+        d = os.path.join(self.work, name)
+        os.makedirs(d, exist_ok=True)
+        return d
+
+
+class SegmentLabelTask(_SegmentStep):
+    """Pass 1: per-block connected components with block-unique provisional ids."""
+
+    name = "segment_label"
+
+    def prepare(self, fresh: bool) -> None:
+        if fresh:
+            create_volume(self.provisional_url, shape=self.volume_shape, voxel_size=self.voxel_size,
+                          offset=self.roi.begin, dtype="uint64", chunk_shape=self.block, overwrite=True)
+            for sub in ("records",):
+                for f in glob.glob(os.path.join(self.work, sub, "*.parquet")):
+                    os.remove(f)
+
+    @contextlib.contextmanager
+    def worker(self):
+        pred = open_volume(self.cfg.predictions)
+        out = open_volume(self.provisional_url, mode="r+")
+        rec_dir = self.subdir("records")
+        c = self.cfg
+
+        def process(block: Block) -> None:
+            union = pred.read(block.write_roi)[c.union_channel]
+            scale = 255.0 if union.dtype == np.uint8 else 1.0
+            mask = union > c.threshold * scale
+            probs = union.astype(np.float32) / scale
+            labels, records = label_block(mask, self.begin_vox(block.write_roi), c.connectivity,
+                                          id_offset=self.id_offset(block), probs_block=probs)
+            out.write(block.write_roi, labels.astype(np.uint64))
+            _atomic_parquet(records, os.path.join(rec_dir, f"{block.block_id}.parquet"))
+
+        yield process
+
+
+class SegmentStitchTask(_SegmentStep):
+    """Pass 2: equivalences across block boundaries from a +1 voxel halo on the high sides."""
+
+    name = "segment_stitch"
+
+    @contextlib.contextmanager
+    def worker(self):
+        labels = open_volume(self.provisional_url)
+        pair_dir = self.subdir("pairs")
+
+        def process(block: Block) -> None:
+            halo_roi = block.write_roi.grow((0, 0, 0), self.voxel_size)
+            lab = labels.read(halo_roi, fill_outside=True)
+            pairs = halo_equivalences(lab, tuple(block.write_roi.shape / self.voxel_size),
+                                      self.cfg.connectivity)
+            _atomic_npy(np.asarray(pairs, dtype=np.uint64).reshape(-1, 2),
+                        os.path.join(pair_dir, f"{block.block_id}.npy"))
+
+        yield process
+
+    def finish(self) -> None:
+        resolve_segmentation(self)
+
+
+def resolve_segmentation(step: _SegmentStep) -> pd.DataFrame:
+    """Union-find over all pairs → ``mapping.npz`` and ``instances.parquet`` (driver, once)."""
+    c = step.cfg
+    rec_files = [os.path.join(step.work, "records", f"{b.block_id}.parquet") for b in step.blocks()]
+    pair_files = [os.path.join(step.work, "pairs", f"{b.block_id}.npy") for b in step.blocks()]
+    missing = [f for f in rec_files + pair_files if not os.path.exists(f)]
+    if missing:
+        raise PostprocessError(f"segment: {len(missing)} per-block results are missing, e.g. "
+                               f"{missing[0]}; re-run the segment stage")
+    records = [pd.read_parquet(f) for f in rec_files]
+    pairs = [np.load(f) for f in pair_files]
+    res = resolve(pairs, records, min_size=c.min_size, max_size=c.max_size, min_peak_prob=c.min_peak)
+    tmp = os.path.join(step.work, f"mapping.tmp{os.getpid()}.npz")
+    np.savez(tmp, provisional=res.provisional_ids, final=res.final_ids)
+    os.replace(tmp, os.path.join(step.work, "mapping.npz"))
+    _atomic_parquet(res.instances, os.path.join(step.work, "instances.parquet"))
+    log.info("segment: %d instances after stitching and size filtering", len(res.instances))
+    return res.instances
+
+
+class SegmentRelabelTask(_SegmentStep):
+    """Pass 3: provisional → final ids, written to the output label volume."""
+
+    name = "segment_relabel"
+
+    def settings(self) -> dict:
+        s = super().settings()
+        path = os.path.join(self.work, "mapping.npz")
+        if os.path.exists(path):  # a new resolution (e.g. other min_size) invalidates old blocks
+            import hashlib
+
+            with open(path, "rb") as f:
+                s["mapping_sha256"] = hashlib.sha256(f.read()).hexdigest()
+        return s
+
+    def prepare(self, fresh: bool) -> None:
+        if fresh:
+            create_volume(self.cfg.output, shape=self.volume_shape, voxel_size=self.voxel_size,
+                          offset=self.roi.begin, dtype="uint64", chunk_shape=self.block, overwrite=True,
+                          attrs={"cleftwise_step": "segment"})
+
+    @contextlib.contextmanager
+    def worker(self):
+        m = np.load(os.path.join(self.work, "mapping.npz"))
+        mapping = (m["provisional"], m["final"])
+        labels = open_volume(self.provisional_url)
+        out = open_volume(self.cfg.output, mode="r+")
+
+        def process(block: Block) -> None:
+            out.write(block.write_roi, relabel_block(labels.read(block.write_roi), mapping).astype(np.uint64))
+
+        yield process
+
+
+class PartnersTask(_SegmentStep):
+    """Per block: voxel sides, partial polarity sums and neuron votes (final ids)."""
+
+    name = "partners"
+
+    def __init__(self, cfg: SegmentConfig):
+        super().__init__(cfg)
+        self.radius = Coordinate(dilation_radius_voxels(cfg.dilate_nm, tuple(self.voxel_size)))
+        self.context = Coordinate(max(r, 1) if cfg.dilate_nm > 0 else r for r in self.radius)
+        if cfg.neurons:
+            seg = open_volume(cfg.neurons)
+            if seg.voxel_size != self.voxel_size:
+                raise PostprocessError(
+                    f"voxel size mismatch: neurons {cfg.neurons} has {tuple(seg.voxel_size)} nm but "
+                    f"predictions {cfg.predictions} have {tuple(self.voxel_size)} nm")
+            if not seg.roi.contains(self.roi):
+                raise PostprocessError(
+                    f"neuron segmentation {cfg.neurons} ({seg.roi}) does not cover the predictions "
+                    f"({self.roi})")
+            if seg.num_channels is not None:
+                raise PostprocessError(f"{cfg.neurons}: neuron segmentation must be (z, y, x)")
+
+    def settings(self) -> dict:
+        s = super().settings()
+        s["labels"] = self.cfg.output
+        return s
+
+    @contextlib.contextmanager
+    def worker(self):
+        c = self.cfg
+        pred = open_volume(c.predictions)
+        labels = open_volume(c.output)
+        seg = open_volume(c.neurons) if c.neurons else None
+        pol_dir, vote_dir = self.subdir("polarity"), self.subdir("votes")
+        ctx = self.context * self.voxel_size
+
+        def process(block: Block) -> None:
+            roi = block.write_roi.grow(ctx, ctx)
+            lab = labels.read(roi, fill_outside=True)
+            probs = pred.read(roi, fill_outside=True)
+            if probs.shape[0] != 3:
+                raise PostprocessError(f"{c.predictions}: polarity needs 3 channels, got {probs.shape[0]}")
+            sides = assign_sides(lab, probs, mode=c.polarity_mode, threshold=c.side_threshold,
+                                 rule=c.side_rule)
+            core = tuple(slice(int(k), int(k + s)) for k, s in
+                         zip(self.context, block.write_roi.shape / self.voxel_size))
+            stats = polarity_stats_block(lab[core], probs[(slice(None),) + core],
+                                         self.begin_vox(block.write_roi), mode=c.polarity_mode,
+                                         sides=sides[core])
+            _atomic_parquet(stats, os.path.join(pol_dir, f"{block.block_id}.parquet"))
+            if seg is not None:
+                neurons = seg.read(roi, fill_outside=True).astype(np.uint64)
+                votes = partner_votes_block(lab, sides, neurons, tuple(self.voxel_size), c.dilate_nm,
+                                            context=tuple(self.context))
+                _atomic_parquet(votes, os.path.join(vote_dir, f"{block.block_id}.parquet"))
+
+        yield process
+
+    def finish(self) -> None:
+        synapse_table(self)
+
+
+def _nm(vox: np.ndarray, axis: int, roi: Roi, vs: Coordinate) -> np.ndarray:
+    return roi.begin[axis] + (np.asarray(vox, dtype=np.float64) + 0.5) * vs[axis]
+
+
+def synapse_table(step: PartnersTask) -> pd.DataFrame:
+    """Merge instances, polarity and votes into one record per synapse (``synapses.parquet``)."""
+    c, vs, roi = step.cfg, step.voxel_size, step.roi
+    inst = pd.read_parquet(os.path.join(step.work, "instances.parquet"))
+    pol = merge_polarity_stats([pd.read_parquet(f) for f in sorted(
+        glob.glob(os.path.join(step.work, "polarity", "*.parquet")))])
+    df = pd.DataFrame({"id": inst["id"].astype(np.int64)})
+    for i, ax in enumerate("zyx"):
+        df[ax] = _nm(inst[f"centroid_{ax}"], i, roi, vs)
+    for i, ax in enumerate("zyx"):
+        df[f"bbox_{ax}0"] = roi.begin[i] + inst[f"{ax}0"].to_numpy(np.float64) * vs[i]
+        df[f"bbox_{ax}1"] = roi.begin[i] + inst[f"{ax}1"].to_numpy(np.float64) * vs[i]
+    df["size"] = inst["size"].astype(np.int64)
+    df["score_union"] = inst["prob_mean"].astype(float) if "prob_mean" in inst else np.nan
+    df["score_max"] = inst["prob_max"].astype(float) if "prob_max" in inst else np.nan
+    pol = pol.set_index(pol["id"].astype(np.int64)).reindex(df["id"])
+    df["score_pre"] = pol["pre_score"].to_numpy()
+    df["score_post"] = pol["post_score"].to_numpy()
+    for side in ("pre", "post"):
+        for i, ax in enumerate("zyx"):
+            df[f"{side}_{ax}"] = _nm(pol[f"{side}_{ax}"].to_numpy(), i, roi, vs)
+        df[f"{side}_size"] = pol[f"{side}_count"].fillna(0).astype(np.int64).to_numpy()
+    flags = [[] for _ in range(len(df))]
+    for side in ("pre", "post"):
+        empty = pol[f"{side}_empty"].fillna(True).to_numpy(bool)
+        for k in np.flatnonzero(empty):
+            flags[k].append(f"no_{side}_side")
+    if c.neurons:
+        votes = [pd.read_parquet(f) for f in sorted(glob.glob(os.path.join(step.work, "votes", "*.parquet")))]
+        part = merge_partner_votes(votes, instance_ids=df["id"].to_numpy(np.uint64))
+        part = part.set_index(part["id"].astype(np.int64)).reindex(df["id"])
+        for side in ("pre", "post"):
+            df[f"{side}_neuron"] = part[f"{side}_neuron"].astype(np.int64).to_numpy()
+            df[f"{side}_conf"] = part[f"{side}_confidence"].astype(float).to_numpy()
+            for k in np.flatnonzero(part[f"{side}_background"].to_numpy(bool)):
+                flags[k].append(f"{side}_background")
+            for k in np.flatnonzero(part[f"{side}_tie"].to_numpy(bool)):
+                flags[k].append(f"{side}_tie")
+        for k in np.flatnonzero(part["autapse"].to_numpy(bool)):
+            flags[k].append("autapse")
+    else:
+        for side in ("pre", "post"):
+            df[f"{side}_neuron"] = 0
+            df[f"{side}_conf"] = np.nan
+    df["flags"] = [",".join(f) for f in flags]
+    # the block holding the instance's first voxel "owns" it (idempotent DB writes per block)
+    first = np.stack([inst[f"first_{ax}"].to_numpy(np.int64) for ax in "zyx"], axis=1)
+    grid = tuple(int(-(-s // b)) for s, b in zip(step.volume_shape, step.block))
+    df["block_id"] = np.ravel_multi_index(tuple((first // np.asarray(step.block)).T), grid).astype(np.int64)
+    _atomic_parquet(df, os.path.join(step.work, "synapses.parquet"))
+    log.info("partners: %d synapse records", len(df))
+    return df
+
+
+def segment_tasks(cfg: SegmentConfig) -> list[BlockTask]:
+    """The three blockwise passes of the segment stage, in order."""
+    return [SegmentLabelTask(cfg), SegmentStitchTask(cfg), SegmentRelabelTask(cfg)]

@@ -1,0 +1,122 @@
+"""Blockwise segment + partners stages on the engine: exact global CC, merged statistics,
+identical ids across block shapes and backends, resume after kill -9."""
+
+import os
+
+import cc3d
+import fastremap
+import numpy as np
+import pandas as pd
+import pytest
+
+from blockwise.runner import BackendConfig, run_task
+from postprocess.segment import PartnersTask, SegmentConfig, segment_tasks
+from storage.volume import create_volume, open_volume
+
+VS = (40, 4, 4)
+
+
+def _write_preds(path, union, pre=None, post=None):
+    shape = union.shape
+    pre = np.zeros(shape, np.uint8) if pre is None else pre
+    post = np.zeros(shape, np.uint8) if post is None else post
+    vol = create_volume(path, shape=shape, voxel_size=VS, offset=(80, 40, 40), dtype="uint8",
+                        chunk_shape=(4, 8, 8), num_channels=3, overwrite=True)
+    vol.write(vol.roi, np.stack([pre, post, union]))
+    return path
+
+
+def _run_segment(tmp_path, name, preds, block, backend=None, **kw):
+    cfg = SegmentConfig(predictions=preds, output=f"{tmp_path}/{name}.zarr/synapses",
+                        work_dir=f"{tmp_path}/{name}_work", block_shape=block, **kw)
+    for t in segment_tasks(cfg):
+        run_task(t, backend or BackendConfig(progress=False))
+    return cfg
+
+
+def _global_reference(mask, connectivity, min_size):
+    ref = cc3d.connected_components(mask, connectivity=connectivity, out_dtype=np.uint64)
+    if min_size > 1:
+        ids, counts = fastremap.unique(ref, return_counts=True)
+        small = ids[(counts < min_size) & (ids != 0)]
+        ref = fastremap.mask(ref, small)
+        ref, _ = fastremap.renumber(ref, in_place=False)  # keeps raster order of first voxels
+    return ref
+
+
+@pytest.mark.parametrize("connectivity", [6, 26])
+def test_blockwise_cc_equals_global_across_block_shapes(tmp_path, connectivity):
+    rng = np.random.default_rng(3)
+    union = (rng.random((12, 40, 48)) < 0.35).astype(np.uint8) * 255
+    preds = _write_preds(f"{tmp_path}/p.zarr/pred", union)
+    ref = _global_reference(union > 127, connectivity, min_size=3)
+    outs = []
+    for block in [(4, 8, 8), (8, 16, 24), (12, 40, 48)]:
+        cfg = _run_segment(tmp_path, f"s{block[1]}_{connectivity}", preds, block,
+                           connectivity=connectivity, min_size=3)
+        outs.append(open_volume(cfg.output).read())
+    for out in outs:
+        np.testing.assert_array_equal(out, ref)
+
+
+def test_diagonal_contacts_at_block_corners(tmp_path):
+    union = np.zeros((8, 16, 16), np.uint8)
+    # a 1-voxel-thick diagonal line crossing the corner shared by 8 blocks of (4, 8, 8)
+    for i in range(-3, 3):
+        union[4 + i, 8 + i, 8 + i] = 255
+    preds = _write_preds(f"{tmp_path}/p.zarr/pred", union)
+    c26 = _run_segment(tmp_path, "c26", preds, (4, 8, 8), connectivity=26, min_size=1)
+    c6 = _run_segment(tmp_path, "c6", preds, (4, 8, 8), connectivity=6, min_size=1)
+    assert set(np.unique(open_volume(c26.output).read())) == {0, 1}
+    assert len(np.unique(open_volume(c6.output).read())) == 7
+
+
+def test_synapse_across_8_blocks_stats_and_partners(tmp_path):
+    shape = (8, 32, 32)
+    union = np.zeros(shape, np.uint8)
+    pre = np.zeros(shape, np.uint8)
+    post = np.zeros(shape, np.uint8)
+    union[2:6, 10:22, 10:22] = 200
+    union[3, 15, 15] = 250
+    pre[2:6, 10:16, 10:22] = 220      # y < 16: pre side
+    post[2:6, 16:22, 10:22] = 220     # y >= 16: post side
+    union[0:2, 0:3, 0:3] = 255        # a small blob, filtered by size
+    preds = _write_preds(f"{tmp_path}/p.zarr/pred", union, pre, post)
+    neurons = np.zeros(shape, np.uint64)
+    neurons[:, :16] = 7
+    neurons[:, 16:] = 9
+    seg = create_volume(f"{tmp_path}/n.zarr/neurons", shape=shape, voxel_size=VS, offset=(80, 40, 40),
+                        dtype="uint64", chunk_shape=(4, 8, 8))
+    seg.write(seg.roi, neurons)
+    cfg = _run_segment(tmp_path, "s8", preds, (4, 16, 16), min_size=20, neurons=seg.url)
+    run_task(PartnersTask(cfg), BackendConfig(progress=False))
+    labels = open_volume(cfg.output).read()
+    assert set(np.unique(labels)) == {0, 1}
+    df = pd.read_parquet(os.path.join(cfg.work_dir, "synapses.parquet"))
+    assert len(df) == 1
+    r = df.iloc[0]
+    assert r["size"] == 4 * 12 * 12
+    # centroid of voxels z 2..5, y 10..21, x 10..21 at voxel centres, offset (80, 40, 40)
+    assert r["z"] == pytest.approx(80 + (3.5 + 0.5) * 40)
+    assert r["y"] == pytest.approx(40 + (15.5 + 0.5) * 4)
+    assert (r["bbox_z0"], r["bbox_z1"]) == (80 + 2 * 40, 80 + 6 * 40)
+    assert r["score_max"] == pytest.approx(250 / 255)
+    assert r["pre_neuron"] == 7 and r["post_neuron"] == 9
+    assert r["pre_conf"] == 1.0 and r["post_conf"] == 1.0
+    assert r["pre_y"] == pytest.approx(40 + (12.5 + 0.5) * 4)
+    assert r["post_y"] == pytest.approx(40 + (18.5 + 0.5) * 4)
+    assert r["flags"] == ""
+
+
+def test_backends_give_identical_labels(tmp_path, dask_address):
+    rng = np.random.default_rng(5)
+    union = (rng.random((8, 32, 32)) < 0.3).astype(np.uint8) * 255
+    preds = _write_preds(f"{tmp_path}/p.zarr/pred", union)
+    a = _run_segment(tmp_path, "local", preds, (4, 8, 16), min_size=2)
+    b = _run_segment(tmp_path, "daisy", preds, (4, 8, 16), min_size=2,
+                     backend=BackendConfig("daisy", workers=2, progress=False))
+    c = _run_segment(tmp_path, "dask", preds, (4, 8, 16), min_size=2,
+                     backend=BackendConfig("dask", workers=2, address=dask_address, progress=False))
+    la = open_volume(a.output).read()
+    np.testing.assert_array_equal(la, open_volume(b.output).read())
+    np.testing.assert_array_equal(la, open_volume(c.output).read())
