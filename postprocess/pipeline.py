@@ -1,6 +1,8 @@
 """The cleftwise pipeline: one YAML config, stages run in order, each resumable.
 
-Stages (run any subset, in this order): ``predict`` (blockwise CNN → probability volume).
+Stages (run any subset, in this order): ``predict`` (blockwise CNN → probability volume),
+``segment`` (exact stitched connected components → synapse label volume), ``partners``
+(pre/post voting and partner neurons → one record per synapse in ``synapses.parquet``).
 Each stage is a :class:`blockwise.task.BlockTask` run by :func:`blockwise.runner.run_task`,
 so every stage resumes through its ledger and can run on any backend.
 
@@ -11,6 +13,8 @@ Config layout (YAML; every key optional unless noted)::
     roi: null                       # [[z, y, x] begin nm, [z, y, x] shape nm]
     backend: {backend: local, workers: 1, ...}     # blockwise.runner.BackendConfig
     predict: {checkpoint: model.pt, block_shape: [32, 256, 256], ...}  # PredictConfig
+    neurons: null                   # uint64 neuron segmentation URL (for partners)
+    segment: {threshold: 0.5, connectivity: 26, min_size: 50, ...}     # SegmentConfig
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ from blockwise.errors import BlockwiseError
 from blockwise.predict import PredictConfig, PredictTask
 from blockwise.runner import BackendConfig, run_task, task_status
 from blockwise.task import BlockTask
+from postprocess.segment import PartnersTask, SegmentConfig, segment_tasks
 from storage.config_io import ConfigError, from_dict, to_dict
 
 __all__ = ["PipelineConfig", "STAGES", "build_task", "run_pipeline", "pipeline_status"]
 
 log = logging.getLogger(__name__)
 
-STAGES = ("predict",)
+STAGES = ("predict", "segment", "partners")
 
 
 @dataclass
@@ -49,6 +54,10 @@ class PipelineConfig:
     """how blocks run: backend (local/daisy/ray/dask), workers, address, …"""
     predict: PredictConfig = field(default_factory=PredictConfig)
     """predict stage: checkpoint, block/patch/stride shapes (voxels), blending, dtype"""
+    neurons: Optional[str] = None
+    """uint64 neuron segmentation URL on the raw voxel grid (needed for partner neurons)"""
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    """segment + partners stages: thresholds, connectivity, size filter, polarity rule"""
 
     def __post_init__(self):
         if not self.raw:
@@ -59,12 +68,31 @@ class PipelineConfig:
         return os.path.join(os.path.abspath(self.output_dir), "predictions.zarr", "pred")
 
 
+def segment_config(cfg: PipelineConfig) -> SegmentConfig:
+    s = cfg.segment
+    return SegmentConfig(**{**to_dict(s), "predictions": s.predictions or cfg.predictions_url,
+                            "output": s.output or os.path.join(os.path.abspath(cfg.output_dir),
+                                                               "synapses.zarr", "labels"),
+                            "work_dir": s.work_dir or os.path.join(os.path.abspath(cfg.output_dir),
+                                                                   "segment"),
+                            "neurons": s.neurons or cfg.neurons})
+
+
 def parse_config(data: dict, where: str = "config") -> PipelineConfig:
     return from_dict(PipelineConfig, data, where)
 
 
+def build_tasks(cfg: PipelineConfig, stage: str) -> list[BlockTask]:
+    """The BlockTasks of ``stage``, in order."""
+    if stage == "segment":
+        return segment_tasks(segment_config(cfg))
+    if stage == "partners":
+        return [PartnersTask(segment_config(cfg))]
+    return [build_task(cfg, stage)]
+
+
 def build_task(cfg: PipelineConfig, stage: str) -> BlockTask:
-    """The BlockTask of ``stage`` for this pipeline config."""
+    """The (single) BlockTask of ``predict``; other stages see :func:`build_tasks`."""
     if stage == "predict":
         p = cfg.predict
         pc = PredictConfig(**{**to_dict(p), "input": p.input or cfg.raw,
@@ -86,14 +114,28 @@ def run_pipeline(cfg: PipelineConfig, stages: tuple = STAGES, overwrite: bool = 
             continue
         t0 = time.perf_counter()
         log.info("stage %s: start", stage)
-        task = build_task(cfg, stage)
-        report = run_task(task, cfg.backend, overwrite=overwrite)
-        summary["stages"][stage] = report.to_dict()
+        reports = []
+        for task in _lazy_tasks(cfg, stage):
+            reports.append(run_task(task, cfg.backend, overwrite=overwrite).to_dict())
+        summary["stages"][stage] = reports[0] if len(reports) == 1 else reports
         log.info("stage %s: end (%.1f s, %d blocks processed, %d skipped)", stage,
-                 time.perf_counter() - t0, report.processed, report.skipped)
+                 time.perf_counter() - t0, sum(r["processed"] for r in reports),
+                 sum(r["skipped"] for r in reports))
     with open(os.path.join(cfg.output_dir, "run_summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     return summary
+
+
+def _lazy_tasks(cfg: PipelineConfig, stage: str):
+    """Build each pass only when the previous one finished (later passes read its outputs)."""
+    if stage == "segment":
+        from postprocess.segment import SegmentLabelTask, SegmentRelabelTask, SegmentStitchTask
+
+        sc = segment_config(cfg)
+        for cls in (SegmentLabelTask, SegmentStitchTask, SegmentRelabelTask):
+            yield cls(sc)
+    else:
+        yield from build_tasks(cfg, stage)
 
 
 def pipeline_status(cfg: PipelineConfig) -> dict:
@@ -101,9 +143,10 @@ def pipeline_status(cfg: PipelineConfig) -> dict:
     out = {}
     for stage in STAGES:
         try:
-            st = task_status(build_task(cfg, stage))
-            out[stage] = {"total": st.total, "done": st.done, "remaining": st.remaining,
-                          "failed": st.failed}
+            for task in build_tasks(cfg, stage):
+                st = task_status(task)
+                out[task.name] = {"total": st.total, "done": st.done, "remaining": st.remaining,
+                                  "failed": st.failed}
         except Exception as e:  # noqa: BLE001 - a stage whose inputs are missing is "not started"
             out[stage] = {"not_started": str(e).splitlines()[0]}
     return out

@@ -82,9 +82,9 @@ class SyntheticConfig:
     """Half length of an axon's skeleton segment."""
     dendrite_half_length_nm: tuple[float, float] = (500.0, 1400.0)
     """Half length of a dendrite's skeleton segment."""
-    warp_amplitude_nm: float = 45.0
+    warp_amplitude_nm: float = 30.0
     """Largest in-plane displacement of the smooth warp that bends the neurites."""
-    warp_wavelength_nm: tuple[float, float] = (500.0, 1800.0)
+    warp_wavelength_nm: tuple[float, float] = (800.0, 2500.0)
     """Wavelengths of the warp's sinusoids."""
     light_fraction: float = 0.06
     """Fraction of neurites drawn light and smooth (glia-like / swollen profiles)."""
@@ -395,8 +395,14 @@ def capsule_distance(p: np.ndarray, pos: np.ndarray, direction: np.ndarray, half
 
 def weighted_distances(p: np.ndarray, nr: Neurons) -> np.ndarray:
     """``capsule distance - radius`` (nm) of points p (m, 3) (already warped) to every
-    neurite: (m, n). The owner of a warped point is the argmin over neurites."""
-    return capsule_distance(p[:, None, :], nr.pos[None], nr.dir[None], nr.half_len[None]) - nr.radius[None]
+    neurite: (m, n) float64. The owner of a warped point is the argmin over neurites."""
+    p = np.asarray(p, np.float64).reshape(-1, 3)
+    out = np.empty((len(p), len(nr)), np.float64)
+    step = max(1, 250_000 // max(len(nr), 1))  # bounded temporaries
+    for a in range(0, len(p), step):
+        out[a:a + step] = capsule_distance(p[a:a + step, None, :], nr.pos[None], nr.dir[None],
+                                           nr.half_len[None]) - nr.radius[None]
+    return out
 
 
 def neuron_margin_nm(cfg: SyntheticConfig, warp: Optional[WarpField] = None) -> float:
@@ -641,8 +647,9 @@ def _contact_candidates(cfg: SyntheticConfig, nr: Neurons, lo_nm, hi_nm, warp: W
     ca, cb = _segment_closest_points(nr.pos[A], nr.dir[A], nr.half_len[A],
                                      nr.pos[D], nr.dir[D], nr.half_len[D])
     gap = np.linalg.norm(cb - ca, axis=1)
+    # the bisection below needs D_a < D_b at ca and D_a > D_b at cb
     ok = (gap - nr.radius[A] - nr.radius[D] <= 2 * cfg.neuron_spacing_nm) & \
-         (gap > nr.radius[A] + 1.0)
+         (gap > np.abs(nr.radius[A] - nr.radius[D]) + 1.0)
     # coin flip per pair
     ok &= hash_uniform(cfg.seed, ST_SYN, nr.ids[A], nr.ids[D], 0) < cfg.synapse_probability
     A, D, ca, cb = A[ok], D[ok], ca[ok], cb[ok]
@@ -755,10 +762,12 @@ def vesicles_of(cfg: SyntheticConfig, syn: Synapses, nr: Neurons, warp: WarpFiel
     ax3 = np.cross(ax1, ax2)
     axes = np.stack([ax1, ax2, ax3], axis=1)
     radii = np.stack([rad_long, rad_long * np.where(exc, 1.0, 0.5 * (1 + flat)), rad_long * flat], axis=1)
-    # greedy de-overlap inside each synapse in slot order (vectorised pairwise test)
-    same = si[:, None] == si[None, :]
-    dist = np.linalg.norm(c[:, None] - c[None], axis=-1)
-    overlap = same & (dist < 0.9 * (rad_long[:, None] + rad_long[None, :])) & \
-        (np.arange(len(si))[None, :] < np.arange(len(si))[:, None]) & keep[None, :]
-    keep &= ~overlap.any(axis=1)
+    # a vesicle overlapping an earlier valid vesicle of the same synapse is dropped
+    cs = c.reshape(len(syn), nmax, 3)
+    rs = rad_long.reshape(len(syn), nmax)
+    ks = keep.reshape(len(syn), nmax)
+    dist = np.linalg.norm(cs[:, :, None] - cs[:, None, :], axis=-1)          # (s, v, v)
+    earlier = np.arange(nmax)[None, :] < np.arange(nmax)[:, None]             # [i, j]: j < i
+    overlap = (dist < 0.9 * (rs[:, :, None] + rs[:, None, :])) & earlier[None] & ks[:, None, :]
+    keep &= ~overlap.any(axis=2).ravel()
     return Vesicles(center=c[keep], axes=axes[keep], radii=radii[keep], synapse=si[keep])
