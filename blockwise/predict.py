@@ -191,9 +191,18 @@ class PredictTask(BlockTask):
         src = open_volume(self.cfg.input)
         dst = open_volume(self.cfg.output, mode="r+")
 
+        pending: dict = {}
+
+        def prefetch(block: Block) -> None:
+            """Start an asynchronous TensorStore read of ``block``'s input."""
+            roi = self.read_roi(block)[0]
+            pending.clear()
+            pending[block.block_id] = src.read_async(roi)
+
         def process(block: Block) -> None:
             roi, w0, w1, r0 = self.read_roi(block)
-            raw = src.read(roi)  # uint8 is scaled to [0, 1] by predict_region
+            fut = pending.pop(block.block_id, None)
+            raw = fut.result() if fut is not None else src.read(roi)  # uint8 scaled by predict_region
             probs = predict_region(predictor, raw, r0, w0, w1, self.patch, self.stride,
                                    self.volume_shape, window, batch_size=self.cfg.batch_size,
                                    out_channels=self.out_channels)
@@ -203,4 +212,5 @@ class PredictTask(BlockTask):
                 out = probs.astype(np.float16)
             dst.write(block.write_roi, out)
 
+        process.prefetch = prefetch
         yield process

@@ -151,7 +151,10 @@ class _Progress:
 def _run_local(task: BlockTask, todo: list[Block], ledger: Ledger, cfg: BackendConfig,
                progress: _Progress, done_before: int) -> None:
     with task.worker() as fn:
+        prefetch = getattr(fn, "prefetch", None)
         for i, block in enumerate(todo):
+            if prefetch is not None and i + 1 < len(todo):
+                prefetch(todo[i + 1])  # start reading the next block's input while this one runs
             process_block_with_ledger(fn, block, ledger, cfg.max_retries)
             progress.set(done_before + i + 1)
 

@@ -55,7 +55,9 @@ class BlockTask(abc.ABC):
         """Open the worker's resources once and yield a function processing one block.
 
         The function must write the block's outputs durably before returning; the runner
-        marks the block done only after it returns.
+        marks the block done only after it returns. If the function has a ``prefetch(block)``
+        attribute, backends that know the next block call it first so the step can start
+        reading that block's input while the current one computes.
         """
         yield lambda block: None  # pragma: no cover
 

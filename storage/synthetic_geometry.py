@@ -37,7 +37,7 @@ __all__ = [
     "SyntheticConfig", "Neurons", "Mitochondria", "Synapses", "Vesicles", "WarpField",
     "hash_u64", "hash_uniform", "capsule_distance", "neurons_in_box", "mitochondria_of",
     "synapses_in_box", "vesicles_of", "neuron_margin_nm", "synapse_extent_nm", "lattice_box",
-    "weighted_distances",
+    "weighted_distances", "synapse_neuron_margin_nm",
 ]
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,11 @@ class SyntheticConfig:
     exceeds the pair's by this much."""
     cleft_width_nm: float = 22.0
     """Width of the synaptic cleft (between the two membranes)."""
-    pre_band_nm: float = 44.0
+    pre_band_nm: float = 50.0
     """Depth of the presynaptic ground-truth band measured from the cleft centre."""
-    post_band_nm: float = 44.0
-    """Depth of the postsynaptic ground-truth band measured from the cleft centre."""
+    post_band_nm: float = 60.0
+    """Depth of the postsynaptic ground-truth band measured from the cleft centre (must hold
+    the cleft half width, the membrane and the thickest PSD)."""
     psd_thickness_e_nm: float = 38.0
     """Postsynaptic density thickness of excitatory (asymmetric) synapses."""
     psd_thickness_i_nm: float = 11.0
@@ -190,6 +191,11 @@ class SyntheticConfig:
             v = float(getattr(self, name))
             if not 0.0 <= v <= 1.0:
                 raise StorageError(f"SyntheticConfig.{name} must lie in [0, 1], got {v}")
+        need = 0.5 * self.cleft_width_nm + 0.5 * self.membrane_thickness_nm + self.psd_thickness_e_nm
+        if self.post_band_nm < need or self.pre_band_nm < need - self.psd_thickness_e_nm + self.psd_thickness_i_nm:
+            raise StorageError(
+                f"SyntheticConfig.post_band_nm ({self.post_band_nm}) must be >= half cleft + half "
+                f"membrane + excitatory PSD ({need}) and pre_band_nm must hold the presynaptic density")
         if self.neuron_spacing_nm <= 0:
             raise StorageError(f"SyntheticConfig.neuron_spacing_nm must be > 0, got {self.neuron_spacing_nm}")
         if any(o % v for o, v in zip(self.offset, self.voxel_size)):
@@ -424,6 +430,12 @@ def synapse_extent_nm(cfg: SyntheticConfig) -> float:
             + max(cfg.vesicle_diameter_e_nm[1], cfg.vesicle_diameter_i_nm[1]) + cfg.section_nm)
 
 
+def synapse_neuron_margin_nm(cfg: SyntheticConfig) -> float:
+    """Margin around a box of synapse centres within which all neurites that decide those
+    synapses (partners, third neurites checked for clearance, thinning neighbours) have seeds."""
+    return neuron_margin_nm(cfg) + cfg.contact_clearance_nm + _synapse_spacing_nm(cfg)
+
+
 def _synapse_spacing_nm(cfg: SyntheticConfig) -> float:
     """Minimum distance between two synapse centres."""
     return 2.4 * cfg.synapse_radius_nm[1] + 100.0
@@ -433,7 +445,7 @@ def lattice_box(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
     """Inclusive lattice index range (lo (3,), hi (3,)) of all neurites the volume can see,
     also as synapse partners; ids are 1 + the raveled index inside this box."""
     ext = np.array(cfg.shape, np.float64) * np.array(cfg.voxel_size, np.float64)
-    m = neuron_margin_nm(cfg) + synapse_extent_nm(cfg) + _synapse_spacing_nm(cfg) + neuron_margin_nm(cfg)
+    m = synapse_neuron_margin_nm(cfg) + synapse_extent_nm(cfg) + 1000.0
     s = cfg.neuron_spacing_nm
     return np.floor(-m / s).astype(np.int64), np.floor((ext + m) / s).astype(np.int64)
 
@@ -639,6 +651,10 @@ def _contact_candidates(cfg: SyntheticConfig, nr: Neurons, lo_nm, hi_nm, warp: W
     ax, de = near_box(ax), near_box(de)
     if len(ax) == 0 or len(de) == 0:
         return empty
+    # every neurite that can come within the clearance of a valid contact point in the box
+    reach += cfg.contact_clearance_nm
+    near_all = near_box(np.arange(len(nr)))
+    reach -= cfg.contact_clearance_nm
     A, D = np.meshgrid(ax, de, indexing="ij")
     A, D = A.ravel(), D.ravel()
     sep = np.linalg.norm(nr.pos[A] - nr.pos[D], axis=1)
@@ -669,10 +685,9 @@ def _contact_candidates(cfg: SyntheticConfig, nr: Neurons, lo_nm, hi_nm, warp: W
         hi_t = np.where(neg, hi_t, mid)
     q0 = ca + (0.5 * (lo_t + hi_t))[:, None] * (cb - ca)
     # the pair must be the two nearest neurites at q0, with clearance
-    wd = weighted_distances(q0, nr)                             # (c, n)
-    own = wd[np.arange(len(A)), A]
-    wd[np.arange(len(A)), A] = np.inf
-    wd[np.arange(len(A)), D] = np.inf
+    wd = weighted_distances(q0, nr.subset(near_all))               # (c, n_near)
+    wd[(near_all[None, :] == A[:, None]) | (near_all[None, :] == D[:, None])] = np.inf
+    own = capsule_distance(q0, nr.pos[A], nr.dir[A], nr.half_len[A]) - nr.radius[A]
     ok = wd.min(axis=1) - own >= cfg.contact_clearance_nm
     # normal (pre -> post) from the gradients of the two distances
     def grad(idx, p):
@@ -748,12 +763,33 @@ def vesicles_of(cfg: SyntheticConfig, syn: Synapses, nr: Neurons, warp: WarpFiel
          - depth[:, None] * syn.normal[si])
     keep = slot < count[si]
     # inside the bouton: the presynaptic neurite wins the warped point by a margin that
-    # guarantees the whole vesicle (plus its membrane) stays inside
+    # guarantees the whole vesicle (plus its membrane) stays inside. Only neurites whose
+    # weighted distance at the synapse centre is within 2 * reach + margin of the
+    # presynaptic one can matter (all distances are 1-Lipschitz).
+    margin = 2.0 * (rad_long + 0.5 * cfg.membrane_thickness_nm + 8.0)
+    reach = (math.hypot(max(cfg.synapse_radius_nm[1] * 1.15, 1.0), cfg.vesicle_cloud_depth_nm)
+             + 2.0 * warp.max_displacement + 1.0)
+    near = np.flatnonzero(capsule_distance(
+        syn.center_warped.mean(0)[None], nr.pos, nr.dir, nr.half_len)
+        <= np.linalg.norm(np.ptp(syn.center_warped, axis=0)) + reach * 3 + margin.max()
+        + cfg.neuron_spacing_nm * math.sqrt(3.0) + max(cfg.dendrite_radius_nm[1], cfg.axon_radius_nm[1]))
+    dq = weighted_distances(syn.center_warped, nr.subset(near))               # (s, n_near)
+    dpre = capsule_distance(syn.center_warped, nr.pos[syn.pre], nr.dir[syn.pre],
+                            nr.half_len[syn.pre]) - nr.radius[syn.pre]
+    rel = (dq - dpre[:, None] <= 2 * reach + margin.max()) & (near[None, :] != syn.pre[:, None])
+    kmax = max(int(rel.sum(1).max()), 1)
+    nb = np.full((len(syn), kmax), -1, np.int64)
+    for j in range(len(syn)):
+        sel = near[rel[j]]
+        nb[j, :len(sel)] = sel
     cw = c + warp.at_points(c)
-    wd = weighted_distances(cw, nr)
-    own = wd[np.arange(len(si)), syn.pre[si]]
-    wd[np.arange(len(si)), syn.pre[si]] = np.inf
-    keep &= wd.min(axis=1) - own >= 2.0 * (rad_long + 0.5 * cfg.membrane_thickness_nm + 8.0)
+    nbv = nb[si]                                                              # (v, kmax)
+    nbc = np.maximum(nbv, 0)
+    wd = capsule_distance(cw[:, None], nr.pos[nbc], nr.dir[nbc], nr.half_len[nbc]) - nr.radius[nbc]
+    wd[nbv < 0] = np.inf
+    pre = syn.pre[si]
+    own = capsule_distance(cw, nr.pos[pre], nr.dir[pre], nr.half_len[pre]) - nr.radius[pre]
+    keep &= wd.min(axis=1) - own >= margin
     # keep the cloud on its side of the synapse: no overlap with the disc of any other synapse
     axes_long = _unit_vectors(u[4], u[5])
     flat = np.where(exc, 1.0, cfg.vesicle_flattening_i)

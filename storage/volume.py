@@ -264,6 +264,14 @@ class Volume:
             out[sl] = self._read_inside(inter)
         return out
 
+    def read_async(self, roi: Roi) -> "ReadFuture":
+        """Start reading ``roi`` (inside the volume) without blocking; ``.result()`` gives the array."""
+        roi = self._check_roi(roi)
+        if not self.roi.contains(roi):
+            raise StorageError(f"{self.url}: ROI {roi} reaches outside the volume {self.roi}")
+        idx = (Ellipsis,) + self._to_voxels(roi)
+        return ReadFuture(self._store[idx].read(), self.url, roi)
+
     def _read_inside(self, roi: Roi) -> np.ndarray:
         idx = (Ellipsis,) + self._to_voxels(roi)
         try:
@@ -296,6 +304,19 @@ class Volume:
         """Merge user attributes into the volume's metadata (all formats)."""
         self._attrs.update(extra)
         _write_attrs(self.loc, self.format, self._attrs)
+
+
+class ReadFuture:
+    """A pending TensorStore read; ``result()`` returns the array or raises StorageError."""
+
+    def __init__(self, future, url: str, roi: Roi):
+        self._future, self._url, self._roi = future, url, roi
+
+    def result(self) -> np.ndarray:
+        try:
+            return self._future.result()
+        except Exception as e:
+            raise StorageError(f"{self._url}: reading ROI {self._roi} failed: {e}") from e
 
 
 # -- metadata helpers ---------------------------------------------------------------------

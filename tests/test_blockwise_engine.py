@@ -232,3 +232,15 @@ def test_kill_9_and_resume_is_identical(tmp_path):
     run_task(FilterTask(ref_cfg), BackendConfig(progress=False))
     a, b = open_volume(out_url).read(), open_volume(ref_cfg.output).read()
     assert a.tobytes() == b.tobytes()
+
+
+def test_daisy_workers_through_command_template(tmp_path):
+    """Workers launched through a template (as `srun … {command}` would on SLURM)."""
+    marker = tmp_path / "launched"
+    template = f"touch {marker} && env CLEFTWISE_WORKER=1 {{command}}"
+    out, ref = _run_backend(tmp_path, "tmpl", BackendConfig("daisy", workers=2, worker_command=template,
+                                                            progress=False))
+    assert marker.exists()
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+    with pytest.raises(BlockwiseError, match="must contain"):
+        BackendConfig("daisy", worker_command="srun -n1")
