@@ -574,7 +574,8 @@ def open_volume(url: str, mode: str = "r", format: Optional[str] = None) -> Volu
         info = _kv_read_json(loc.child_kvstore("info")) or {}
         scale = info["scales"][0]
         nch = int(info.get("num_channels", 1))
-        num_channels = attrs.get("types", ["space"])[0] == "channel" and nch or (nch if nch > 1 else None)
+        has_channel_axis = attrs.get("types", ["space"])[0] == "channel" or nch > 1
+        num_channels = nch if has_channel_axis else None
         voxel_size = Coordinate(int(round(v)) for v in reversed(scale["resolution"]))
         offset = Coordinate(int(o) for o in reversed(scale.get("voxel_offset", [0, 0, 0]))) * voxel_size
     else:

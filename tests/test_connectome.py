@@ -1,5 +1,7 @@
 """Signed connectome: Dale's-principle neuron signs, table signs, combination, edges."""
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -62,3 +64,28 @@ def test_table_signs_and_combination():
     assert c.loc[2, "sign"] == -1 and c.loc[2, "disagree"]
     assert c.loc[1, "sign"] == 1 and not c.loc[1, "disagree"]
     assert c.loc[3, "source"] == "synapses"
+
+
+def test_exports_round_trip(tmp_path):
+    import networkx as nx
+    from scipy import sparse
+
+    from postprocess.export import export_graph
+
+    syn = _synapses()
+    syn["id"] = range(1, len(syn) + 1)
+    for side, dz in (("pre", 0.0), ("post", 40.0)):
+        for a in "zyx":
+            syn[f"{side}_{a}"] = 100.0 + dz
+    out = export_graph(syn, str(tmp_path / "g"), ["csv", "parquet", "graphml", "npz", "neuroglancer"])
+    edges = pd.read_parquet(out["parquet"])
+    assert edges.equals(pd.read_csv(out["csv"]).astype(edges.dtypes.to_dict()))
+    g = nx.read_graphml(out["graphml"])
+    assert g.number_of_edges() == len(edges)
+    for r in edges.itertuples():
+        assert g.edges[str(r.pre), str(r.post)]["weight"] == r.weight
+    A = sparse.load_npz(out["npz"])
+    neurons = list(np.load(tmp_path / "g" / "neurons.npy"))
+    for r in edges.itertuples():
+        assert A[neurons.index(r.pre), neurons.index(r.post)] == r.weight
+    assert os.path.exists(tmp_path / "g" / "annotations" / "info")
