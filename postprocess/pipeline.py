@@ -56,12 +56,18 @@ class PipelineConfig:
     """predict stage: checkpoint, block/patch/stride shapes (voxels), blending, dtype"""
     neurons: Optional[str] = None
     """uint64 neuron segmentation URL on the raw voxel grid (needed for partner neurons)"""
+    db: Optional[str] = None
+    """synapse DB URL: sqlite:///path.db or mongodb://host:port/db; default sqlite in output_dir"""
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     """segment + partners stages: thresholds, connectivity, size filter, polarity rule"""
 
     def __post_init__(self):
         if not self.raw:
             raise ConfigError("config: 'raw' (the raw EM volume URL) is required")
+
+    @property
+    def db_url(self) -> str:
+        return self.db or "sqlite:///" + os.path.join(os.path.abspath(self.output_dir), "synapses.db")
 
     @property
     def predictions_url(self) -> str:
@@ -117,6 +123,11 @@ def run_pipeline(cfg: PipelineConfig, stages: tuple = STAGES, overwrite: bool = 
         reports = []
         for task in _lazy_tasks(cfg, stage):
             reports.append(run_task(task, cfg.backend, overwrite=overwrite).to_dict())
+        if stage == "partners":
+            from postprocess.segment import store_synapses
+
+            n = store_synapses(PartnersTask(segment_config(cfg)), cfg.db_url)
+            reports[0]["synapses_in_db"] = n
         summary["stages"][stage] = reports[0] if len(reports) == 1 else reports
         log.info("stage %s: end (%.1f s, %d blocks processed, %d skipped)", stage,
                  time.perf_counter() - t0, sum(r["processed"] for r in reports),

@@ -371,6 +371,7 @@ def synapse_table(step: PartnersTask) -> pd.DataFrame:
             df[f"{side}_neuron"] = 0
             df[f"{side}_conf"] = np.nan
     df["flags"] = [",".join(f) for f in flags]
+    df["source"] = "cleftwise"
     # the block holding the instance's first voxel "owns" it (idempotent DB writes per block)
     first = np.stack([inst[f"first_{ax}"].to_numpy(np.int64) for ax in "zyx"], axis=1)
     grid = tuple(int(-(-s // b)) for s, b in zip(step.volume_shape, step.block))
@@ -378,6 +379,23 @@ def synapse_table(step: PartnersTask) -> pd.DataFrame:
     _atomic_parquet(df, os.path.join(step.work, "synapses.parquet"))
     log.info("partners: %d synapse records", len(df))
     return df
+
+
+def store_synapses(step: PartnersTask, db_url: str) -> int:
+    """Write ``synapses.parquet`` to the synapse DB, block by block (idempotent).
+
+    Every block of the grid is replaced, also those left without synapses, so a re-run after a
+    change never leaves stale records behind. Returns the number of records written.
+    """
+    from storage.synapse_db import open_store
+
+    df = pd.read_parquet(os.path.join(step.work, "synapses.parquet"))
+    groups = {int(k): g for k, g in df.groupby("block_id")}
+    with open_store(db_url) as store:
+        for b in step.blocks():
+            store.replace_block(b.block_id, groups.get(b.block_id, df.iloc[:0]))
+    log.info("partners: %d synapses written to %s", len(df), db_url)
+    return len(df)
 
 
 def segment_tasks(cfg: SegmentConfig) -> list[BlockTask]:

@@ -4,21 +4,22 @@ Everything here is a pure function of global coordinates (nm, axis order z, y, x
 voxel (0, 0, 0) of the volume) and of the seed, so any block of the volume can be rendered on
 its own and agrees byte for byte with its neighbours:
 
-- **Neurites** are capsules (line segments with a radius) seeded one per cell of a global
-  cubic lattice (spacing ``neuron_spacing_nm``); each lattice cell's randomness comes from an
-  integer hash of (seed, stream, i, j, k), never from a sequential RNG. A point belongs to the
-  neurite with the smallest ``distance_to_segment - radius`` (an additively weighted Voronoi
-  diagram of segments), evaluated at the point displaced by a smooth sinusoidal warp field, so
-  boundaries are curved and wavy. Thin long capsules are axons (presynaptic, each with one
-  transmitter class: Dale's principle), thick ones dendrites (postsynaptic).
-- **Synapses** sit where an axon and a dendrite touch: on the line between the closest points
-  of their segments, at the exact point where the two weighted distances are equal (found by
-  bisection), kept only where no third neurite comes close, accepted with a hashed coin flip
-  and thinned so that no two synapses overlap.
+- **Neurites** are capsules (line segments) seeded one per cell of a global cubic lattice
+  (spacing ``neuron_spacing_nm``); each lattice cell's randomness comes from an integer hash
+  of (seed, stream, i, j, k), never from a sequential RNG. A point belongs to the neurite with
+  the smallest *scaled distance* ``D = distance_to_segment * scale`` with
+  ``scale = (100 + offset) / (weight + offset)`` (a multiplicatively weighted Voronoi diagram
+  of segments: curved, round boundaries; a skeleton always owns itself), evaluated at the
+  point displaced by a smooth sinusoidal warp field. Dendrites are thick; axons thin, and the
+  axon capsules of a block of lattice cells are the branches of one axon neuron (one id, one
+  transmitter class: Dale's principle).
+- **Synapses** are found from sample points along synapse-forming axons: where the axon's
+  boundary with a dendrite is near, the point is moved onto it by bisection, kept where no
+  third neurite comes close and thinned so that no two synapses overlap.
 - **Vesicles** and **mitochondria** are placed with per-synapse / per-neurite hashes.
 
-Every neurite that can own a voxel of a block lies within :func:`neuron_margin_nm` of it,
-which is how a block knows which seeds it needs.
+Every neurite that can own a voxel lies within :func:`neuron_margin_nm` of it, which is how a
+block knows which seeds it needs; D is ``scale``-Lipschitz, which bounds the culling.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -35,9 +36,11 @@ from .errors import StorageError
 
 __all__ = [
     "SyntheticConfig", "Neurons", "Mitochondria", "Synapses", "Vesicles", "WarpField",
-    "hash_u64", "hash_uniform", "capsule_distance", "neurons_in_box", "mitochondria_of",
-    "synapses_in_box", "vesicles_of", "neuron_margin_nm", "synapse_extent_nm", "lattice_box",
-    "weighted_distances", "synapse_neuron_margin_nm",
+    "hash_u64", "hash_uniform", "capsule_distance", "neurite_scale", "neurons_in_box",
+    "mitochondria_of", "synapses_in_box", "vesicles_of", "neuron_margin_nm",
+    "synapse_extent_nm", "synapse_neuron_margin_nm", "lattice_box", "scaled_distances",
+    "candidate_capsules", "grouped_candidates", "refine_candidates", "capsule_tables",
+    "SynapseTiles",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,10 +77,16 @@ class SyntheticConfig:
     """Spacing of the global seed lattice: one neurite per lattice cell."""
     axon_fraction: float = 0.55
     """Fraction of neurites that are axons (thin, long, presynaptic)."""
-    axon_radius_nm: tuple[float, float] = (45.0, 110.0)
-    """Additive weight of axons (roughly their minimum radius)."""
-    dendrite_radius_nm: tuple[float, float] = (140.0, 330.0)
-    """Additive weight of dendrites."""
+    axon_radius_nm: tuple[float, float] = (50.0, 110.0)
+    """Size weight of non-synaptic axons (see ``weight_offset_nm``)."""
+    synaptic_axon_radius_nm: tuple[float, float] = (130.0, 220.0)
+    """Size weight of synapse-forming axons (their boutons hold the vesicle clouds)."""
+    dendrite_radius_nm: tuple[float, float] = (120.0, 300.0)
+    """Size weight of dendrites."""
+    weight_offset_nm: float = 100.0
+    """A point belongs to the neurite with the smallest distance-to-skeleton / (weight +
+    this offset): a multiplicatively weighted Voronoi diagram of segments, whose curved
+    (Apollonius) boundaries give round profiles and never cut a neurite's own skeleton."""
     axon_half_length_nm: tuple[float, float] = (900.0, 2200.0)
     """Half length of an axon's skeleton segment."""
     dendrite_half_length_nm: tuple[float, float] = (500.0, 1400.0)
@@ -86,7 +95,10 @@ class SyntheticConfig:
     """Largest in-plane displacement of the smooth warp that bends the neurites."""
     warp_wavelength_nm: tuple[float, float] = (800.0, 2500.0)
     """Wavelengths of the warp's sinusoids."""
-    light_fraction: float = 0.06
+    axon_group_cells: int = 3
+    """The axon capsules seeded in one (g x g x g) block of lattice cells are branches of one
+    axon: one neuron id, one transmitter class; where they touch they fuse (no membrane)."""
+    light_fraction: float = 0.04
     """Fraction of neurites drawn light and smooth (glia-like / swollen profiles)."""
 
     # membranes and look
@@ -101,13 +113,17 @@ class SyntheticConfig:
     """Spread of the grey level between neurites."""
     membrane_darkness: float = 0.62
     """Fraction of brightness removed on a membrane seen edge-on."""
-    texture_amplitude: float = 0.13
+    texture_amplitude: float = 0.09
     """Relative amplitude of the granular cytoplasm texture."""
-    texture_sigma_px: float = 1.3
+    mottle_amplitude: float = 0.06
+    """Relative amplitude of the smooth mid-scale mottling of the cytoplasm."""
+    mottle_cell_px: int = 14
+    """Lattice spacing (pixels) of the mottling value noise."""
+    texture_sigma_px: float = 1.5
     """In-plane correlation length of the texture (pixels)."""
     blur_sigma_px: float = 0.8
     """In-plane Gaussian blur standing in for the microscope's point spread (pixels)."""
-    noise_std: float = 0.045
+    noise_std: float = 0.03
     """Standard deviation of the additive pixel noise (intensity units, 1 = white)."""
     section_gain_std: float = 0.05
     """Per-section contrast variation (relative)."""
@@ -125,18 +141,26 @@ class SyntheticConfig:
     """Half length of a mitochondrion's axis (it runs along the neurite)."""
 
     # synapses
-    synapse_probability: float = 0.5
-    """Probability that a valid axon-dendrite contact carries a synapse."""
+    synapse_probability: float = 1.0
+    """Probability that a sample point along a synaptic axon is tried as a synapse site
+    (scales the synapse density)."""
     e_fraction: float = 0.78
     """Fraction of axons that are excitatory (the rest inhibitory)."""
-    synapse_radius_nm: tuple[float, float] = (150.0, 240.0)
-    """Radius of the synaptic disc on the shared membrane (300-480 nm wide)."""
-    synapse_max_normal_z: float = 0.8
+    synapse_radius_nm: tuple[float, float] = (130.0, 200.0)
+    """Radius of the synaptic disc on the shared membrane (260-400 nm wide)."""
+    synapse_max_normal_z: float = 0.7
     """Contacts whose membrane is closer than acos(this) to the section plane are skipped
     (en-face synapses cannot be polarity-annotated in anisotropic EM)."""
-    contact_clearance_nm: float = 110.0
-    """A contact is valid when every third neurite's weighted distance at the contact point
-    exceeds the pair's by this much."""
+    contact_clearance_nm: float = 25.0
+    """A contact is valid when every third neurite's scaled distance at the contact point
+    exceeds the pair's by this much (keeps synapse centres off triple junctions)."""
+    synaptic_axon_fraction: float = 0.6
+    """Fraction of axons (branched axon neurons) that form synapses; each makes several."""
+    synapse_sample_step_nm: float = 160.0
+    """Spacing of the sample points along a synaptic axon from which contacts are sought."""
+    synapse_move_nm: float = 250.0
+    """A sample point becomes a contact only if its axon's boundary with a dendrite is
+    within this distance."""
     cleft_width_nm: float = 22.0
     """Width of the synaptic cleft (between the two membranes)."""
     pre_band_nm: float = 50.0
@@ -148,19 +172,22 @@ class SyntheticConfig:
     """Postsynaptic density thickness of excitatory (asymmetric) synapses."""
     psd_thickness_i_nm: float = 11.0
     """Postsynaptic density thickness of inhibitory (symmetric) synapses."""
-    vesicles_per_synapse: tuple[int, int] = (22, 48)
-    """Range of vesicle counts per synapse (before rejecting those outside the bouton)."""
+    vesicles_per_synapse: tuple[int, int] = (70, 130)
+    """Range of vesicle counts per synapse (fewer where the bouton is too small to hold them)."""
     vesicle_diameter_e_nm: tuple[float, float] = (38.0, 50.0)
     """Diameter of round excitatory vesicles."""
     vesicle_diameter_i_nm: tuple[float, float] = (26.0, 34.0)
     """Long diameter of flattened inhibitory vesicles."""
     vesicle_flattening_i: float = 0.6
     """Short/long axis ratio of inhibitory vesicles."""
-    vesicle_cloud_depth_nm: float = 260.0
+    vesicle_cloud_depth_nm: float = 220.0
     """Largest distance of a vesicle centre from the cleft."""
 
     # implementation
-    tile_shape: tuple[int, int, int] = (2, 32, 32)
+    synapse_tile_nm: float = 2048.0
+    """Synapses are computed per cube of this size on a global grid and cached (a bounded
+    LRU), so neighbouring blocks share the work; never changes results."""
+    tile_shape: tuple[int, int, int] = (1, 16, 16)
     """Tiles (voxels) used to cull candidate neurites; speed only, never changes results."""
 
     def __post_init__(self):
@@ -177,7 +204,7 @@ class SyntheticConfig:
         for name in ("shape", "voxel_size", "block_shape", "chunk_shape", "tile_shape"):
             vec(name)
         vec("offset", positive=False)
-        for name in ("axon_radius_nm", "dendrite_radius_nm", "axon_half_length_nm",
+        for name in ("axon_radius_nm", "dendrite_radius_nm", "synaptic_axon_radius_nm", "axon_half_length_nm",
                      "dendrite_half_length_nm", "warp_wavelength_nm", "mito_radius_nm",
                      "mito_half_length_nm", "synapse_radius_nm", "vesicle_diameter_e_nm",
                      "vesicle_diameter_i_nm"):
@@ -187,15 +214,34 @@ class SyntheticConfig:
                 raise StorageError(f"SyntheticConfig.{name}: low {lo} > high {hi}")
         vec("vesicles_per_synapse", 2)
         for name in ("axon_fraction", "light_fraction", "synapse_probability", "e_fraction",
+                     "synaptic_axon_fraction",
                      "synapse_max_normal_z", "vesicle_flattening_i"):
             v = float(getattr(self, name))
             if not 0.0 <= v <= 1.0:
                 raise StorageError(f"SyntheticConfig.{name} must lie in [0, 1], got {v}")
         need = 0.5 * self.cleft_width_nm + 0.5 * self.membrane_thickness_nm + self.psd_thickness_e_nm
-        if self.post_band_nm < need or self.pre_band_nm < need - self.psd_thickness_e_nm + self.psd_thickness_i_nm:
+        need_pre = need - self.psd_thickness_e_nm + self.psd_thickness_i_nm
+        if self.post_band_nm < need or self.pre_band_nm < need_pre:
             raise StorageError(
                 f"SyntheticConfig.post_band_nm ({self.post_band_nm}) must be >= half cleft + half "
                 f"membrane + excitatory PSD ({need}) and pre_band_nm must hold the presynaptic density")
+        for name in ("synapse_sample_step_nm", "synapse_move_nm"):
+            if getattr(self, name) <= 0:
+                raise StorageError(f"SyntheticConfig.{name} must be > 0, got {getattr(self, name)}")
+        if int(self.mottle_cell_px) < 1:
+            raise StorageError(f"SyntheticConfig.mottle_cell_px must be >= 1, got {self.mottle_cell_px}")
+        if self.section_thickness_nm is not None and self.section_thickness_nm <= 0:
+            raise StorageError("SyntheticConfig.section_thickness_nm must be positive or None, "
+                               f"got {self.section_thickness_nm}")
+        for name in ("texture_sigma_px", "blur_sigma_px", "noise_std", "texture_amplitude",
+                     "mottle_amplitude", "section_gain_std", "section_offset_std"):
+            if getattr(self, name) < 0:
+                raise StorageError(f"SyntheticConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if int(self.axon_group_cells) < 1:
+            raise StorageError(f"SyntheticConfig.axon_group_cells must be >= 1, got {self.axon_group_cells}")
+        if self.weight_offset_nm <= 0 or min(self.axon_radius_nm[0], self.dendrite_radius_nm[0],
+                                              self.synaptic_axon_radius_nm[0]) < 0:
+            raise StorageError("SyntheticConfig: weight_offset_nm must be > 0 and radii >= 0")
         if self.neuron_spacing_nm <= 0:
             raise StorageError(f"SyntheticConfig.neuron_spacing_nm must be > 0, got {self.neuron_spacing_nm}")
         if any(o % v for o, v in zip(self.offset, self.voxel_size)):
@@ -211,6 +257,16 @@ class SyntheticConfig:
     def section_nm(self) -> float:
         """Physical section thickness in nm."""
         return float(self.section_thickness_nm or self.voxel_size[0])
+
+    @property
+    def scale_range(self) -> tuple[float, float]:
+        """(smallest, largest) distance scale of any neurite (see :func:`neurite_scale`)."""
+        radii = self.axon_radius_nm + self.synaptic_axon_radius_nm + self.dendrite_radius_nm
+        return neurite_scale(self, max(radii)), neurite_scale(self, min(radii))
+
+    @property
+    def max_half_length_nm(self) -> float:
+        return max(self.axon_half_length_nm[1], self.dendrite_half_length_nm[1])
 
     def replace(self, **changes) -> "SyntheticConfig":
         """A copy with some fields changed."""
@@ -231,7 +287,8 @@ _GOLD = np.uint64(0x9E3779B97F4A7C15)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 
 # stream ids: one per kind of random quantity
-(ST_NEURON, ST_MITO, ST_SYN, ST_VES, ST_WARP, ST_PIX, ST_SECTION, ST_PIXROW, ST_PIXCOL) = range(1, 10)
+(ST_NEURON, ST_MITO, ST_SYN, ST_VES, ST_WARP, ST_PIX, ST_SECTION, ST_PIXROW, ST_PIXCOL,
+ ST_MOTTLE) = range(1, 11)
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
@@ -360,23 +417,35 @@ class WarpField:
 # neurites
 # ----------------------------------------------------------------------------------------
 
+def neurite_scale(cfg: SyntheticConfig, radius):
+    """Distance scale of a neurite of size weight ``radius`` (nm): (100 + c) / (radius + c)."""
+    c = cfg.weight_offset_nm
+    return (100.0 + c) / (np.asarray(radius, np.float64) + c)
+
+
 @dataclass
 class Neurons:
-    """Neurite capsules; arrays have one row per neurite.
+    """Neurite capsules; arrays have one row per capsule.
 
     ``pos`` (n, 3) segment centre nm, ``dir`` (n, 3) unit axis, ``half_len`` (n,) nm,
-    ``radius`` (n,) additive weight nm, ``ids`` (n,) uint64 label ids (nonzero), ``lattice``
-    (n, 3) int64 lattice cell, ``is_axon`` / ``is_exc`` / ``is_light`` (n,) bool (``is_exc``
-    is meaningful for axons only), ``grey`` (n,) base intensity.
+    ``radius`` (n,) size weight nm, ``scale`` (n,) distance scale, ``ids`` (n,) uint64
+    neuron label ids (nonzero; the capsules of one branched axon share their id), ``keys``
+    (n,) uint64 unique capsule keys, ``lattice`` (n, 3) int64 lattice cell, ``is_axon`` /
+    ``is_synaptic`` / ``is_exc`` / ``is_light`` (n,) bool (``is_exc`` is the transmitter
+    class of axons), ``grey`` (n,) base intensity. Rows are in lattice (C) order, which is
+    also the tie-breaking order everywhere.
     """
 
     pos: np.ndarray
     dir: np.ndarray
     half_len: np.ndarray
     radius: np.ndarray
+    scale: np.ndarray
     ids: np.ndarray
+    keys: np.ndarray
     lattice: np.ndarray
     is_axon: np.ndarray
+    is_synaptic: np.ndarray
     is_exc: np.ndarray
     is_light: np.ndarray
     grey: np.ndarray
@@ -393,35 +462,40 @@ def capsule_distance(p: np.ndarray, pos: np.ndarray, direction: np.ndarray, half
 
     ``p`` (..., 3) broadcasts against ``pos``/``direction`` (..., 3) and ``half_len`` (...).
     """
-    v = p - pos
-    t = np.clip((v * direction).sum(-1), -half_len, half_len)
-    q = v - t[..., None] * direction
-    return np.sqrt((q * q).sum(-1))
+    v0, v1, v2 = p[..., 0] - pos[..., 0], p[..., 1] - pos[..., 1], p[..., 2] - pos[..., 2]
+    d0, d1, d2 = direction[..., 0], direction[..., 1], direction[..., 2]
+    t = np.clip(v0 * d0 + v1 * d1 + v2 * d2, -half_len, half_len)
+    v0 -= t * d0
+    v1 -= t * d1
+    v2 -= t * d2
+    return np.sqrt(v0 * v0 + v1 * v1 + v2 * v2)
 
 
-def weighted_distances(p: np.ndarray, nr: Neurons) -> np.ndarray:
-    """``capsule distance - radius`` (nm) of points p (m, 3) (already warped) to every
-    neurite: (m, n) float64. The owner of a warped point is the argmin over neurites."""
+def scaled_distances(p: np.ndarray, nr: Neurons) -> np.ndarray:
+    """Scaled distances D of warped points p (m, 3) nm to every neurite: (m, n) float64.
+
+    The owner of a warped point is the argmin over neurites (ties: lower row)."""
     p = np.asarray(p, np.float64).reshape(-1, 3)
     out = np.empty((len(p), len(nr)), np.float64)
     step = max(1, 250_000 // max(len(nr), 1))  # bounded temporaries
     for a in range(0, len(p), step):
         out[a:a + step] = capsule_distance(p[a:a + step, None, :], nr.pos[None], nr.dir[None],
-                                           nr.half_len[None]) - nr.radius[None]
+                                           nr.half_len[None]) * nr.scale[None]
     return out
 
 
-def neuron_margin_nm(cfg: SyntheticConfig, warp: Optional[WarpField] = None) -> float:
-    """Distance from a voxel within which every neurite that can own it has its seed.
+def owner_reach_nm(cfg: SyntheticConfig, extra: float = 0.0) -> float:
+    """Largest distance (nm) from a point p to the skeleton of a neurite k with
+    D_k(p) <= min_j D_j(p) + extra. The seed of p's own lattice cell is within
+    spacing * sqrt(3), so min_j D_j(p) <= spacing * sqrt(3) * s_max."""
+    s_min, s_max = cfg.scale_range
+    return (cfg.neuron_spacing_nm * math.sqrt(3.0) * s_max + extra) / s_min
 
-    The seed in the warped point's own lattice cell is at most ``spacing * sqrt(3)`` away,
-    so the owner's segment is within that plus the largest radius, its seed within that plus
-    the largest half length, and the warp moves points by at most its amplitude.
-    """
-    w = warp.max_displacement if warp is not None else WarpField.from_config(cfg).max_displacement
-    return (cfg.neuron_spacing_nm * math.sqrt(3.0)
-            + max(cfg.axon_radius_nm[1], cfg.dendrite_radius_nm[1])
-            + max(cfg.axon_half_length_nm[1], cfg.dendrite_half_length_nm[1]) + w + 1.0)
+
+def neuron_margin_nm(cfg: SyntheticConfig, warp: Optional["WarpField"] = None) -> float:
+    """Distance from a voxel within which every neurite that can own it has its seed."""
+    w = (warp or WarpField.from_config(cfg)).max_displacement
+    return owner_reach_nm(cfg) + cfg.max_half_length_nm + w + 1.0
 
 
 def synapse_extent_nm(cfg: SyntheticConfig) -> float:
@@ -430,20 +504,40 @@ def synapse_extent_nm(cfg: SyntheticConfig) -> float:
             + max(cfg.vesicle_diameter_e_nm[1], cfg.vesicle_diameter_i_nm[1]) + cfg.section_nm)
 
 
-def synapse_neuron_margin_nm(cfg: SyntheticConfig) -> float:
-    """Margin around a box of synapse centres within which all neurites that decide those
-    synapses (partners, third neurites checked for clearance, thinning neighbours) have seeds."""
-    return neuron_margin_nm(cfg) + cfg.contact_clearance_nm + _synapse_spacing_nm(cfg)
-
-
 def _synapse_spacing_nm(cfg: SyntheticConfig) -> float:
     """Minimum distance between two synapse centres."""
-    return 2.4 * cfg.synapse_radius_nm[1] + 100.0
+    return 2.0 * cfg.synapse_radius_nm[1] + 20.0
+
+
+def _vesicle_reach_nm(cfg: SyntheticConfig, warp: "WarpField") -> float:  # noqa: D401
+    """Largest distance between a synapse centre and one of its vesicle centres (warped)."""
+    return (math.hypot(cfg.synapse_radius_nm[1] * 1.15, cfg.vesicle_cloud_depth_nm)
+            + 2.0 * warp.max_displacement + 1.0)
+
+
+def _vesicle_margin_nm(cfg: SyntheticConfig, radius) -> np.ndarray:
+    """Distance a vesicle centre keeps from its bouton's membrane."""
+    return np.asarray(radius) + 0.5 * cfg.membrane_thickness_nm + 6.0
+
+
+def synapse_neuron_margin_nm(cfg: SyntheticConfig) -> float:
+    """Margin around a box of synapse centres within which all neurites that decide those
+    synapses (partners, third neurites checked for clearance, vesicle hosts and thinning
+    neighbours) have their seeds."""
+    warp = WarpField.from_config(cfg)
+    w = warp.max_displacement
+    s_min, s_max = cfg.scale_range
+    e = _vesicle_reach_nm(cfg, warp)
+    m = float(_vesicle_margin_nm(cfg, 0.5 * max(cfg.vesicle_diameter_e_nm[1], cfg.vesicle_diameter_i_nm[1])))
+    extra = max(cfg.contact_clearance_nm + 2 * s_max * (cfg.synapse_move_nm + w),
+                2.0 * s_max * (e + m))
+    return (owner_reach_nm(cfg, extra) + cfg.max_half_length_nm + w + _synapse_spacing_nm(cfg)
+            + cfg.synapse_move_nm + 1.0)
 
 
 def lattice_box(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
     """Inclusive lattice index range (lo (3,), hi (3,)) of all neurites the volume can see,
-    also as synapse partners; ids are 1 + the raveled index inside this box."""
+    partners and neighbours included; ids are derived from indices inside this box."""
     ext = np.array(cfg.shape, np.float64) * np.array(cfg.voxel_size, np.float64)
     m = synapse_neuron_margin_nm(cfg) + synapse_extent_nm(cfg) + 1000.0
     s = cfg.neuron_spacing_nm
@@ -452,7 +546,7 @@ def lattice_box(cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
 
 def neurons_in_box(cfg: SyntheticConfig, lo_nm, hi_nm) -> Neurons:
     """All neurites whose seed lattice cell intersects the box [lo_nm, hi_nm] (nm, (z, y, x)),
-    clipped to the volume's lattice box. Ordered by id."""
+    clipped to the volume's lattice box, in lattice order."""
     s = cfg.neuron_spacing_nm
     vlo, vhi = lattice_box(cfg)
     lo = np.maximum(np.floor(np.asarray(lo_nm, np.float64) / s).astype(np.int64), vlo)
@@ -467,25 +561,182 @@ def neurons_in_box(cfg: SyntheticConfig, lo_nm, hi_nm) -> Neurons:
 def _make_neurons(cfg: SyntheticConfig, lat: np.ndarray) -> Neurons:
     s = cfg.neuron_spacing_nm
     i, j, k = lat[:, 0], lat[:, 1], lat[:, 2]
-    u = [hash_uniform(cfg.seed, ST_NEURON, i, j, k, c) for c in range(12)]
+    u = [hash_uniform(cfg.seed, ST_NEURON, i, j, k, c) for c in range(8)]
     pos = (lat + np.stack(u[0:3], axis=-1)) * s
     direction = _unit_vectors(u[3], u[4])
     is_axon = u[5] < cfg.axon_fraction
+    # neuron-level properties: a dendrite is its own neuron; the axon capsules of one
+    # (g x g x g) block of lattice cells are the branches of one axon (one id, one class)
+    grp = np.floor_divide(lat, cfg.axon_group_cells)
+    key = np.where(is_axon[:, None], grp, lat)
+    kind = np.where(is_axon, 1, 2)
+    v = [hash_uniform(cfg.seed, ST_NEURON, key[:, 0], key[:, 1], key[:, 2], kind, 100 + c)
+         for c in range(5)]
+    is_exc = v[0] < cfg.e_fraction
+    is_synaptic = is_axon & (v[4] < cfg.synaptic_axon_fraction)
+    is_light = (v[1] < cfg.light_fraction) & ~is_axon
     radius = np.where(is_axon, _lerp(cfg.axon_radius_nm, u[6]), _lerp(cfg.dendrite_radius_nm, u[6]))
+    radius = np.where(is_synaptic, _lerp(cfg.synaptic_axon_radius_nm, u[6]), radius)
     half_len = np.where(is_axon, _lerp(cfg.axon_half_length_nm, u[7]),
                         _lerp(cfg.dendrite_half_length_nm, u[7]))
-    is_exc = u[8] < cfg.e_fraction
-    is_light = (u[9] < cfg.light_fraction) & ~is_axon
-    z = np.sqrt(-2 * np.log(np.maximum(u[10], 1e-12))) * np.cos(2 * np.pi * u[11])  # N(0, 1)
+    z = np.sqrt(-2 * np.log(np.maximum(v[2], 1e-12))) * np.cos(2 * np.pi * v[3])  # N(0, 1)
     grey = cfg.cytoplasm_intensity + cfg.cytoplasm_intensity_std * np.clip(z, -2.5, 2.5)
     grey = np.where(is_axon, grey + 0.03, grey)
-    grey = np.where(is_light, np.minimum(0.93, grey + 0.2), grey)
+    grey = np.where(is_light, np.minimum(0.85, grey + 0.14), grey)
     vlo, vhi = lattice_box(cfg)
-    dims = vhi - vlo + 1
-    ids = (np.ravel_multi_index(tuple((lat - vlo).T), tuple(dims)) + 1).astype(np.uint64) \
-        if len(lat) else np.zeros(0, np.uint64)
-    return Neurons(pos=pos, dir=direction, half_len=half_len, radius=radius, ids=ids,
-                   lattice=lat, is_axon=is_axon, is_exc=is_exc, is_light=is_light, grey=grey)
+    dims = tuple(vhi - vlo + 1)
+    glo = np.floor_divide(vlo, cfg.axon_group_cells)
+    gdims = tuple(np.floor_divide(vhi, cfg.axon_group_cells) - glo + 1)
+    if len(lat):
+        cell = np.ravel_multi_index(tuple((lat - vlo).T), dims).astype(np.uint64) + np.uint64(1)
+        gid = np.ravel_multi_index(tuple((grp - glo).T), gdims).astype(np.uint64)
+        ids = np.where(is_axon, np.uint64(np.prod(dims)) + np.uint64(1) + gid, cell)
+    else:
+        cell = ids = np.zeros(0, np.uint64)
+    return Neurons(pos=pos, dir=direction, half_len=half_len, radius=radius,
+                   scale=neurite_scale(cfg, radius), ids=ids, keys=cell, lattice=lat,
+                   is_axon=is_axon, is_synaptic=is_synaptic, is_exc=is_exc, is_light=is_light,
+                   grey=grey)
+
+
+def candidate_capsules(centres: np.ndarray, pos, direc, half_len, scale, offset, bound,
+                       second: bool = True, ids: Optional[np.ndarray] = None,
+                       slack: float = 0.0) -> np.ndarray:
+    """Per cell, the sorted row indices of capsules that can matter within ``bound`` nm of the
+    cell centre; rows padded with ``len(pos)``.
+
+    The function of capsule i is ``D_i = capsule_distance * scale_i - offset_i``, which
+    changes by at most ``scale_i * bound`` within the cell. With ``second``, kept are all
+    capsules that can be the nearest, or the nearest of another id (``ids``; capsule-wise
+    without), or within ``slack`` of that, anywhere in the cell. Without ``second``, those
+    whose D can be <= ``slack`` there (objects drawn where D < 0).
+    centres (t, 3) nm; scale/offset (n,) or scalars; returns (t, k) int64.
+    """
+    n = len(pos)
+    if n == 0:
+        return np.zeros((len(centres), 0), np.int64)
+    scale = np.broadcast_to(np.asarray(scale, np.float64), (n,))
+    offset = np.broadcast_to(np.asarray(offset, np.float64), (n,))
+    d = np.empty((len(centres), n), np.float64)
+    step = max(1, 250_000 // n)
+    for a in range(0, len(centres), step):
+        d[a:a + step] = (capsule_distance(centres[a:a + step, None, :], pos[None], direc[None],
+                                          half_len[None]) * scale[None] - offset[None])
+    bound = np.asarray(bound, np.float64).reshape(-1, 1)                 # scalar or (t,)
+    lower = d - bound * scale[None]
+    if second:
+        upper = d + bound * scale[None]
+        if ids is not None:
+            first = ids[np.argmin(upper, axis=1)]
+            ref = np.where(ids[None, :] == first[:, None], np.inf, upper).min(axis=1)
+            # the second-nearest id's distance is at most the larger of the two smallest
+            # per-id upper bounds; if every capsule has one id, any bound works
+            ref = np.maximum(ref, upper.min(axis=1))
+            ref = np.where(np.isfinite(ref), ref, upper.min(axis=1))
+        else:
+            j = min(1, n - 1)
+            ref = np.partition(upper, j, axis=1)[:, j]
+        keep = lower <= (ref + slack + 1.0)[:, None]
+    else:
+        keep = lower <= slack + 1.0
+    k = int(keep.sum(axis=1).max())
+    idx = np.where(keep, np.arange(n)[None, :], n)
+    idx.sort(axis=1)
+    return idx[:, :k]
+
+
+def capsule_tables(pos, direc, half_len, scale, ids=None, offset=None) -> dict:
+    """Row tables for :func:`refine_candidates`, padded with one far-away row."""
+    n = len(half_len)
+    t = dict(pos=_padded_rows(np.asarray(pos, np.float64), _FAR_NM),
+             dir=_padded_rows(np.asarray(direc, np.float64), 1.0),
+             hl=_padded_rows(np.asarray(half_len, np.float64), 0.0),
+             s=_padded_rows(np.broadcast_to(np.asarray(scale, np.float64), (n,)).copy(), 1.0))
+    if ids is not None:
+        t["ids"] = _padded_rows(np.asarray(ids).astype(np.int64), -1)
+    if offset is not None:
+        t["r"] = _padded_rows(np.broadcast_to(np.asarray(offset, np.float64), (n,)).copy(), 0.0)
+    return t
+
+
+def refine_candidates(centres: np.ndarray, bounds: np.ndarray, pool: np.ndarray, C: dict,
+                      second: bool = True, slack: float = 0.0) -> np.ndarray:
+    """Narrow a per-cell candidate ``pool`` (t, k) of rows (padded with n) to the rows that
+    can matter within ``bounds`` (t,) nm of ``centres`` (t, 3), by the rule of
+    :func:`candidate_capsules` (capsule-wise when the tables ``C`` have no ``ids``).
+    Returns sorted rows (t, k') padded with n."""
+    n = len(C["hl"]) - 1
+    if pool.shape[1] == 0:
+        return pool
+    d = capsule_distance(centres[:, None, :], C["pos"][pool], C["dir"][pool], C["hl"][pool])
+    sc = C["s"][pool]
+    d = d * sc - (C["r"][pool] if "r" in C else 0.0)
+    lower = d - bounds[:, None] * sc
+    real = pool < n
+    if second:
+        upper = np.where(real, d + bounds[:, None] * sc, np.inf)
+        if "ids" in C:
+            ids = C["ids"][pool]
+            first = np.take_along_axis(ids, np.argmin(upper, axis=1)[:, None], 1)
+            ref = np.where(ids == first, np.inf, upper).min(axis=1)
+            ref = np.where(np.isfinite(ref), ref, upper.min(axis=1))
+        else:
+            j = min(1, pool.shape[1] - 1)
+            ref = np.partition(upper, j, axis=1)[:, j]
+        keep = lower <= (ref + slack + 1.0)[:, None]
+    else:
+        keep = lower <= slack + 1.0
+    keep &= real
+    k = max(int(keep.sum(axis=1).max()), 1)
+    idx = np.where(keep, pool, n)
+    idx.sort(axis=1)
+    return idx[:, :k]
+
+
+def grouped_candidates(points: np.ndarray, nr: Neurons, rows: np.ndarray, cell: float,
+                       slack: float = 0.0) -> np.ndarray:
+    """For each point (m, 3) nm, the sorted rows of ``nr`` (from ``rows``) that can be its
+    nearest capsule or its nearest capsule of another id, or within ``slack`` of that.
+
+    Culling from one box around all points down an octree of cubes to cubes of ``cell`` nm,
+    each level refining its parent's list (vectorised). ``rows`` must contain every capsule
+    that can matter. Returns (m, k) int64 padded with ``len(nr)``.
+    """
+    m = len(points)
+    if m == 0 or len(rows) == 0:
+        return np.full((m, 1), len(nr), np.int64)
+    C = capsule_tables(nr.pos, nr.dir, nr.half_len, nr.scale, ids=nr.ids)
+    rows = np.asarray(rows, np.int64)
+    sub = nr.subset(rows)
+    levels = max(0, int(round(math.log2(max(_TOP_CELL_NM / cell, 1.0)))))
+    pool = point_cell = None
+    for lev in range(levels, -1, -1):
+        size = cell * 2.0 ** lev
+        ijk = np.floor(points / size).astype(np.int64)
+        ijk -= ijk.min(axis=0)
+        span = ijk.max(axis=0) + 1
+        flat = (ijk[:, 0] * span[1] + ijk[:, 1]) * span[2] + ijk[:, 2]
+        _, first_of, inv = np.unique(flat, return_index=True, return_inverse=True)
+        keys = np.floor(points[first_of] / size).astype(np.int64)
+        centres = (keys + 0.5) * size
+        bounds = np.full(len(keys), math.sqrt(3.0) * 0.5 * size)
+        if pool is None:    # top level: from all given rows
+            idx = candidate_capsules(centres, sub.pos, sub.dir, sub.half_len, sub.scale, 0.0,
+                                     bounds, ids=sub.ids, slack=slack)
+            pool = _padded_rows(rows, len(nr))[idx]
+        else:
+            pool = refine_candidates(centres, bounds, pool[point_cell[first_of]], C, second=True,
+                                     slack=slack)
+        point_cell = inv.ravel()
+    return pool[point_cell]
+
+
+def _near_box(nr: Neurons, idx: np.ndarray, lo_nm, hi_nm, reach: float) -> np.ndarray:
+    """The rows ``idx`` whose skeleton passes within ``reach`` nm of the box (conservative)."""
+    c = 0.5 * (np.asarray(lo_nm) + np.asarray(hi_nm))
+    half = float(np.linalg.norm(0.5 * (np.asarray(hi_nm) - np.asarray(lo_nm))))
+    d = capsule_distance(c[None], nr.pos[idx], nr.dir[idx], nr.half_len[idx])
+    return idx[d <= half + reach]
 
 
 # ----------------------------------------------------------------------------------------
@@ -548,22 +799,32 @@ def mitochondria_of(cfg: SyntheticConfig, nr: Neurons) -> Mitochondria:
 # synapses
 # ----------------------------------------------------------------------------------------
 
+_FAR_NM = 1.0e6
+_TOP_CELL_NM = 1000.0  # coarsest cell of grouped_candidates
+_MAX_SAMPLES = 256  # synapse sample slots per capsule (ids are capsule key * 256 + slot + 1)
+
+
 @dataclass
 class Synapses:
-    """Synapse definitions; one row per synapse, ordered by id.
+    """Synapse definitions; one row per synapse, ordered by id. Self-contained (no row
+    indices into a Neurons table), so the synapses of different regions concatenate.
 
-    ``ids`` (s,) uint64 nonzero; ``pre``/``post`` (s,) indices into the Neurons they were
-    made from, ``pre_id``/``post_id`` (s,) their label ids; ``exc`` (s,) bool (the axon's
-    class); ``center`` (s, 3) real-space point on the shared membrane, nm; ``center_warped``
-    (s, 3) the same point in warped space; ``normal`` (s, 3) unit normal pointing from pre
-    to post; ``e1``/``e2`` (s, 3) in-membrane axes; ``radii`` (s, 2) disc semi-axes nm.
+    ``ids`` (s,) uint64 nonzero; ``pre_id``/``post_id`` (s,) neuron ids; ``pre_key`` /
+    ``post_key`` (s,) capsule keys; ``pre_capsule``/``post_capsule`` (s, 8) the two capsules
+    (centre z, y, x nm, unit axis z, y, x, half length nm, distance scale); ``exc`` (s,) bool
+    (the axon's class); ``center`` (s, 3) real-space point on the shared membrane, nm;
+    ``center_warped`` (s, 3) the same point in warped space; ``normal`` (s, 3) unit normal
+    pointing from pre to post; ``e1``/``e2`` (s, 3) in-membrane axes; ``radii`` (s, 2) disc
+    semi-axes nm.
     """
 
     ids: np.ndarray
-    pre: np.ndarray
-    post: np.ndarray
     pre_id: np.ndarray
     post_id: np.ndarray
+    pre_key: np.ndarray
+    post_key: np.ndarray
+    pre_capsule: np.ndarray
+    post_capsule: np.ndarray
     exc: np.ndarray
     center: np.ndarray
     center_warped: np.ndarray
@@ -578,37 +839,43 @@ class Synapses:
     def subset(self, sel) -> "Synapses":
         return Synapses(**{f.name: getattr(self, f.name)[sel] for f in dataclasses.fields(self)})
 
+    @staticmethod
+    def concatenate(parts: Sequence["Synapses"]) -> "Synapses":
+        """Rows of several Synapses, deduplicated by id, ordered by id."""
+        if not parts:
+            return _empty_synapses()
+        cat = Synapses(**{f.name: np.concatenate([getattr(p, f.name) for p in parts])
+                          for f in dataclasses.fields(Synapses)})
+        _, first = np.unique(cat.ids, return_index=True)
+        return cat.subset(first)
+
     def sites(self, cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
-        """Pre and post site (s, 3) nm: points on the normal just outside the cleft."""
+        """Pre and post site (s, 3) nm, real space: on the normal, 20 nm beyond the cleft."""
         d = 0.5 * cfg.cleft_width_nm + 20.0
         return self.center - d * self.normal, self.center + d * self.normal
 
 
-def _segment_closest_points(pa, da, la, pb, db, lb):
-    """Closest points between segments a(s) = pa + s da, |s| <= la and b(t) likewise.
+def _empty_synapses() -> Synapses:
+    z3 = np.zeros((0, 3))
+    return Synapses(ids=np.zeros(0, np.uint64), pre_id=np.zeros(0, np.uint64),
+                    post_id=np.zeros(0, np.uint64), pre_key=np.zeros(0, np.uint64),
+                    post_key=np.zeros(0, np.uint64), pre_capsule=np.zeros((0, 8)),
+                    post_capsule=np.zeros((0, 8)),
+                    exc=np.zeros(0, bool), center=z3, center_warped=z3, normal=z3, e1=z3, e2=z3,
+                    radii=np.zeros((0, 2)))
 
-    All inputs (n, 3) / (n,), unit directions; returns (ca, cb) (n, 3).
-    """
-    r = pa - pb
-    b = (da * db).sum(1)
-    c = (da * r).sum(1)
-    f = (db * r).sum(1)
-    denom = 1.0 - b * b
-    s = np.where(denom > 1e-9, (b * f - c) / np.maximum(denom, 1e-9), 0.0)
-    s = np.clip(s, -la, la)
-    t = b * s + f
-    t_cl = np.clip(t, -lb, lb)
-    s = np.where(t != t_cl, np.clip(b * t_cl - c, -la, la), s)
-    return pa + s[:, None] * da, pb + t_cl[:, None] * db
+
+def _padded_rows(a: np.ndarray, fill) -> np.ndarray:
+    return np.concatenate([a, np.full((1,) + a.shape[1:], fill, a.dtype)])
 
 
 def synapses_in_box(cfg: SyntheticConfig, nr: Neurons, lo_nm, hi_nm,
                     warp: Optional[WarpField] = None) -> Synapses:
-    """Synapses whose centre lies in the box [lo_nm, hi_nm] (nm, real space).
+    """Synapses whose centre lies in the box [lo_nm, hi_nm) (nm, real space), ordered by id.
 
-    ``nr`` must hold every neurite within ``neuron_margin_nm + synapse spacing`` of the box
-    (see :func:`neurons_in_box`). The result depends only on the config and the box
-    membership of each synapse, never on ``nr`` beyond that.
+    ``nr`` must hold every neurite with a seed within :func:`synapse_neuron_margin_nm` of the
+    box (see :func:`neurons_in_box`); then the result depends on nothing else, so every block
+    sees the same synapses.
     """
     warp = warp or WarpField.from_config(cfg)
     lo_nm = np.asarray(lo_nm, np.float64)
@@ -618,7 +885,7 @@ def synapses_in_box(cfg: SyntheticConfig, nr: Neurons, lo_nm, hi_nm,
     if len(cand) == 0:
         return cand
     # thinning: drop a candidate when a higher-priority one lies within the spacing
-    prio = hash_uniform(cfg.seed, ST_SYN, cand.pre_id, cand.post_id, 99)
+    prio = hash_uniform(cfg.seed, ST_SYN, cand.ids, 99)
     diff = cand.center[:, None, :] - cand.center[None, :, :]
     close = (diff * diff).sum(-1) < spacing * spacing
     beats = close & ((prio[None, :] < prio[:, None]) |
@@ -629,93 +896,110 @@ def synapses_in_box(cfg: SyntheticConfig, nr: Neurons, lo_nm, hi_nm,
 
 
 def _contact_candidates(cfg: SyntheticConfig, nr: Neurons, lo_nm, hi_nm, warp: WarpField) -> Synapses:
-    """Accepted axon-dendrite contacts with centres in [lo_nm, hi_nm), before thinning."""
-    empty = Synapses(*([np.zeros(0, np.uint64)] + [np.zeros(0, np.int64)] * 2
-                       + [np.zeros(0, np.uint64)] * 2 + [np.zeros(0, bool)]
-                       + [np.zeros((0, 3))] * 5 + [np.zeros((0, 2))]))
-    w = warp.max_displacement
-    ax = np.flatnonzero(nr.is_axon)
-    de = np.flatnonzero(~nr.is_axon)
-    if len(ax) == 0 or len(de) == 0:
-        return empty
-    # a contact point lies within (radius + spacing*sqrt3) of both segments; prefilter by
-    # the segment's distance to the (warped) box
-    reach = cfg.neuron_spacing_nm * math.sqrt(3.0) + max(cfg.dendrite_radius_nm[1], cfg.axon_radius_nm[1]) + w
+    """Axon-dendrite contacts with centres in [lo_nm, hi_nm), before thinning.
 
-    def near_box(idx):
-        c = 0.5 * (lo_nm + hi_nm)
-        half = 0.5 * (hi_nm - lo_nm)
-        d = capsule_distance(c[None], nr.pos[idx], nr.dir[idx], nr.half_len[idx])
-        return idx[d <= np.linalg.norm(half) + reach]
+    Along the skeleton of each synapse-forming axon capsule, sample points are spaced
+    ``synapse_sample_step_nm`` apart (warped space, hashed jitter, each kept with
+    ``synapse_probability``). A sample whose nearest neurite is its capsule and whose nearest
+    neurite of another neuron is a dendrite within ``synapse_move_nm`` is moved onto their
+    boundary along the gradient of the distance difference (bisection). The contact is valid
+    when every other capsule's D there exceeds the pair's by ``contact_clearance_nm`` and the
+    membrane is not too close to the section plane. Ids are ``capsule key * 256 + slot + 1``.
+    """
+    step_nm = cfg.synapse_sample_step_nm
+    move = cfg.synapse_move_nm
+    W = warp.max_displacement
+    if len(nr) < 2:
+        return _empty_synapses()
+    axons = np.flatnonzero(nr.is_synaptic)
+    axons = _near_box(nr, axons, lo_nm, hi_nm, move + W + 0.3 * max(cfg.synaptic_axon_radius_nm[1], 1.0))
+    nsamp = np.minimum(np.floor(2 * nr.half_len[axons] / step_nm).astype(np.int64), _MAX_SAMPLES)
+    if nsamp.sum() == 0:
+        return _empty_synapses()
+    owner = np.repeat(axons, nsamp)
+    slot = np.concatenate([np.arange(k) for k in nsamp])
+    sid = nr.keys[owner] * np.uint64(_MAX_SAMPLES) + slot.astype(np.uint64)
+    u = [hash_uniform(cfg.seed, ST_SYN, sid, c) for c in range(1, 5)]
+    t = -nr.half_len[owner] + (slot + u[0]) * step_nm
+    g = (nr.pos[owner] + t[:, None] * nr.dir[owner]
+         + (0.3 * nr.radius[owner] * u[1])[:, None] * _perpendicular(nr.dir[owner], u[2]))
+    ok = (u[3] < cfg.synapse_probability) & np.all((g >= lo_nm - move - W) & (g < hi_nm + move + W), axis=1)
+    g, owner, sid = g[ok], owner[ok], sid[ok]
+    if len(g) == 0:
+        return _empty_synapses()
+    s_min, s_max = cfg.scale_range
+    pos, direc = _padded_rows(nr.pos, _FAR_NM), _padded_rows(nr.dir, 1.0)
+    hl, sc = _padded_rows(nr.half_len, 0.0), _padded_rows(nr.scale, 1.0)
+    is_axon = _padded_rows(nr.is_axon, True)
+    nid = _padded_rows(nr.ids, 0)
 
-    ax, de = near_box(ax), near_box(de)
-    if len(ax) == 0 or len(de) == 0:
-        return empty
-    # every neurite that can come within the clearance of a valid contact point in the box
-    reach += cfg.contact_clearance_nm
-    near_all = near_box(np.arange(len(nr)))
-    reach -= cfg.contact_clearance_nm
-    A, D = np.meshgrid(ax, de, indexing="ij")
-    A, D = A.ravel(), D.ravel()
-    sep = np.linalg.norm(nr.pos[A] - nr.pos[D], axis=1)
-    ok = sep <= nr.half_len[A] + nr.half_len[D] + 2 * reach
-    A, D = A[ok], D[ok]
-    ca, cb = _segment_closest_points(nr.pos[A], nr.dir[A], nr.half_len[A],
-                                     nr.pos[D], nr.dir[D], nr.half_len[D])
-    gap = np.linalg.norm(cb - ca, axis=1)
-    # the bisection below needs D_a < D_b at ca and D_a > D_b at cb
-    ok = (gap - nr.radius[A] - nr.radius[D] <= 2 * cfg.neuron_spacing_nm) & \
-         (gap > np.abs(nr.radius[A] - nr.radius[D]) + 1.0)
-    # coin flip per pair
-    ok &= hash_uniform(cfg.seed, ST_SYN, nr.ids[A], nr.ids[D], 0) < cfg.synapse_probability
-    A, D, ca, cb = A[ok], D[ok], ca[ok], cb[ok]
-    if len(A) == 0:
-        return empty
+    def dist(p, idx):  # scaled distances of points p (..., 3) to capsules idx (...)
+        return capsule_distance(p, pos[idx], direc[idx], hl[idx]) * sc[idx]
 
-    def f(p):  # weighted distance difference a - b at warped points p
-        da = capsule_distance(p, nr.pos[A], nr.dir[A], nr.half_len[A]) - nr.radius[A]
-        db = capsule_distance(p, nr.pos[D], nr.dir[D], nr.half_len[D]) - nr.radius[D]
-        return da - db
+    def grad(p, idx):  # gradient of the scaled distance
+        v = p - pos[idx]
+        tt = np.clip((v * direc[idx]).sum(-1), -hl[idx], hl[idx])
+        q = v - tt[..., None] * direc[idx]
+        return q * (sc[idx] / np.maximum(np.linalg.norm(q, axis=-1), 1e-9))[..., None]
 
-    lo_t, hi_t = np.zeros(len(A)), np.ones(len(A))
-    for _ in range(40):
+    # every capsule that can be (nearly) nearest anywhere near the samples and contacts
+    near = _near_box(nr, np.arange(len(nr)), g.min(0) - move, g.max(0) + move,
+                     owner_reach_nm(cfg, cfg.contact_clearance_nm) + 1.0)
+    cell = 2.0 * step_nm
+    ci = grouped_candidates(g, nr, near, cell)                           # (G, K)
+    d = dist(g[:, None, :], ci)
+    rows = np.arange(len(g))
+    j1 = np.argmin(d, axis=1)                                           # first = lowest row on ties
+    n1 = ci[rows, j1]
+    d_other = np.where(nid[ci] == nid[n1][:, None], np.inf, d)
+    j2 = np.argmin(d_other, axis=1)
+    n2 = ci[rows, j2]
+    d1, d2 = d[rows, j1], d_other[rows, j2]
+    ok = (n1 == owner) & np.isfinite(d2) & ~is_axon[n2] & (d2 - d1 <= 2.0 * s_max * move)
+    g, ci, n1, n2, sid = g[ok], ci[ok], n1[ok], n2[ok], sid[ok]
+    if len(g) == 0:
+        return _empty_synapses()
+    step = grad(g, n1) - grad(g, n2)
+    step /= np.maximum(np.linalg.norm(step, axis=1, keepdims=True), 1e-9)
+    f = lambda p: dist(p, n1) - dist(p, n2)  # noqa: E731  (< 0 on the axon's side)
+    ok = f(g + move * step) > 0
+    lo_t, hi_t = np.zeros(len(g)), np.full(len(g), move)
+    for _ in range(32):
         mid = 0.5 * (lo_t + hi_t)
-        neg = f(ca + mid[:, None] * (cb - ca)) < 0
+        neg = f(g + mid[:, None] * step) < 0
         lo_t = np.where(neg, mid, lo_t)
         hi_t = np.where(neg, hi_t, mid)
-    q0 = ca + (0.5 * (lo_t + hi_t))[:, None] * (cb - ca)
-    # the pair must be the two nearest neurites at q0, with clearance
-    wd = weighted_distances(q0, nr.subset(near_all))               # (c, n_near)
-    wd[(near_all[None, :] == A[:, None]) | (near_all[None, :] == D[:, None])] = np.inf
-    own = capsule_distance(q0, nr.pos[A], nr.dir[A], nr.half_len[A]) - nr.radius[A]
-    ok = wd.min(axis=1) - own >= cfg.contact_clearance_nm
-    # normal (pre -> post) from the gradients of the two distances
-    def grad(idx, p):
-        v = p - nr.pos[idx]
-        t = np.clip((v * nr.dir[idx]).sum(1), -nr.half_len[idx], nr.half_len[idx])
-        g = v - t[:, None] * nr.dir[idx]
-        return g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-9)
-    n = grad(A, q0) - grad(D, q0)
+    q0 = g + (0.5 * (lo_t + hi_t))[:, None] * step
+    # clearance from every other capsule at the contact point
+    ci = grouped_candidates(q0, nr, near, cell, slack=cfg.contact_clearance_nm)
+    dq = dist(q0[:, None, :], ci)
+    dq[(ci == n1[:, None]) | (ci == n2[:, None])] = np.inf
+    ok &= dq.min(axis=1) - dist(q0, n1) >= cfg.contact_clearance_nm
+    n = grad(q0, n1) - grad(q0, n2)                                    # pre -> post
     n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-9)
     ok &= np.abs(n[:, 0]) <= cfg.synapse_max_normal_z
+    pre, post, q0, n, sid = n1[ok], n2[ok], q0[ok], n[ok], sid[ok]
+    if len(pre) == 0:
+        return _empty_synapses()
     q = warp.invert(q0)
-    ok &= np.all((q >= lo_nm) & (q < hi_nm), axis=1)
-    A, D, q0, q, n = A[ok], D[ok], q0[ok], q[ok], n[ok]
-    if len(A) == 0:
-        return empty
-    pre_id, post_id = nr.ids[A], nr.ids[D]
-    u = [hash_uniform(cfg.seed, ST_SYN, pre_id, post_id, c) for c in range(1, 4)]
+    ok = np.all((q >= lo_nm) & (q < hi_nm), axis=1)
+    pre, post, q0, q, n, ids = pre[ok], post[ok], q0[ok], q[ok], n[ok], sid[ok] + np.uint64(1)
+    if len(pre) == 0:
+        return _empty_synapses()
+    u = [hash_uniform(cfg.seed, ST_SYN, ids, c) for c in range(10, 13)]
     e1 = _perpendicular(n, u[0])
     e2 = np.cross(n, e1)
     r = _lerp(cfg.synapse_radius_nm, u[1])
     radii = np.stack([r * (1.0 + 0.15 * (2 * u[2] - 1)), r * (1.0 - 0.15 * (2 * u[2] - 1))], axis=1)
-    vlo, vhi = lattice_box(cfg)
-    n_ids = np.uint64(np.prod(vhi - vlo + 1) + 1)
-    ids = (pre_id * n_ids + post_id).astype(np.uint64)
-    order = np.argsort(ids, kind="stable")
-    s = Synapses(ids=ids, pre=A, post=D, pre_id=pre_id, post_id=post_id, exc=nr.is_exc[A],
-                 center=q, center_warped=q0, normal=n, e1=e1, e2=e2, radii=radii)
-    return s.subset(order)
+    def capsule(rows):
+        return np.concatenate([nr.pos[rows], nr.dir[rows], nr.half_len[rows, None],
+                               nr.scale[rows, None]], axis=1)
+
+    s = Synapses(ids=ids, pre_id=nr.ids[pre], post_id=nr.ids[post], pre_key=nr.keys[pre],
+                 post_key=nr.keys[post], pre_capsule=capsule(pre), post_capsule=capsule(post),
+                 exc=nr.is_exc[pre], center=q, center_warped=q0, normal=n, e1=e1, e2=e2,
+                 radii=radii)
+    return s.subset(np.argsort(ids, kind="stable"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -725,85 +1009,155 @@ def _contact_candidates(cfg: SyntheticConfig, nr: Neurons, lo_nm, hi_nm, warp: W
 @dataclass
 class Vesicles:
     """Synaptic vesicles (ellipsoids, real space). ``center`` (v, 3) nm, ``axes`` (v, 3, 3)
-    rows = unit axes, ``radii`` (v, 3) nm semi-axes, ``synapse`` (v,) index into Synapses."""
+    rows = unit axes, ``radii`` (v, 3) nm semi-axes, ``synapse_id`` (v,) uint64 id of the
+    synapse they belong to."""
 
     center: np.ndarray
     axes: np.ndarray
     radii: np.ndarray
-    synapse: np.ndarray
+    synapse_id: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.synapse)
+        return len(self.synapse_id)
+
+    def subset(self, sel) -> "Vesicles":
+        return Vesicles(self.center[sel], self.axes[sel], self.radii[sel], self.synapse_id[sel])
+
+    @staticmethod
+    def concatenate(parts: Sequence["Vesicles"]) -> "Vesicles":
+        if not parts:
+            return _empty_vesicles()
+        return Vesicles(*(np.concatenate([getattr(p, f) for p in parts])
+                          for f in ("center", "axes", "radii", "synapse_id")))
+
+
+def _empty_vesicles() -> Vesicles:
+    return Vesicles(np.zeros((0, 3)), np.zeros((0, 3, 3)), np.zeros((0, 3)), np.zeros(0, np.uint64))
 
 
 def vesicles_of(cfg: SyntheticConfig, syn: Synapses, nr: Neurons, warp: WarpField) -> Vesicles:
-    """Vesicle cloud of each synapse: inside the presynaptic neurite, away from its membrane.
+    """Vesicle cloud of each synapse: inside the presynaptic capsule, away from its membrane.
 
     ``nr`` must be the Neurons the synapses were computed from (all neurites near them).
+    Every decision uses only neurites that can matter (by the Lipschitz bound), so the
+    result does not depend on which block asks.
     """
-    nmax = cfg.vesicles_per_synapse[1]
+    nmax = 2 * cfg.vesicles_per_synapse[1]  # tries; the first valid ``count`` are kept
     if len(syn) == 0:
-        return Vesicles(np.zeros((0, 3)), np.zeros((0, 3, 3)), np.zeros((0, 3)), np.zeros(0, np.int64))
+        return _empty_vesicles()
     si = np.repeat(np.arange(len(syn)), nmax)
     slot = np.tile(np.arange(nmax), len(syn))
     u = [hash_uniform(cfg.seed, ST_VES, syn.ids[si], slot, c) for c in range(8)]
-    count = cfg.vesicles_per_synapse[0] + np.floor(
-        hash_uniform(cfg.seed, ST_VES, syn.ids, 10**6) * (cfg.vesicles_per_synapse[1] - cfg.vesicles_per_synapse[0] + 1))
+    lo_n, hi_n = cfg.vesicles_per_synapse
+    count = lo_n + np.floor(hash_uniform(cfg.seed, ST_VES, syn.ids, 10**6) * (hi_n - lo_n + 1))
     exc = syn.exc[si]
     diam = np.where(exc, _lerp(cfg.vesicle_diameter_e_nm, u[0]), _lerp(cfg.vesicle_diameter_i_nm, u[0]))
     rad_long = 0.5 * diam
-    # position: uniform over 85% of the disc, depth biased towards the active zone
-    rho = 0.85 * np.sqrt(u[1])
+    # position: uniform over 80% of the disc, depth biased towards the active zone
+    rho = 0.8 * np.sqrt(u[1])
     th = 2 * np.pi * u[2]
     a = rho * np.cos(th) * syn.radii[si, 0]
     b = rho * np.sin(th) * syn.radii[si, 1]
     depth_min = 0.5 * cfg.cleft_width_nm + rad_long + 6.0
-    depth = depth_min + (cfg.vesicle_cloud_depth_nm - depth_min) * u[3] ** 1.7
+    depth = depth_min + (cfg.vesicle_cloud_depth_nm - depth_min) * u[3] ** 1.3
     c = (syn.center[si] + a[:, None] * syn.e1[si] + b[:, None] * syn.e2[si]
          - depth[:, None] * syn.normal[si])
-    keep = slot < count[si]
-    # inside the bouton: the presynaptic neurite wins the warped point by a margin that
-    # guarantees the whole vesicle (plus its membrane) stays inside. Only neurites whose
-    # weighted distance at the synapse centre is within 2 * reach + margin of the
-    # presynaptic one can matter (all distances are 1-Lipschitz).
-    margin = 2.0 * (rad_long + 0.5 * cfg.membrane_thickness_nm + 8.0)
-    reach = (math.hypot(max(cfg.synapse_radius_nm[1] * 1.15, 1.0), cfg.vesicle_cloud_depth_nm)
-             + 2.0 * warp.max_displacement + 1.0)
-    near = np.flatnonzero(capsule_distance(
-        syn.center_warped.mean(0)[None], nr.pos, nr.dir, nr.half_len)
-        <= np.linalg.norm(np.ptp(syn.center_warped, axis=0)) + reach * 3 + margin.max()
-        + cfg.neuron_spacing_nm * math.sqrt(3.0) + max(cfg.dendrite_radius_nm[1], cfg.axon_radius_nm[1]))
-    dq = weighted_distances(syn.center_warped, nr.subset(near))               # (s, n_near)
-    dpre = capsule_distance(syn.center_warped, nr.pos[syn.pre], nr.dir[syn.pre],
-                            nr.half_len[syn.pre]) - nr.radius[syn.pre]
-    rel = (dq - dpre[:, None] <= 2 * reach + margin.max()) & (near[None, :] != syn.pre[:, None])
-    kmax = max(int(rel.sum(1).max()), 1)
-    nb = np.full((len(syn), kmax), -1, np.int64)
-    for j in range(len(syn)):
-        sel = near[rel[j]]
-        nb[j, :len(sel)] = sel
+    keep = np.ones(len(si), bool)
+    # inside the bouton: the presynaptic capsule must beat every other capsule k at the
+    # warped centre by (s_k + s_pre) * margin, which keeps the whole vesicle inside; the
+    # capsules that can matter are found per cell (see grouped_candidates)
+    margin = _vesicle_margin_nm(cfg, rad_long)
+    m_max = float(margin.max())
+    s_min, s_max = cfg.scale_range
     cw = c + warp.at_points(c)
-    nbv = nb[si]                                                              # (v, kmax)
-    nbc = np.maximum(nbv, 0)
-    wd = capsule_distance(cw[:, None], nr.pos[nbc], nr.dir[nbc], nr.half_len[nbc]) - nr.radius[nbc]
-    wd[nbv < 0] = np.inf
-    pre = syn.pre[si]
-    own = capsule_distance(cw, nr.pos[pre], nr.dir[pre], nr.half_len[pre]) - nr.radius[pre]
-    keep &= wd.min(axis=1) - own >= margin
-    # keep the cloud on its side of the synapse: no overlap with the disc of any other synapse
+    reach = _vesicle_reach_nm(cfg, warp)
+    q0 = syn.center_warped
+    near = _near_box(nr, np.arange(len(nr)), q0.min(0), q0.max(0),
+                     owner_reach_nm(cfg, 2 * s_max * (m_max + reach)) + reach + 1.0)
+    sub = nr.subset(near)
+    per_syn = candidate_capsules(q0, sub.pos, sub.dir, sub.half_len, sub.scale, 0.0, reach,
+                                 ids=sub.ids, slack=2 * s_max * m_max)     # (s, k)
+    per_syn = _padded_rows(near, len(nr))[per_syn]
+    pos, direc = _padded_rows(nr.pos, _FAR_NM), _padded_rows(nr.dir, 1.0)
+    hl, sc = _padded_rows(nr.half_len, 0.0), _padded_rows(nr.scale, 1.0)
+    keys = _padded_rows(nr.keys, 0)
+    step = max(1, 400_000 // max(per_syn.shape[1] * nmax, 1)) * nmax          # bounded memory
+    for a in range(0, len(si), step):
+        sl = slice(a, a + step)
+        nbv = per_syn[si[sl]]                                                # (v, k)
+        wd = capsule_distance(cw[sl, None], pos[nbv], direc[nbv], hl[nbv]) * sc[nbv]
+        wd[keys[nbv] == syn.pre_key[si[sl]][:, None]] = np.inf
+        pc = syn.pre_capsule[si[sl]]
+        own = capsule_distance(cw[sl], pc[:, 0:3], pc[:, 3:6], pc[:, 6]) * pc[:, 7]
+        need = (sc[nbv] + pc[:, 7:8]) * margin[sl, None]
+        keep[sl] &= np.all(wd - own[:, None] >= need, axis=1)
     axes_long = _unit_vectors(u[4], u[5])
     flat = np.where(exc, 1.0, cfg.vesicle_flattening_i)
-    ax1 = axes_long
-    ax2 = _perpendicular(ax1, u[6])
-    ax3 = np.cross(ax1, ax2)
-    axes = np.stack([ax1, ax2, ax3], axis=1)
+    ax2 = _perpendicular(axes_long, u[6])
+    ax3 = np.cross(axes_long, ax2)
+    axes = np.stack([axes_long, ax2, ax3], axis=1)
     radii = np.stack([rad_long, rad_long * np.where(exc, 1.0, 0.5 * (1 + flat)), rad_long * flat], axis=1)
     # a vesicle overlapping an earlier valid vesicle of the same synapse is dropped
     cs = c.reshape(len(syn), nmax, 3)
     rs = rad_long.reshape(len(syn), nmax)
-    ks = keep.reshape(len(syn), nmax)
-    dist = np.linalg.norm(cs[:, :, None] - cs[:, None, :], axis=-1)          # (s, v, v)
-    earlier = np.arange(nmax)[None, :] < np.arange(nmax)[:, None]             # [i, j]: j < i
-    overlap = (dist < 0.9 * (rs[:, :, None] + rs[:, None, :])) & earlier[None] & ks[:, None, :]
-    keep &= ~overlap.any(axis=2).ravel()
-    return Vesicles(center=c[keep], axes=axes[keep], radii=radii[keep], synapse=si[keep])
+    ks = keep.reshape(len(syn), nmax).copy()
+    for j in range(len(syn)):
+        v = np.flatnonzero(ks[j])
+        cj, rj = cs[j][v], rs[j][v]
+        d2 = ((cj[:, None, :] - cj[None, :, :]) ** 2).sum(-1)
+        lim = (0.85 * (rj[:, None] + rj[None, :])) ** 2
+        ks[j, v] = ~np.tril(d2 < lim, k=-1).any(axis=1)
+    keep = ks.ravel()
+    rank = np.cumsum(keep.reshape(len(syn), nmax), axis=1).ravel()
+    keep &= rank <= count[si]
+    return Vesicles(center=c[keep], axes=axes[keep], radii=radii[keep], synapse_id=syn.ids[si[keep]])
+
+
+class SynapseTiles:
+    """Synapses and vesicles of one config, computed per cube of a global grid
+    (``synapse_tile_nm``) and kept in a bounded LRU cache so neighbouring blocks share them.
+
+    A tile holds exactly the synapses whose centre lies in it (:func:`synapses_in_box` is
+    exact for any box), so the answer never depends on the order of queries.
+    """
+
+    def __init__(self, cfg: SyntheticConfig, warp: Optional[WarpField] = None, max_tiles: int = 24):
+        self.cfg = cfg
+        self.warp = warp or WarpField.from_config(cfg)
+        self.max_tiles = int(max_tiles)
+        self._cache: "dict[tuple, tuple[Synapses, Vesicles]]" = {}
+        self._margin = synapse_neuron_margin_nm(cfg)
+
+    def _tile(self, key: tuple) -> "tuple[Synapses, Vesicles]":
+        hit = self._cache.pop(key, None)
+        if hit is None:
+            size = self.cfg.synapse_tile_nm
+            lo = (np.array(key, np.float64) - 0.5) * size   # tiles are centred on the grid
+            hi = lo + size
+            nr = neurons_in_box(self.cfg, lo - self._margin, hi + self._margin)
+            syn = synapses_in_box(self.cfg, nr, lo, hi, self.warp)
+            hit = (syn, vesicles_of(self.cfg, syn, nr, self.warp))
+            log.debug("synthetic: synapse tile %s -> %d synapses", key, len(syn))
+        self._cache[key] = hit                                   # most recently used last
+        while len(self._cache) > self.max_tiles:
+            self._cache.pop(next(iter(self._cache)))
+        return hit
+
+    def query(self, lo_nm, hi_nm) -> "tuple[Synapses, Vesicles]":
+        """Synapses with centre in [lo_nm, hi_nm) (real space, nm) and their vesicles."""
+        size = self.cfg.synapse_tile_nm
+        lo_nm = np.asarray(lo_nm, np.float64)
+        hi_nm = np.asarray(hi_nm, np.float64)
+        if np.prod(hi_nm - lo_nm) < size ** 3:      # small query: cheaper to compute directly
+            nr = neurons_in_box(self.cfg, lo_nm - self._margin, hi_nm + self._margin)
+            syn = synapses_in_box(self.cfg, nr, lo_nm, hi_nm, self.warp)
+            return syn, vesicles_of(self.cfg, syn, nr, self.warp)
+        a = np.floor(lo_nm / size + 0.5).astype(np.int64)
+        b = np.floor(hi_nm / size + 0.5).astype(np.int64)
+        parts = [self._tile((i, j, k)) for i in range(a[0], b[0] + 1)
+                 for j in range(a[1], b[1] + 1) for k in range(a[2], b[2] + 1)]
+        syn = Synapses.concatenate([p[0] for p in parts])
+        syn = syn.subset(np.all((syn.center >= lo_nm) & (syn.center < hi_nm), axis=1))
+        ves = Vesicles.concatenate([p[1] for p in parts])
+        ves = ves.subset(np.isin(ves.synapse_id, syn.ids))
+        return syn, ves

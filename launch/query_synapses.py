@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Query a cleftwise synapse database and print or save the matching records.
+
+Examples (ROI in nm, z0:z1,y0:y1,x0:x1, half-open, matched on the synapse centroid; an empty
+bound is open, e.g. ``:,0:4000,:``):
+    python launch/query_synapses.py --db sqlite:///data/synapses.db --roi 0:400,0:4000,0:4000
+    python launch/query_synapses.py --db sqlite:///data/synapses.db --pre 17 --min-score 0.5 \
+        --format csv --out pre17.csv
+    python launch/query_synapses.py --db mongodb://localhost:27017/fly --count --neuron 17
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from storage.errors import StorageError
+from storage.synapse_db import open_store
+
+_FORMATS = ("table", "csv", "parquet", "json")
+
+
+def parse_roi_arg(text: str):
+    """``z0:z1,y0:y1,x0:x1`` (nm) → ``((z0, y0, x0), (z1, y1, x1))``; empty bounds are None."""
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"ROI {text!r} needs 3 ranges z0:z1,y0:y1,x0:x1 (nm)")
+    begin, end = [], []
+    for axis, part in zip("zyx", parts):
+        bounds = part.split(":")
+        if len(bounds) != 2:
+            raise argparse.ArgumentTypeError(f"ROI {text!r}: {axis} range {part!r} is not begin:end")
+        try:
+            lo, hi = (float(b) if b.strip() else None for b in bounds)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"ROI {text!r}: {axis} range {part!r} is not numeric") from None
+        if lo is not None and hi is not None and hi < lo:
+            raise argparse.ArgumentTypeError(f"ROI {text!r}: {axis} end {hi:g} precedes begin {lo:g}")
+        begin.append(lo)
+        end.append(hi)
+    return tuple(begin), tuple(end)
+
+
+def _neuron_id(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"neuron id {text!r} is not an integer") from None
+    if not 0 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"neuron id {text} is outside uint64")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("--db", required=True, help="sqlite:///path.db, mongodb://host:port/db")
+    p.add_argument("--roi", type=parse_roi_arg, help="z0:z1,y0:y1,x0:x1 in nm (half-open)")
+    p.add_argument("--roi-match", choices=["centroid", "bbox"], default="centroid",
+                   help="match the centroid (default) or any bounding-box overlap")
+    p.add_argument("--pre", type=_neuron_id, help="presynaptic neuron id")
+    p.add_argument("--post", type=_neuron_id, help="postsynaptic neuron id")
+    p.add_argument("--neuron", type=_neuron_id, help="neuron id on either side")
+    p.add_argument("--min-score", type=float, help="minimum score_union")
+    p.add_argument("--block", type=int, help="only records written by this block id")
+    p.add_argument("--limit", type=int, help="at most N records (lowest ids)")
+    p.add_argument("--columns", help="comma-separated columns (id is always included)")
+    p.add_argument("--format", choices=_FORMATS,
+                   help="output format (default: from --out suffix, else table)")
+    p.add_argument("--out", help="output file (default: stdout; required for parquet)")
+    p.add_argument("--count", action="store_true", help="print the number of matches only")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    fmt = a.format
+    if fmt is None:
+        suffix = (a.out or "").lower().rsplit(".", 1)[-1]
+        fmt = {"csv": "csv", "parquet": "parquet", "pq": "parquet", "json": "json"}.get(suffix, "table")
+    if fmt == "parquet" and not a.out:
+        p.error("--format parquet needs --out PATH")
+    if a.limit is not None and a.limit < 0:
+        p.error("--limit must be >= 0")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    filters = dict(roi=a.roi, roi_match=a.roi_match, pre=a.pre, post=a.post, neuron=a.neuron,
+                   min_score=a.min_score, block_id=a.block)
+    columns = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None
+    try:
+        with open_store(a.db, create=False) as db:
+            if a.count:
+                print(db.count(**filters))
+                return 0
+            if a.out and fmt in ("csv", "parquet"):
+                n = db.export(a.out, format=fmt, columns=columns, limit=a.limit, **filters)
+                print(f"wrote {n} synapses to {a.out}", file=sys.stderr)
+                return 0
+            df = db.query(limit=a.limit, columns=columns, **filters)
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if fmt == "csv":
+        text = df.to_csv(index=False)
+    elif fmt == "json":
+        text = df.to_json(orient="records") + "\n"
+    else:
+        text = df.to_string(index=False) + "\n" if len(df) else "(no synapses)\n"
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+        print(f"wrote {len(df)} synapses to {a.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
