@@ -30,6 +30,7 @@ from blockwise.errors import BlockwiseError
 from blockwise.predict import PredictConfig, PredictTask
 from blockwise.runner import BackendConfig, run_task, task_status
 from blockwise.task import BlockTask
+from postprocess.connectome import SignConfig
 from postprocess.segment import PartnersTask, SegmentConfig, segment_tasks
 from storage.config_io import ConfigError, from_dict, to_dict
 
@@ -37,7 +38,7 @@ __all__ = ["PipelineConfig", "STAGES", "build_task", "run_pipeline", "pipeline_s
 
 log = logging.getLogger(__name__)
 
-STAGES = ("predict", "segment", "partners")
+STAGES = ("predict", "segment", "partners", "connectome")
 
 
 @dataclass
@@ -60,6 +61,10 @@ class PipelineConfig:
     """synapse DB URL: sqlite:///path.db or mongodb://host:port/db; default sqlite in output_dir"""
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     """segment + partners stages: thresholds, connectivity, size filter, polarity rule"""
+    connectome: SignConfig = field(default_factory=SignConfig)
+    """connectome stage: neuron signs (Dale's principle) and synapse/edge filters"""
+    export_formats: tuple = ("csv", "parquet", "graphml", "npz", "neuroglancer")
+    """files written by the connectome stage into <output_dir>/graph"""
 
     def __post_init__(self):
         if not self.raw:
@@ -120,6 +125,10 @@ def run_pipeline(cfg: PipelineConfig, stages: tuple = STAGES, overwrite: bool = 
             continue
         t0 = time.perf_counter()
         log.info("stage %s: start", stage)
+        if stage == "connectome":
+            summary["stages"][stage] = run_connectome(cfg)
+            log.info("stage %s: end (%.1f s)", stage, time.perf_counter() - t0)
+            continue
         reports = []
         for task in _lazy_tasks(cfg, stage):
             reports.append(run_task(task, cfg.backend, overwrite=overwrite).to_dict())
@@ -135,6 +144,22 @@ def run_pipeline(cfg: PipelineConfig, stages: tuple = STAGES, overwrite: bool = 
     with open(os.path.join(cfg.output_dir, "run_summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     return summary
+
+
+def run_connectome(cfg: PipelineConfig) -> dict:
+    """Synapse DB → neuron signs → edges/nodes → exports in ``<output_dir>/graph``."""
+    from postprocess.export import export_graph, signs_for
+    from storage.synapse_db import open_store
+
+    with open_store(cfg.db_url) as store:
+        syn = store.query()
+    signs = signs_for(syn, cfg.connectome)
+    out = os.path.join(cfg.output_dir, "graph")
+    written = export_graph(syn, out, cfg.export_formats, signs, cfg.connectome)
+    edges = __import__("pandas").read_parquet(os.path.join(out, "edges.parquet")) \
+        if "parquet" in written else None
+    return {"synapses": int(len(syn)), "signed_neurons": int(0 if signs is None else len(signs)),
+            "edges": None if edges is None else int(len(edges)), "files": written}
 
 
 def _lazy_tasks(cfg: PipelineConfig, stage: str):
@@ -153,6 +178,8 @@ def pipeline_status(cfg: PipelineConfig) -> dict:
     """Per stage: blocks done/remaining/failed (stages whose inputs don't exist yet: None)."""
     out = {}
     for stage in STAGES:
+        if stage == "connectome":
+            continue
         try:
             for task in build_tasks(cfg, stage):
                 st = task_status(task)

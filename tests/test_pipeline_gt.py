@@ -29,7 +29,7 @@ def _pipeline(d, name, preds_url, neurons_url, min_size=20):
             "segment": {"predictions": preds_url, "block_shape": [8, 64, 64], "min_size": min_size,
                         "connectivity": 6}}
     cfg = parse_config(conf)
-    summary = run_pipeline(cfg, stages=("segment", "partners"))
+    summary = run_pipeline(cfg, stages=("segment", "partners", "connectome"))
     return cfg, summary
 
 
@@ -64,6 +64,10 @@ def test_perfect_prediction(synthetic):
         assert r.pre_conf == 1.0 and r.post_conf == 1.0 and r.flags == ""
         checked += 1
     assert checked >= len(db) - 1
+    # the connectome stage exported the unsigned graph (no E/I yet): one edge per synapse pair
+    edges = pd.read_parquet(os.path.join(cfg.output_dir, "graph", "edges.parquet"))
+    assert summary["stages"]["connectome"]["edges"] == len(edges) >= 1
+    assert (edges["sign"] == 0).all()
     # idempotent: a second run changes nothing in the DB
     _pipeline(d, "perfect", preds.url, res.datasets["neurons"], min_size=1)
     with open_store(cfg.db_url) as store:
