@@ -89,3 +89,28 @@ def test_exports_round_trip(tmp_path):
     for r in edges.itertuples():
         assert A[neurons.index(r.pre), neurons.index(r.post)] == r.weight
     assert os.path.exists(tmp_path / "g" / "annotations" / "info")
+
+
+def test_export_cli_from_sqlite(tmp_path):
+    import subprocess
+    import sys
+
+    from storage.synapse_db import open_store
+
+    syn = _synapses()
+    syn["id"] = range(1, len(syn) + 1)
+    for a in "zyx":
+        syn[a] = 100.0
+    url = f"sqlite:///{tmp_path}/s.db"
+    with open_store(url) as store:
+        store.upsert_many(syn)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(repo, "launch/export_graph.py"), "--db", url,
+                        "--out", str(tmp_path / "g"), "--format", "parquet,graphml"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    edges = pd.read_parquet(tmp_path / "g" / "edges.parquet").set_index(["pre", "post"])
+    assert edges.loc[(2, 1), "weight"] == -5
+    bad = subprocess.run([sys.executable, os.path.join(repo, "launch/export_graph.py"), "--db", url,
+                          "--out", str(tmp_path / "h"), "--format", "xls"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown format" in bad.stderr
