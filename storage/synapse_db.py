@@ -51,6 +51,8 @@ __all__ = ["SynapseStore", "open_store"]
 
 log = logging.getLogger(__name__)
 
+ONE_BATCH = 1 << 62  #: batch size asking a backend for the whole result in one frame
+
 
 class SynapseStore(abc.ABC):
     """A table of synapse records (schema: :data:`storage.synapse_schema.COLUMNS`).
@@ -73,7 +75,10 @@ class SynapseStore(abc.ABC):
     @abc.abstractmethod
     def _select(self, filt: QueryFilter, columns: list[str], limit: Optional[int],
                 batch_size: int) -> Iterator[pd.DataFrame]:
-        """Yield typed frames of at most batch_size matching rows, ordered by id."""
+        """Yield typed frames of at most batch_size matching rows, ordered by id.
+
+        ``batch_size == ONE_BATCH`` asks for one frame (the backend may sort it after fetching).
+        """
 
     @abc.abstractmethod
     def _count(self, filt: QueryFilter) -> int:
@@ -128,13 +133,13 @@ class SynapseStore(abc.ABC):
         """Matching records as one DataFrame (``id`` first, then ``columns`` or all)."""
         cols = select_columns(columns)
         filt = make_filter(roi, pre, post, neuron, min_score, block_id, roi_match)
-        frames = list(self._select(filt, cols, _check_limit(limit), batch_size=1 << 62))
+        frames = list(self._select(filt, cols, _check_limit(limit), batch_size=ONE_BATCH))
         return _concat(frames, cols)
 
     def iter_query(self, roi=None, pre=None, post=None, neuron=None, min_score=None,
                    limit: Optional[int] = None, columns: Optional[Sequence[str]] = None,
                    block_id: Optional[int] = None, roi_match: str = "centroid",
-                   batch_size: int = 100_000) -> Iterator[pd.DataFrame]:
+                   batch_size: int = 50_000) -> Iterator[pd.DataFrame]:
         """Like :meth:`query` but yields DataFrames of at most ``batch_size`` rows."""
         if int(batch_size) < 1:
             raise StorageError(f"batch_size must be >= 1, got {batch_size}")
@@ -153,7 +158,7 @@ class SynapseStore(abc.ABC):
         filt = make_filter(ids=ids)
         if filt.ids.size == 0:
             return empty_frame(cols)
-        return _concat(list(self._select(filt, cols, None, batch_size=1 << 62)), cols)
+        return _concat(list(self._select(filt, cols, None, batch_size=ONE_BATCH)), cols)
 
     def degrees(self, roi=None, min_score=None, block_id: Optional[int] = None,
                 roi_match: str = "centroid") -> pd.DataFrame:
@@ -191,11 +196,12 @@ class SynapseStore(abc.ABC):
             log.warning("%s: update_fields matched %d of %d ids", self.url, matched, len(frame))
         return matched
 
-    def export(self, path: str, format: Optional[str] = None, batch_size: int = 100_000,
+    def export(self, path: str, format: Optional[str] = None, batch_size: int = 50_000,
                columns: Optional[Sequence[str]] = None, **filters) -> int:
         """Stream matching records to a Parquet or CSV file; returns the row count.
 
-        Memory is bounded by ``batch_size`` rows (pyarrow writers, one batch at a time). The
+        Memory is bounded by ``batch_size`` rows (pyarrow writers, one batch at a time; about
+        2.5 KiB of transient memory per row of a batch with all columns). The
         file is written beside ``path`` and renamed into place when complete. ``format``
         defaults to the suffix (``.parquet``/``.pq`` or ``.csv``); ``filters`` are those of
         :meth:`query` (``roi``, ``pre``, ``min_score``, ``limit``, ...).
@@ -233,9 +239,6 @@ class SynapseStore(abc.ABC):
                 os.remove(tmp)
         log.info("%s: exported %d records to %s", self.url, rows, path)
         return rows
-
-    def __len__(self) -> int:
-        return self.count()
 
     def __enter__(self) -> "SynapseStore":
         return self

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import StorageError
-from .synapse_db import SynapseStore
+from .synapse_db import ONE_BATCH, SynapseStore
 from .synapse_schema import (
     COLUMN_NAMES,
     SCHEMA_KIND,
@@ -207,6 +207,10 @@ class MongoSynapseStore(SynapseStore):
 
         if not docs:
             return
+        if not self._col.write_concern.acknowledged:  # w=0 reports no duplicate-key errors
+            self._call("bulk upsert", self._col.bulk_write,
+                       [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs], ordered=False)
+            return
         try:
             self._col.bulk_write([InsertOne(dict(d)) for d in docs], ordered=False)
             return
@@ -298,8 +302,11 @@ class MongoSynapseStore(SynapseStore):
             return
         projection = {c: 1 for c in columns if c != "id"}
         projection["_id"] = 1
+        everything = batch_size >= ONE_BATCH and limit is None
         try:
-            cursor = self._col.find(self._filter(filt), projection, sort=[("_id", 1)],
+            # One result is sorted here, not by the server (no in-memory sort limits there).
+            cursor = self._col.find(self._filter(filt), projection,
+                                    sort=None if everything else [("_id", 1)],
                                     limit=limit or 0, allow_disk_use=True,
                                     batch_size=min(batch_size, 50_000))
             batch: list[dict] = []
@@ -309,7 +316,8 @@ class MongoSynapseStore(SynapseStore):
                     yield _frame(batch, columns)
                     batch = []
             if batch:
-                yield _frame(batch, columns)
+                frame = _frame(batch, columns)
+                yield frame.sort_values("id", kind="stable", ignore_index=True) if everything else frame
         except PyMongoError as e:
             raise StorageError(f"{self.url}: query failed: {str(e)[:300]}") from e
 

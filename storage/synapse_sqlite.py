@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import StorageError
-from .synapse_db import SynapseStore
+from .synapse_db import ONE_BATCH, SynapseStore
 from .synapse_schema import (
     COLUMNS,
     COLUMN_NAMES,
@@ -100,6 +100,8 @@ class SQLiteSynapseStore(SynapseStore):
             self._check_schema(create and not readonly)
         except sqlite3.DatabaseError as e:
             self.close()
+            if _is_busy(e):
+                raise StorageError(f"synapse database {self.path} stayed locked by another writer: {e}") from e
             raise StorageError(f"{self.path} is not a readable cleftwise synapse database: {e}") from e
         except StorageError:
             self.close()
@@ -324,17 +326,21 @@ class SQLiteSynapseStore(SynapseStore):
                 batch_size: int) -> Iterator[pd.DataFrame]:
         conn = self._live()
         clause, params = self._where(filt)
-        sql = f"SELECT {', '.join('s.' + c for c in columns)} {clause} ORDER BY s.id"
+        everything = batch_size >= ONE_BATCH and limit is None
+        sql = f"SELECT {', '.join('s.' + c for c in columns)} {clause}"
+        if not everything:  # one result: sorted below, cheaper than SQLite's sorter
+            sql += " ORDER BY s.id"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         try:
             cur = self._retry(lambda: conn.execute(sql, params))
             while True:
-                rows = cur.fetchall() if batch_size >= 1 << 62 else cur.fetchmany(batch_size)
+                rows = cur.fetchall() if batch_size >= ONE_BATCH else cur.fetchmany(batch_size)
                 if not rows:
                     break
-                yield frame_from_columns(dict(zip(columns, zip(*rows))), columns)
-                if batch_size >= 1 << 62:
+                frame = frame_from_columns(dict(zip(columns, zip(*rows))), columns)
+                yield _sorted_by_id(frame) if everything else frame
+                if batch_size >= ONE_BATCH:
                     break
         except sqlite3.Error as e:
             raise StorageError(f"{self.path}: query failed: {e}") from e
@@ -374,6 +380,13 @@ class SQLiteSynapseStore(SynapseStore):
                 self._conn.close()
             finally:
                 self._conn = None
+
+
+def _sorted_by_id(frame: pd.DataFrame) -> pd.DataFrame:
+    ids = frame["id"].to_numpy()
+    if ids.size < 2 or bool(np.all(ids[1:] > ids[:-1])):
+        return frame
+    return frame.take(np.argsort(ids, kind="stable")).reset_index(drop=True)
 
 
 def _in(col: str, ids: np.ndarray) -> tuple[str, list]:
