@@ -1,0 +1,411 @@
+#!/usr/bin/env python
+"""Evaluate shipped RSUNet weights through the real blockwise pipeline on a labelled volume.
+
+``python train/evaluate.py --checkpoint models/weights/rsunet_polarity.pt --volume eval.zarr``
+
+The volume is a zarr container with the synthetic generator's datasets ``raw``, ``neurons``,
+``synapses`` (instance ids), ``polarity`` (3, z, y, x) and ``cleft``. Pipeline (local backend):
+:class:`~blockwise.predict.PredictTask` → the three segment passes (:func:`~postprocess.segment.segment_tasks`)
+→ :class:`~postprocess.segment.PartnersTask` (with the true neuron segmentation), giving
+``work_dir/segment/synapses.parquet``. Reported (``<out>.json``, ``<out>.md``, ``<out>.png``):
+
+- instance precision / recall / F1: predicted vs true synapse instances matched one-to-one at
+  IoU >= ``iou_threshold`` (:func:`postprocess.metrics.instance_f1`); also restricted to true
+  instances of at least ``min_true_size`` voxels (fragments cut by the volume border);
+- for matched synapses, with the true partners taken from the labels (the neuron holding most
+  of a true synapse's ``polarity`` pre voxels is its pre neuron, likewise post):
+  ``site_accuracy`` — both predicted sites (pre/post centroids) lie in the true pre / post
+  neuron; ``prepost_accuracy`` — predicted ``pre_neuron`` and ``post_neuron`` equal the true
+  ones; ``partner_accuracy`` — the predicted neuron pair equals the true pair in either
+  order; ``flipped`` — pre and post swapped;
+- CREMI distances (:func:`postprocess.metrics.cremi_cleft_metrics`) of the predicted synapse
+  mask against the true synapse mask (the union the model predicts) and against the true cleft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+
+import fastremap  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from blockwise.errors import BlockwiseError  # noqa: E402
+from blockwise.predict import PredictConfig, PredictTask  # noqa: E402
+from blockwise.runner import BackendConfig, run_task  # noqa: E402
+from models.checkpoint import read_checkpoint_meta  # noqa: E402
+from models.errors import ModelError  # noqa: E402
+from postprocess.errors import PostprocessError  # noqa: E402
+from postprocess.metrics import cremi_cleft_metrics, instance_f1  # noqa: E402
+from postprocess.segment import (PartnersTask, SegmentConfig, SegmentLabelTask,  # noqa: E402
+                                 SegmentRelabelTask, SegmentStitchTask)
+from storage.errors import StorageError  # noqa: E402
+from storage.volume import open_volume  # noqa: E402
+
+from train.errors import TrainError  # noqa: E402
+
+__all__ = ["EvalConfig", "true_partners", "assignment_metrics", "evaluate", "write_report"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how the pipeline runs. Shapes are voxels (z, y, x)."""
+
+    checkpoint: str = "models/weights/rsunet_polarity.pt"
+    """cleftwise checkpoint (.pt with its .json)"""
+    volume: str = ""
+    """zarr container with raw, neurons, synapses, polarity, cleft"""
+    work_dir: str = "runs/eval"
+    """predictions, labels, ledgers and tables of the pipeline run"""
+    out: str = "docs/rsunet_eval"
+    """report prefix: <out>.json, <out>.md, <out>.png"""
+    block_shape: tuple = (32, 256, 256)
+    """predict / segment block shape"""
+    batch_size: int = 2
+    """patches per forward pass"""
+    torch_threads: int = 2
+    """torch CPU threads"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    threshold: float = 0.5
+    """union-channel threshold of the segment step"""
+    min_size: int = 200
+    """drop predicted instances smaller than this (voxels)"""
+    iou_threshold: float = 0.5
+    """IoU needed to match a predicted and a true instance"""
+    min_true_size: int = 200
+    """true instances below this size are excluded from the secondary ("border-cut") scores"""
+    overwrite: bool = True
+    """re-run every stage from scratch"""
+
+
+def true_partners(synapses: np.ndarray, polarity: np.ndarray, neurons: np.ndarray) -> pd.DataFrame:
+    """True pre/post neuron of every synapse instance.
+
+    Args:
+        synapses: (z, y, x) instance ids, 0 = background.
+        polarity: (3, z, y, x) 0/1 (pre, post, union).
+        neurons: (z, y, x) neuron ids.
+
+    Returns:
+        DataFrame ``id, size, pre_neuron, post_neuron`` (uint64 ids; neuron 0 when the side has
+        no voxels): the neuron holding most of the instance's pre (post) voxels.
+    """
+    if synapses.shape != neurons.shape or polarity.shape != (3,) + synapses.shape:
+        raise TrainError(f"true_partners: shapes synapses {synapses.shape}, polarity "
+                         f"{polarity.shape}, neurons {neurons.shape} do not agree")
+    ids, sizes = fastremap.unique(synapses, return_counts=True)
+    keep = ids != 0
+    out = pd.DataFrame({"id": ids[keep].astype(np.uint64), "size": sizes[keep].astype(np.int64)})
+    for ch, name in ((0, "pre_neuron"), (1, "post_neuron")):
+        sel = (synapses != 0) & (polarity[ch] != 0)
+        pairs = pd.DataFrame({"id": synapses[sel].astype(np.uint64), "neuron": neurons[sel].astype(np.uint64)})
+        counts = pairs.value_counts().reset_index(name="n")
+        best = counts.sort_values(["id", "n", "neuron"], ascending=[True, False, True]).drop_duplicates("id")
+        out[name] = out["id"].map(dict(zip(best["id"], best["neuron"]))).fillna(0).astype(np.uint64)
+    return out
+
+
+def _neuron_at(neurons: np.ndarray, table: pd.DataFrame, side: str, offset, voxel_size) -> np.ndarray:
+    """Neuron id under each row's ``{side}_z/y/x`` site (nm); 0 for a missing (NaN) site."""
+    pos = table[[f"{side}_{a}" for a in "zyx"]].to_numpy(np.float64)
+    ok = np.isfinite(pos).all(axis=1)
+    idx = np.zeros(pos.shape, np.int64)
+    idx[ok] = np.floor((pos[ok] - np.asarray(offset)) / np.asarray(voxel_size)).astype(np.int64)
+    idx = np.clip(idx, 0, np.asarray(neurons.shape) - 1)
+    out = neurons[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.uint64)
+    out[~ok] = 0
+    return out
+
+
+def assignment_metrics(matches: pd.DataFrame, predicted: pd.DataFrame, truth: pd.DataFrame,
+                       neurons: np.ndarray, offset, voxel_size) -> dict:
+    """Pre/post and partner accuracy over matched synapses (see module docstring).
+
+    Args:
+        matches: (pred_id, true_id) pairs from :func:`instance_f1`.
+        predicted: the pipeline's ``synapses.parquet`` rows (id, pre/post sites nm, neurons).
+        truth: :func:`true_partners` of the true labels.
+        neurons: (z, y, x) true neuron ids of the evaluated region; ``offset`` (nm) its origin.
+        voxel_size: (z, y, x) nm.
+    """
+    n = len(matches)
+    if n == 0:
+        return {"matched": 0, "site_accuracy": float("nan"), "prepost_accuracy": float("nan"),
+                "partner_accuracy": float("nan"), "flipped": float("nan"), "pre_site_in_pre": float("nan"),
+                "post_site_in_post": float("nan")}
+    p = predicted.set_index(predicted["id"].astype(np.int64)).loc[matches["pred_id"].astype(np.int64)]
+    t = truth.set_index(truth["id"].astype(np.int64)).loc[matches["true_id"].astype(np.int64)]
+    pre_site = _neuron_at(neurons, p, "pre", offset, voxel_size)
+    post_site = _neuron_at(neurons, p, "post", offset, voxel_size)
+    tpre, tpost = t["pre_neuron"].to_numpy(np.uint64), t["post_neuron"].to_numpy(np.uint64)
+    ppre, ppost = p["pre_neuron"].to_numpy().astype(np.uint64), p["post_neuron"].to_numpy().astype(np.uint64)
+    site_pre, site_post = pre_site == tpre, post_site == tpost
+    exact = (ppre == tpre) & (ppost == tpost)
+    swapped = (ppre == tpost) & (ppost == tpre) & (tpre != tpost)
+    return {"matched": n,
+            "pre_site_in_pre": float(site_pre.mean()), "post_site_in_post": float(site_post.mean()),
+            "site_accuracy": float((site_pre & site_post).mean()),
+            "prepost_accuracy": float(exact.mean()),
+            "partner_accuracy": float((exact | swapped).mean()),
+            "flipped": float(swapped.mean())}
+
+
+def _run(task, backend: BackendConfig, overwrite: bool) -> dict:
+    return run_task(task, backend, overwrite=overwrite).to_dict()
+
+
+def run_pipeline(cfg: EvalConfig) -> dict:
+    """Predict → segment → partners on ``cfg.volume``; returns paths and per-stage timings."""
+    vol = cfg.volume.rstrip("/")
+    work = os.path.abspath(cfg.work_dir)
+    pred_url = os.path.join(work, "predictions.zarr", "pred")
+    labels_url = os.path.join(work, "synapses.zarr", "labels")
+    backend = BackendConfig(backend="local", progress=False)
+    times = {}
+    t0 = time.perf_counter()
+    _run(PredictTask(PredictConfig(input=f"{vol}/raw", output=pred_url, checkpoint=cfg.checkpoint,
+                                   block_shape=tuple(cfg.block_shape), batch_size=cfg.batch_size,
+                                   device=cfg.device, torch_threads=cfg.torch_threads)),
+         backend, cfg.overwrite)
+    times["predict_s"] = time.perf_counter() - t0
+    scfg = SegmentConfig(predictions=pred_url, output=labels_url, work_dir=os.path.join(work, "segment"),
+                         neurons=f"{vol}/neurons", threshold=cfg.threshold, min_size=cfg.min_size,
+                         block_shape=tuple(cfg.block_shape))
+    t0 = time.perf_counter()
+    # each pass reads what the previous one wrote, so it is built only after that one ran
+    for cls in (SegmentLabelTask, SegmentStitchTask, SegmentRelabelTask):
+        _run(cls(scfg), backend, cfg.overwrite)
+    times["segment_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _run(PartnersTask(scfg), backend, cfg.overwrite)
+    times["partners_s"] = time.perf_counter() - t0
+    return {"predictions": pred_url, "labels": labels_url,
+            "table": os.path.join(work, "segment", "synapses.parquet"), "times": times}
+
+
+def evaluate(cfg: EvalConfig, training: Optional[dict] = None) -> dict:
+    """Run the pipeline and compute every metric; returns the report dict (also written).
+
+    ``training`` (e.g. steps, wall time, hardware of the training run) is copied into the report.
+    """
+    try:
+        meta = read_checkpoint_meta(cfg.checkpoint)
+    except ModelError as e:
+        raise TrainError(f"evaluate: {e}") from e
+    vol = cfg.volume.rstrip("/")
+    try:
+        raw = open_volume(f"{vol}/raw")
+        truth_vols = {k: open_volume(f"{vol}/{k}") for k in ("synapses", "polarity", "neurons", "cleft")}
+    except StorageError as e:
+        raise TrainError(f"evaluate: {vol} lacks a dataset the evaluation needs: {e}") from e
+    t_start = time.perf_counter()
+    try:
+        paths = run_pipeline(cfg)
+    except (BlockwiseError, PostprocessError, StorageError) as e:
+        raise TrainError(f"evaluate: pipeline failed on {vol}: {e}") from e
+    roi = raw.roi
+    syn = truth_vols["synapses"].read(roi)
+    pol = truth_vols["polarity"].read(roi)
+    neu = truth_vols["neurons"].read(roi)
+    cleft = truth_vols["cleft"].read(roi)
+    pred_labels = open_volume(paths["labels"]).read(roi)
+    table = pd.read_parquet(paths["table"])
+    truth = true_partners(syn, pol, neu)
+    vs = tuple(int(v) for v in raw.voxel_size)
+
+    inst = instance_f1(pred_labels, syn, iou_threshold=cfg.iou_threshold)
+    big_true = truth.loc[truth["size"] >= cfg.min_true_size, "id"].to_numpy(np.uint64)
+    # secondary score: true fragments below min_true_size are ignored, and so is any predicted
+    # instance whose best overlap is one of them
+    small = np.setdiff1d(truth["id"].to_numpy(np.uint64), big_true)
+    syn_big = fastremap.mask(syn, small.tolist()) if small.size else syn
+    pred_ignore = []
+    if small.size:
+        from postprocess.metrics import instance_overlaps
+
+        ov = instance_overlaps(pred_labels, syn)
+        best = ov.sort_values("iou", ascending=False).drop_duplicates("pred_id")
+        pred_ignore = best.loc[best["true_id"].isin(small), "pred_id"].tolist()
+    pred_big = fastremap.mask(pred_labels, pred_ignore) if pred_ignore else pred_labels
+    inst_big = instance_f1(pred_big, syn_big, iou_threshold=cfg.iou_threshold)
+    assign = assignment_metrics(inst.matches, table, truth, neu, tuple(roi.begin), vs)
+    cremi_union = cremi_cleft_metrics(pred_labels != 0, syn != 0, vs)
+    cremi_cleft = cremi_cleft_metrics(pred_labels != 0, cleft != 0, vs)
+    elapsed = time.perf_counter() - t_start
+
+    def inst_dict(m):
+        return {"tp": m.tp, "fp": m.fp, "fn": m.fn, "precision": m.precision, "recall": m.recall,
+                "f1": m.f1}
+
+    report = {
+        "checkpoint": os.path.relpath(cfg.checkpoint) if not os.path.isabs(cfg.checkpoint) else cfg.checkpoint,
+        "weights_sha256": meta.weights_sha256,
+        "volume": vol, "volume_shape": list(raw.spatial_shape), "voxel_size": list(vs),
+        "volume_attrs": {k: v for k, v in raw.attrs.items() if k in ("seed", "synthetic", "generator")},
+        "n_true": int(len(truth)), "n_true_ge_min_size": int(big_true.size), "n_pred": int(len(table)),
+        "instance": inst_dict(inst), f"instance_true_ge_{cfg.min_true_size}": inst_dict(inst_big),
+        "assignment": assign, "cremi_union": cremi_union, "cremi_cleft": cremi_cleft,
+        "pipeline_times_s": {k: round(v, 2) for k, v in paths["times"].items()},
+        "eval_seconds": round(elapsed, 1), "config": asdict(cfg),
+        "hardware": f"{platform.machine()} CPU, {os.cpu_count()} cores, python {platform.python_version()}",
+        "checkpoint_extra": meta.extra,
+        "training": training or meta.extra.get("training"),
+    }
+    write_report(report, cfg.out, raw=raw.read(roi), polarity_true=pol,
+                 predictions=open_volume(paths["predictions"]).read(roi), pred_labels=pred_labels,
+                 true_labels=syn)
+    return report
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else (
+        f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def write_report(report: dict, out: str, raw: np.ndarray, polarity_true: np.ndarray,
+                 predictions: np.ndarray, pred_labels: np.ndarray, true_labels: np.ndarray) -> None:
+    """``<out>.json`` (the report), ``<out>.md`` (tables) and ``<out>.png`` (a slice figure)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(report, f, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    inst, a = report["instance"], report["assignment"]
+    key_big = next(k for k in report if k.startswith("instance_true_ge_"))
+    big = report[key_big]
+    cu, cc = report["cremi_union"], report["cremi_cleft"]
+    lines = [
+        "# RSUNet evaluation on a held-out synthetic volume",
+        "",
+        f"Weights `{report['checkpoint']}` (sha256 `{report['weights_sha256'][:12]}…`), volume "
+        f"`{report['volume']}` {tuple(report['volume_shape'])} voxels at {tuple(report['voxel_size'])} nm; "
+        "run through the real blockwise pipeline (predict → segment → partners, local backend). "
+        "Generated by `train/evaluate.py`; numbers below are copied from `rsunet_eval.json`.",
+        "",
+        "## Synapse instances (IoU ≥ 0.5, one-to-one)",
+        "",
+        "| true set | true | predicted | TP | FP | FN | precision | recall | F1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| all true instances | {report['n_true']} | {report['n_pred']} | {inst['tp']} | {inst['fp']} | "
+        f"{inst['fn']} | {_fmt(inst['precision'])} | {_fmt(inst['recall'])} | **{_fmt(inst['f1'])}** |",
+        f"| true ≥ {key_big.rsplit('_', 1)[-1]} voxels (border fragments ignored) | "
+        f"{report['n_true_ge_min_size']} | – | {big['tp']} | {big['fp']} | {big['fn']} | "
+        f"{_fmt(big['precision'])} | {_fmt(big['recall'])} | {_fmt(big['f1'])} |",
+        "",
+        f"## Pre/post and partners ({a['matched']} matched synapses)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| predicted pre site inside the true pre neuron | {_fmt(a['pre_site_in_pre'])} |",
+        f"| predicted post site inside the true post neuron | {_fmt(a['post_site_in_post'])} |",
+        f"| both sites right (site accuracy) | **{_fmt(a['site_accuracy'])}** |",
+        f"| pre_neuron and post_neuron equal the true ones (pre/post accuracy) | **{_fmt(a['prepost_accuracy'])}** |",
+        f"| neuron pair right in either order (partner accuracy) | {_fmt(a['partner_accuracy'])} |",
+        f"| pre and post swapped | {_fmt(a['flipped'])} |",
+        "",
+        "## CREMI distances (nm)",
+        "",
+        "| predicted synapse mask vs | ADF (avg FP dist.) | ADGT (avg FN dist.) | CREMI score | FP voxels > 200 nm | FN voxels > 200 nm |",
+        "|---|---|---|---|---|---|",
+        f"| true synapse mask (cleft + pre + post bands) | {_fmt(cu['avg_fp_distance'])} | "
+        f"{_fmt(cu['avg_fn_distance'])} | {_fmt(cu['cremi_score'])} | {cu['fp_count']} | {cu['fn_count']} |",
+        f"| true cleft only | {_fmt(cc['avg_fp_distance'])} | {_fmt(cc['avg_fn_distance'])} | "
+        f"{_fmt(cc['cremi_score'])} | {cc['fp_count']} | {cc['fn_count']} |",
+        "",
+        "The model predicts the whole synapse (cleft plus ~50/60 nm pre/post bands), so its mask is "
+        "thicker than the true cleft: the cleft row measures that thickness as much as errors.",
+        "",
+        f"Pipeline time: {report['pipeline_times_s']} on {report['hardware']}.",
+    ]
+    if report.get("training"):
+        lines += ["", f"Training: {report['training']}"]
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _figure(out + ".png", raw, polarity_true, predictions, pred_labels, true_labels, report)
+
+
+def _figure(path, raw, pol, pred, pred_labels, true_labels, report) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = int(np.argmax((true_labels != 0).sum(axis=(1, 2))))
+    scale = 255.0 if pred.dtype == np.uint8 else 1.0
+    p = pred[:, z].astype(np.float32) / scale
+
+    def overlay(pre, post, alpha):
+        o = np.zeros(pre.shape + (4,), np.float32)
+        o[..., 0], o[..., 1] = pre, post
+        o[..., 3] = alpha * np.maximum(pre, post)
+        return o
+
+    fig, ax = plt.subplots(1, 3, figsize=(16, 5.6))
+    for a in ax:
+        a.imshow(raw[z], cmap="gray", vmin=0, vmax=255)
+        a.set_xticks([])
+        a.set_yticks([])
+    ax[0].set_title(f"raw, section z={z}")
+    ax[1].imshow(overlay(pol[0, z].astype(np.float32), pol[1, z].astype(np.float32), 0.45))
+    ax[1].contour(true_labels[z] != 0, levels=[0.5], colors="yellow", linewidths=0.6)
+    ax[1].set_title("truth: pre (red), post (green), instances (yellow)")
+    ax[2].imshow(overlay(p[0] * (p[2] > 0.5), p[1] * (p[2] > 0.5), 0.5))
+    ax[2].contour(pred_labels[z] != 0, levels=[0.5], colors="cyan", linewidths=0.6)
+    inst, a = report["instance"], report["assignment"]
+    ax[2].set_title(f"prediction: F1 {_fmt(inst['f1'])}, pre/post acc. {_fmt(a['prepost_accuracy'])}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = EvalConfig()
+    p.add_argument("--checkpoint", default=d.checkpoint)
+    p.add_argument("--volume", required=True, help="zarr container with raw/neurons/synapses/polarity/cleft")
+    p.add_argument("--work-dir", default=d.work_dir)
+    p.add_argument("--out", default=d.out, help="report prefix (.json/.md/.png)")
+    p.add_argument("--threshold", type=float, default=d.threshold)
+    p.add_argument("--min-size", type=int, default=d.min_size)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--threads", type=int, default=d.torch_threads)
+    p.add_argument("--training-info", help="JSON file whose content is added to the report as 'training'")
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = EvalConfig(checkpoint=args.checkpoint, volume=args.volume, work_dir=args.work_dir, out=args.out,
+                     threshold=args.threshold, min_size=args.min_size, device=args.device,
+                     torch_threads=args.threads)
+    training = None
+    if args.training_info:
+        with open(args.training_info) as f:
+            training = json.load(f)
+    try:
+        report = evaluate(cfg, training)
+    except TrainError as e:
+        log.error("%s", e)
+        return 2
+    sys.stdout.write(json.dumps({k: report[k] for k in ("instance", "assignment", "cremi_union")},
+                                indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

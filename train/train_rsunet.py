@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Train an RSUNet synapse model: ``python train/train_rsunet.py --config train.yaml``.
+
+Thin CLI over :func:`train.loop.train`: parse → :class:`~train.loop.TrainConfig` → train →
+optionally export the best (EMA) weights as a cleftwise checkpoint for the predict step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0]) == _HERE:  # run as a script: import from the repo root
+    sys.path[0] = os.path.dirname(_HERE)
+
+from train.errors import TrainError  # noqa: E402
+from train.loop import export_weights, load_train_config, train  # noqa: E402
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", required=True, help="training YAML (see train/configs/)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of run_dir")
+    g.add_argument("--overwrite", action="store_true", help="delete run_dir's checkpoints and start fresh")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the config's device")
+    p.add_argument("--max-steps", type=int, help="override max_steps (also the length of the lr schedule "
+                   "unless optim.schedule_steps is set)")
+    p.add_argument("--max-minutes", type=float, help="override max_minutes (stop with a checkpoint)")
+    p.add_argument("--run-dir", help="override run_dir")
+    p.add_argument("--export", metavar="PATH", help="after training, write the best EMA weights to "
+                   "PATH (.pt + .json), e.g. models/weights/rsunet_polarity.pt")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_train_config(args.config)
+        if args.device:
+            cfg.device = args.device
+        if args.max_steps is not None:
+            if args.max_steps < 1:
+                raise TrainError(f"--max-steps must be >= 1, got {args.max_steps}")
+            cfg.max_steps = args.max_steps
+        if args.max_minutes is not None:
+            cfg.max_minutes = args.max_minutes
+        if args.run_dir:
+            cfg.run_dir = args.run_dir
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        summary = {k: v for k, v in summary.items() if k not in ("model", "ema_model")}
+        if args.export:
+            summary["exported"] = export_weights(cfg.run_dir, args.export)
+    except TrainError as e:
+        logging.getLogger("train_rsunet").error("%s", e)
+        return 2
+    sys.stdout.write(json.dumps(summary, indent=1, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
