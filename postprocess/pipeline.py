@@ -2,8 +2,9 @@
 
 Stages (run any subset, in this order): ``predict`` (blockwise CNN → probability volume),
 ``segment`` (exact stitched connected components → synapse label volume), ``partners``
-(pre/post voting and partner neurons → one record per synapse in ``synapses.parquet``).
-Each stage is a :class:`blockwise.task.BlockTask` run by :func:`blockwise.runner.run_task`,
+(pre/post voting and partner neurons → one record per synapse in ``synapses.parquet``,
+written to the synapse DB), ``classify`` (E/I of every synapse in the DB, from EM cubes around
+it), ``connectome`` (DB → neuron signs → signed edges → exports). Each blockwise stage is a :class:`blockwise.task.BlockTask` run by :func:`blockwise.runner.run_task`,
 so every stage resumes through its ledger and can run on any backend.
 
 Config layout (YAML; every key optional unless noted)::
@@ -15,6 +16,11 @@ Config layout (YAML; every key optional unless noted)::
     predict: {checkpoint: model.pt, block_shape: [32, 256, 256], ...}  # PredictConfig
     neurons: null                   # uint64 neuron segmentation URL (for partners)
     segment: {threshold: 0.5, connectivity: 26, min_size: 50, ...}     # SegmentConfig
+    classify: {checkpoint: ei.pt, block_shape: [64, 512, 512], ...}    # ClassifyConfig
+    connectome: {min_synapses: 1, ...}                                 # SignConfig
+
+A stage that writes the DB invalidates the stages downstream of it: when ``partners`` rewrites
+the synapse records, the ``classify`` ledger is dropped so the E/I fields are filled again.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -30,6 +37,7 @@ from blockwise.errors import BlockwiseError
 from blockwise.predict import PredictConfig, PredictTask
 from blockwise.runner import BackendConfig, run_task, task_status
 from blockwise.task import BlockTask
+from postprocess.classify import ClassifyConfig, ClassifyTask
 from postprocess.connectome import SignConfig
 from postprocess.segment import PartnersTask, SegmentConfig, segment_tasks
 from storage.config_io import ConfigError, from_dict, to_dict
@@ -38,7 +46,7 @@ __all__ = ["PipelineConfig", "STAGES", "build_task", "run_pipeline", "pipeline_s
 
 log = logging.getLogger(__name__)
 
-STAGES = ("predict", "segment", "partners", "connectome")
+STAGES = ("predict", "segment", "partners", "classify", "connectome")
 
 
 @dataclass
@@ -61,6 +69,9 @@ class PipelineConfig:
     """synapse DB URL: sqlite:///path.db or mongodb://host:port/db; default sqlite in output_dir"""
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     """segment + partners stages: thresholds, connectivity, size filter, polarity rule"""
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    """classify stage: E/I classifier checkpoint, block shape (voxels), batch, TTA, threshold;
+    without a checkpoint the stage is skipped (with a warning) and neurons stay unsigned"""
     connectome: SignConfig = field(default_factory=SignConfig)
     """connectome stage: neuron signs (Dale's principle) and synapse/edge filters"""
     export_formats: tuple = ("csv", "parquet", "graphml", "npz", "neuroglancer")
@@ -89,6 +100,13 @@ def segment_config(cfg: PipelineConfig) -> SegmentConfig:
                             "neurons": s.neurons or cfg.neurons})
 
 
+def classify_config(cfg: PipelineConfig) -> ClassifyConfig:
+    c = cfg.classify
+    return ClassifyConfig(**{**to_dict(c), "raw": c.raw or cfg.raw, "db": c.db or cfg.db_url,
+                             "work_dir": c.work_dir or os.path.join(os.path.abspath(cfg.output_dir),
+                                                                    "classify")})
+
+
 def parse_config(data: dict, where: str = "config") -> PipelineConfig:
     return from_dict(PipelineConfig, data, where)
 
@@ -99,6 +117,10 @@ def build_tasks(cfg: PipelineConfig, stage: str) -> list[BlockTask]:
         return segment_tasks(segment_config(cfg))
     if stage == "partners":
         return [PartnersTask(segment_config(cfg))]
+    if stage == "classify":
+        if not cfg.classify.checkpoint:
+            raise ConfigError("classify: no classifier checkpoint configured (classify.checkpoint)")
+        return [ClassifyTask(classify_config(cfg))]
     return [build_task(cfg, stage)]
 
 
@@ -119,7 +141,7 @@ def run_pipeline(cfg: PipelineConfig, stages: tuple = STAGES, overwrite: bool = 
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
     os.makedirs(cfg.output_dir, exist_ok=True)
-    summary = {"config": to_dict(cfg), "stages": {}}
+    summary = {"config": to_dict(cfg), "stages": {}, "seconds": {}}
     for stage in STAGES:
         if stage not in stages:
             continue
@@ -127,7 +149,13 @@ def run_pipeline(cfg: PipelineConfig, stages: tuple = STAGES, overwrite: bool = 
         log.info("stage %s: start", stage)
         if stage == "connectome":
             summary["stages"][stage] = run_connectome(cfg)
+            summary["seconds"][stage] = round(time.perf_counter() - t0, 2)
             log.info("stage %s: end (%.1f s)", stage, time.perf_counter() - t0)
+            continue
+        if stage == "classify" and not cfg.classify.checkpoint:
+            log.warning("stage classify: skipped, no classifier checkpoint (classify.checkpoint); "
+                        "neurons will have no E/I sign")
+            summary["stages"][stage] = {"skipped": "no classify.checkpoint"}
             continue
         reports = []
         for task in _lazy_tasks(cfg, stage):
@@ -135,9 +163,12 @@ def run_pipeline(cfg: PipelineConfig, stages: tuple = STAGES, overwrite: bool = 
         if stage == "partners":
             from postprocess.segment import store_synapses
 
-            n = store_synapses(PartnersTask(segment_config(cfg)), cfg.db_url)
+            n, written = store_synapses(PartnersTask(segment_config(cfg)), cfg.db_url)
             reports[0]["synapses_in_db"] = n
+            if written:  # records were replaced: their E/I fields must be filled again
+                _drop_classify_ledger(cfg)
         summary["stages"][stage] = reports[0] if len(reports) == 1 else reports
+        summary["seconds"][stage] = round(time.perf_counter() - t0, 2)
         log.info("stage %s: end (%.1f s, %d blocks processed, %d skipped)", stage,
                  time.perf_counter() - t0, sum(r["processed"] for r in reports),
                  sum(r["skipped"] for r in reports))
@@ -162,6 +193,13 @@ def run_connectome(cfg: PipelineConfig) -> dict:
             "edges": None if edges is None else int(len(edges)), "files": written}
 
 
+def _drop_classify_ledger(cfg: PipelineConfig) -> None:
+    work = classify_config(cfg).work_dir
+    if os.path.isdir(work):
+        log.info("partners rewrote the synapse DB: classify will run again (%s dropped)", work)
+        shutil.rmtree(work)
+
+
 def _lazy_tasks(cfg: PipelineConfig, stage: str):
     """Build each pass only when the previous one finished (later passes read its outputs)."""
     if stage == "segment":
@@ -178,7 +216,7 @@ def pipeline_status(cfg: PipelineConfig) -> dict:
     """Per stage: blocks done/remaining/failed (stages whose inputs don't exist yet: None)."""
     out = {}
     for stage in STAGES:
-        if stage == "connectome":
+        if stage == "connectome" or (stage == "classify" and not cfg.classify.checkpoint):
             continue
         try:
             for task in build_tasks(cfg, stage):
@@ -187,4 +225,20 @@ def pipeline_status(cfg: PipelineConfig) -> dict:
                                   "failed": st.failed}
         except Exception as e:  # noqa: BLE001 - a stage whose inputs are missing is "not started"
             out[stage] = {"not_started": str(e).splitlines()[0]}
+    out["synapse_db"] = _db_status(cfg.db_url)
     return out
+
+
+def _db_status(url: str) -> dict:
+    """Records in the synapse DB and how many carry an E/I call (or why it cannot be read)."""
+    from storage.synapse_db import open_store
+
+    if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
+        return {"url": url, "synapses": 0}
+    try:
+        with open_store(url) as store:
+            n = store.count()
+            classified = int(store.query(columns=["ei_prob"])["ei_prob"].notna().sum()) if n else 0
+        return {"url": url, "synapses": int(n), "classified": classified}
+    except Exception as e:  # noqa: BLE001 - status reports, it does not fail
+        return {"url": url, "error": str(e).splitlines()[0]}

@@ -381,21 +381,41 @@ def synapse_table(step: PartnersTask) -> pd.DataFrame:
     return df
 
 
-def store_synapses(step: PartnersTask, db_url: str) -> int:
+def store_synapses(step: PartnersTask, db_url: str) -> tuple[int, bool]:
     """Write ``synapses.parquet`` to the synapse DB, block by block (idempotent).
 
     Every block of the grid is replaced, also those left without synapses, so a re-run after a
-    change never leaves stale records behind. Returns the number of records written.
+    change never leaves stale records behind. A marker (``db_written.json`` in the work folder:
+    DB URL + sha256 of the table) is written after the last block; when it matches and the DB
+    holds as many records as the table, nothing is rewritten (fields added later, such as the
+    E/I calls, survive a re-run). Returns (records in the table, whether the DB was written).
     """
+    import hashlib
+    import json
+
     from storage.synapse_db import open_store
 
-    df = pd.read_parquet(os.path.join(step.work, "synapses.parquet"))
-    groups = {int(k): g for k, g in df.groupby("block_id")}
+    table = os.path.join(step.work, "synapses.parquet")
+    with open(table, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    marker = os.path.join(step.work, "db_written.json")
+    df = pd.read_parquet(table)
     with open_store(db_url) as store:
+        if os.path.exists(marker):
+            with open(marker) as f:
+                done = json.load(f)
+            if done == {"db": db_url, "sha256": digest} and store.count() == len(df):
+                log.info("partners: %s already holds these %d synapses", db_url, len(df))
+                return len(df), False
+        groups = {int(k): g for k, g in df.groupby("block_id")}
         for b in step.blocks():
             store.replace_block(b.block_id, groups.get(b.block_id, df.iloc[:0]))
+    tmp = f"{marker}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"db": db_url, "sha256": digest}, f)
+    os.replace(tmp, marker)
     log.info("partners: %d synapses written to %s", len(df), db_url)
-    return len(df)
+    return len(df), True
 
 
 def segment_tasks(cfg: SegmentConfig) -> list[BlockTask]:
