@@ -140,6 +140,7 @@ def run_pipeline(cfg: PipelineConfig, stages: tuple = STAGES, overwrite: bool = 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+    preflight(cfg, stages)
     os.makedirs(cfg.output_dir, exist_ok=True)
     summary = {"config": to_dict(cfg), "stages": {}, "seconds": {}}
     for stage in STAGES:
@@ -175,6 +176,57 @@ def run_pipeline(cfg: PipelineConfig, stages: tuple = STAGES, overwrite: bool = 
     with open(os.path.join(cfg.output_dir, "run_summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     return summary
+
+
+def preflight(cfg: PipelineConfig, stages: tuple = STAGES) -> None:
+    """Check what ``stages`` need before any work starts; one :class:`ConfigError` naming the
+    problem: raw volume, checkpoints (present, readable, same voxel size as the raw volume),
+    neuron segmentation on the raw voxel grid, a reachable synapse DB."""
+    from models.checkpoint import read_checkpoint_meta
+    from models.errors import ModelError
+    from storage.errors import StorageError
+    from storage.volume import open_volume
+
+    def fail(msg: str, e: Exception) -> None:
+        raise ConfigError(f"{msg}: {e}") from e
+
+    raw = None
+    try:
+        raw = open_volume(cfg.raw)
+    except StorageError as e:
+        fail(f"raw volume {cfg.raw!r} cannot be opened", e)
+    vs = tuple(int(v) for v in raw.voxel_size)
+    checkpoints = []
+    if "predict" in stages:
+        checkpoints.append(("predict", cfg.predict.checkpoint))
+    if "classify" in stages and cfg.classify.checkpoint:
+        checkpoints.append(("classify", cfg.classify.checkpoint))
+    for stage, path in checkpoints:
+        if not path:
+            raise ConfigError(f"{stage}: no checkpoint configured ({stage}.checkpoint)")
+        try:
+            meta = read_checkpoint_meta(path)
+        except ModelError as e:
+            fail(f"{stage}.checkpoint {path!r}", e)
+        if tuple(int(v) for v in meta.voxel_size) != vs:
+            raise ConfigError(f"{stage}.checkpoint {path} was trained at {tuple(meta.voxel_size)} nm but the raw "
+                              f"volume {cfg.raw} has voxel size {vs} nm")
+    neurons = cfg.segment.neurons or cfg.neurons
+    if "partners" in stages and neurons:
+        try:
+            seg = open_volume(neurons)
+        except StorageError as e:
+            fail(f"neuron segmentation {neurons!r} cannot be opened", e)
+        if tuple(int(v) for v in seg.voxel_size) != vs:
+            raise ConfigError(f"voxel size mismatch: neuron segmentation {neurons} has "
+                              f"{tuple(seg.voxel_size)} nm, raw volume {cfg.raw} has {vs} nm")
+    if any(s in stages for s in ("partners", "classify", "connectome")) and not cfg.db_url.startswith("sqlite"):
+        from storage.synapse_db import open_store
+
+        try:
+            open_store(cfg.db_url).close()
+        except StorageError as e:
+            fail("synapse DB unreachable", e)
 
 
 def run_connectome(cfg: PipelineConfig) -> dict:

@@ -1,0 +1,188 @@
+"""The whole pipeline (predict → segment → partners → classify → connectome) with the shipped
+weights on a small synthetic volume: a second run does no work and leaves the DB and exports
+byte-identical; kill -9 during segment and during classify, then resume, gives identical
+outputs; the ray and daisy backends give the same signed graph; bad configs fail before work."""
+
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from postprocess.pipeline import STAGES, parse_config, pipeline_status, run_pipeline
+from storage.config_io import ConfigError
+from storage.synapse_db import open_store
+from storage.synthetic import SyntheticConfig, generate_volume
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.path.join(REPO, "models", "weights")
+BLOCK = [6, 64, 64]
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory):
+    d = tmp_path_factory.mktemp("e2e")
+    cfg = SyntheticConfig(shape=(18, 192, 192), seed=11, chunk_shape=(6, 64, 64))
+    return generate_volume(cfg, str(d / "syn.zarr"))
+
+
+def _conf(volume, out, backend="local", workers=1, predictions=None) -> dict:
+    conf = {"raw": volume.datasets["raw"], "neurons": volume.datasets["neurons"], "output_dir": str(out),
+            "backend": {"backend": backend, "workers": workers, "progress": False},
+            "predict": {"checkpoint": os.path.join(WEIGHTS, "rsunet_polarity.pt"), "block_shape": [18, 192, 192],
+                        "batch_size": 2},
+            "segment": {"block_shape": BLOCK, "min_size": 100},
+            "classify": {"checkpoint": os.path.join(WEIGHTS, "ei_vgg3d.pt"), "block_shape": BLOCK}}
+    if predictions:
+        conf["segment"]["predictions"] = predictions
+    return conf
+
+
+def _outputs(out) -> dict:
+    """Everything a user keeps: DB records and the exported graph files."""
+    cfg_db = f"sqlite:///{os.path.join(str(out), 'synapses.db')}"
+    with open_store(cfg_db) as store:
+        db = store.query()
+    return {"db": db, "graph": sorted(os.listdir(os.path.join(str(out), "graph")))}
+
+
+def _same_outputs(a, b) -> None:
+    x, y = _outputs(a), _outputs(b)
+    pd.testing.assert_frame_equal(x["db"], y["db"])
+    assert x["graph"] == y["graph"]
+    for name in ("edges.csv", "nodes.csv", "edges.parquet", "nodes.parquet", "graph.graphml", "adjacency.npz"):
+        if name in x["graph"]:
+            assert filecmp.cmp(os.path.join(str(a), "graph", name), os.path.join(str(b), "graph", name),
+                               shallow=False), name
+
+
+@pytest.fixture(scope="module")
+def full_run(volume, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "out"
+    cfg = parse_config(_conf(volume, out))
+    summary = run_pipeline(cfg)
+    return cfg, summary
+
+
+def test_every_stage_then_second_run_does_no_work(full_run):
+    cfg, summary = full_run
+    assert list(summary["stages"]) == list(STAGES)
+    n = summary["stages"]["partners"]["synapses_in_db"]
+    assert n >= 2, "the shipped weights find synapses in the synthetic volume"
+    db = _outputs(cfg.output_dir)["db"]
+    assert db["ei_prob"].notna().all() and set(db["ei_label"]) <= {"E", "I"}
+    assert (db["classifier"].str.startswith("vgg3d:")).all()
+    nodes = pd.read_parquet(os.path.join(cfg.output_dir, "graph", "nodes.parquet"))
+    assert (nodes["sign"] != 0).any(), "classified synapses give signed presynaptic neurons"
+
+    before = {f: open(os.path.join(cfg.output_dir, "graph", f), "rb").read()
+              for f in os.listdir(os.path.join(cfg.output_dir, "graph")) if os.path.isfile(
+                  os.path.join(cfg.output_dir, "graph", f))}
+    db_before = db
+    again = run_pipeline(cfg)
+    for stage in ("predict", "partners", "classify"):
+        assert again["stages"][stage]["processed"] == 0, stage
+    assert all(r["processed"] == 0 for r in again["stages"]["segment"])
+    pd.testing.assert_frame_equal(db_before, _outputs(cfg.output_dir)["db"])
+    for f, data in before.items():
+        assert open(os.path.join(cfg.output_dir, "graph", f), "rb").read() == data, f
+    status = pipeline_status(cfg)
+    assert status["classify"]["remaining"] == 0 and status["synapse_db"]["classified"] == len(db)
+
+
+def test_exports_round_trip(full_run):
+    cfg, _ = full_run
+    g = os.path.join(cfg.output_dir, "graph")
+    edges = pd.read_parquet(os.path.join(g, "edges.parquet"))
+    graph = nx.read_graphml(os.path.join(g, "graph.graphml"))
+    assert graph.number_of_edges() == len(edges)
+    from scipy import sparse
+
+    adj = sparse.load_npz(os.path.join(g, "adjacency.npz"))
+    assert adj.nnz == len(edges)
+    assert np.isclose(abs(adj).sum(), edges["weight"].abs().sum())
+
+
+_KILL = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    import blockwise.runner as runner
+
+    real = runner.process_block_with_ledger
+    seen = [0]
+
+    def killing(fn, block, ledger, max_retries):
+        if {task!r} in str(ledger.path):
+            fn(block)                      # the block's output is written ...
+            seen[0] += 1
+            if seen[0] == {after}:         # ... but the ledger never hears of it
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(fn, block, ledger, max_retries)
+
+    runner.process_block_with_ledger = killing
+    sys.argv = ["predict_volume.py", "--config", sys.argv[1], "--no-progress"]
+    from launch.predict_volume import main
+    sys.exit(main())
+""")
+
+
+@pytest.mark.parametrize("task,after", [("segment_label", 7), ("classify", 3)])
+def test_kill9_then_resume_gives_identical_outputs(full_run, volume, tmp_path, task, after):
+    cfg, _ = full_run
+    out = tmp_path / "out"
+    conf = _conf(volume, out, predictions=cfg.predictions_url)  # predictions of the full run
+    conf_path = tmp_path / "pipeline.yaml"
+    conf_path.write_text(yaml.safe_dump(conf))
+    script = tmp_path / "killed.py"
+    script.write_text(_KILL.format(repo=REPO, task=task, after=after))
+    stages = "segment,partners,classify,connectome"
+    conf_run = dict(conf)
+    proc = subprocess.run([sys.executable, str(script), str(conf_path)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    resumed = subprocess.run([sys.executable, os.path.join(REPO, "launch", "predict_volume.py"), "--config",
+                              str(conf_path), "--stages", stages, "--no-progress"],
+                             capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(open(out / "run_summary.json").read())
+    first = summary["stages"]["segment"][0] if task == "segment_label" else summary["stages"]["classify"]
+    assert first["resumed"] and first["skipped"] >= after - 1
+    _same_outputs(cfg.output_dir, out)
+    assert conf_run == conf
+
+
+def test_ray_and_daisy_give_the_same_signed_graph(full_run, volume, tmp_path, ray_cluster):
+    cfg, _ = full_run
+    for backend in ("ray", "daisy"):
+        out = tmp_path / backend
+        c = parse_config(_conf(volume, out, backend=backend, workers=2, predictions=cfg.predictions_url))
+        run_pipeline(c, stages=("segment", "partners", "classify", "connectome"))
+        _same_outputs(cfg.output_dir, out)
+
+
+def test_bad_configs_fail_before_any_work(volume, tmp_path):
+    out = tmp_path / "bad"
+    with pytest.raises(ConfigError, match="unknown"):
+        parse_config({**_conf(volume, out), "segmnt": {}})
+    conf = _conf(volume, out)
+    conf["classify"]["checkpoint"] = str(tmp_path / "missing.pt")
+    with pytest.raises(Exception, match="missing.pt"):
+        run_pipeline(parse_config(conf), stages=("classify",))
+    # a neuron segmentation on another voxel grid is refused by name
+    from storage.volume import create_volume
+
+    seg = create_volume(str(tmp_path / "seg.zarr" / "neurons"), shape=(18, 96, 96), voxel_size=(40, 8, 8),
+                        dtype="uint64", chunk_shape=(6, 32, 32))
+    conf = _conf(volume, out)
+    conf["neurons"] = seg.url
+    with pytest.raises(Exception, match="voxel size"):
+        run_pipeline(parse_config(conf), stages=("segment", "partners"))
+    assert not os.path.exists(out / "synapses.db")
