@@ -13,7 +13,9 @@
    connectome, each resumable;
 4. the result is scored against the ground truth: instance precision/recall/F1 (IoU ≥ 0.5),
    pre/post and partner accuracy of matched synapses, E/I accuracy of matched synapses, and the
-   neuron signs of the signed graph vs the true E/I type of each presynaptic neuron.
+   neuron signs of the signed graph vs the true E/I type of each presynaptic neuron;
+5. figures (:mod:`postprocess.figures`): a montage of detected synapses over the EM with
+   their pre/post sides, and the signed adjacency matrix, in ``<out_dir>/figures``.
 
 The summary is printed and written to ``<out_dir>/demo_summary.json``. The demo volume's seed
 (7 by default) is not one the shipped weights were trained or validated on.
@@ -133,6 +135,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     run = run_pipeline(pcfg, overwrite=cfg.overwrite)
     t_run = time.perf_counter() - t1
     summary = score_demo(volume, pcfg.output_dir, pcfg.db_url)
+    from postprocess.figures import run_figures
+
+    summary["figures"] = run_figures(pcfg.output_dir, pcfg.raw, pcfg.db_url,
+                                     os.path.join(os.path.abspath(cfg.out_dir), "figures"))
     summary.update({
         "volume": volume, "config": config_path, "output_dir": pcfg.output_dir, "db": pcfg.db_url,
         "graph_dir": os.path.join(pcfg.output_dir, "graph"),
@@ -223,6 +229,7 @@ def format_summary(s: dict) -> str:
         f"  signed graph: {g.get('edges', 0)} edges, {g.get('neurons', 0)} neurons, "
         f"{g.get('signed_neurons', 0)} signed; sign accuracy {f(g.get('sign_accuracy'))} "
         f"on {g.get('signed_with_known_type', 0)} presynaptic neurons of known type",
+        f"  figures: {', '.join(s.get('figures', {}).values()) or 'none'}",
         f"  outputs: {s['output_dir']} (graph: {s['graph_dir']}), DB {s['db']}",
         f"  config:  {s['config']} (run it again with: python launch/predict_volume.py --config {s['config']})",
     ]

@@ -186,3 +186,16 @@ def test_bad_configs_fail_before_any_work(volume, tmp_path):
     with pytest.raises(Exception, match="voxel size"):
         run_pipeline(parse_config(conf), stages=("segment", "partners"))
     assert not os.path.exists(out / "synapses.db")
+
+
+def test_figures_of_a_run(full_run, tmp_path):
+    import imageio.v3 as iio
+
+    from postprocess.figures import run_figures
+
+    cfg, _ = full_run
+    written = run_figures(cfg.output_dir, cfg.raw, cfg.db_url, str(tmp_path))
+    assert set(written) == {"montage", "adjacency"}
+    for path in written.values():
+        img = iio.imread(path)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.std() > 10  # a drawn picture, not blank
