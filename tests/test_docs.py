@@ -14,3 +14,15 @@ def test_configuration_reference_is_current():
         assert f.read() == out, "docs/configuration.md is stale: python launch/config_reference.py > docs/configuration.md"
     for key in ("`classify.checkpoint`", "`predict.block_shape`", "`segment.threshold`", "`backend.workers`"):
         assert key in out
+
+
+def test_readme_config_example_parses():
+    """The job.yaml shown in the README is a valid pipeline config."""
+    import yaml
+
+    from postprocess.pipeline import parse_config
+
+    text = open(os.path.join(REPO, "README.md")).read()
+    block = text.split("`job.yaml`", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    cfg = parse_config(yaml.safe_load(block), where="README job.yaml")
+    assert cfg.classify.checkpoint.endswith("ei_vgg3d.pt") and cfg.backend.backend == "daisy"
