@@ -211,7 +211,22 @@ class VGG3DConfig(_ConfigIO):
         return tuple(out)  # type: ignore[return-value]
 
 
-class VGG3D(nn.Module):
+class _Classifier(nn.Module):
+    """Shared interface of the classifiers: ``cfg`` with ``input_shape`` and ``num_classes``."""
+
+    cfg: Any
+
+    @property
+    def input_shape(self) -> Optional[Triple]:
+        """Cube shape (z, y, x) voxels the model was built for (None: any)."""
+        return self.cfg.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+
+class VGG3D(_Classifier):
     """(N, C, *input_shape) float in [0, 1] → (N, num_classes) logits."""
 
     #: preferred memory format (see :func:`use_fast_memory_format`)
@@ -240,14 +255,6 @@ class VGG3D(nn.Module):
         head += [nn.Dropout(cfg.dropout), nn.Linear(width, cfg.num_classes)]
         self.classifier = nn.Sequential(*head)
         _init_weights(self)
-
-    @property
-    def input_shape(self) -> Triple:
-        return self.cfg.input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_shape(x, self.cfg.in_channels, self.cfg.input_shape, "VGG3D")
@@ -353,7 +360,7 @@ class _Bottleneck(nn.Module):
         return F.relu(y + self.short(x), inplace=True)
 
 
-class ResNet3D(nn.Module):
+class ResNet3D(_Classifier):
     """(N, C, Z, Y, X) float in [0, 1] → (N, num_classes) logits."""
 
     memory_format = torch.channels_last_3d
@@ -379,14 +386,6 @@ class ResNet3D(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(cin, cfg.num_classes)
         _init_weights(self)
-
-    @property
-    def input_shape(self) -> Optional[Triple]:
-        return self.cfg.input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.num_classes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_shape(x, self.cfg.in_channels, self.cfg.input_shape, "ResNet3D")
@@ -442,7 +441,7 @@ class ResNet2DConfig(_ConfigIO):
                                  f"in_channels ({self.in_channels}) sections")
 
 
-class ResNet2D(nn.Module):
+class ResNet2D(_Classifier):
     """(N, C, Y, X) or a cube (N, 1, Z, Y, X) (centre ``in_channels`` sections) → (N, num_classes)."""
 
     def __init__(self, cfg: ResNet2DConfig):
@@ -474,14 +473,6 @@ class ResNet2D(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(cin, cfg.num_classes)
         _init_weights(self)
-
-    @property
-    def input_shape(self) -> Optional[Triple]:
-        return self.cfg.input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return self.cfg.num_classes
 
     def sections(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, Z, Y, X) → (N, in_channels, Y, X): the centre sections; 4D input passes through."""

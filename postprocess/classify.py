@@ -29,11 +29,10 @@ map to voxel ``i``. A cube of shape ``s`` around voxel ``c`` spans ``[c - s // 2
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pandas as pd

@@ -29,8 +29,6 @@ import os
 import resource
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
-
 import numpy as np
 import pandas as pd
 import yaml

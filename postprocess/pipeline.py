@@ -31,9 +31,8 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
-from blockwise.errors import BlockwiseError
 from blockwise.predict import PredictConfig, PredictTask
 from blockwise.runner import BackendConfig, run_task, task_status
 from blockwise.task import BlockTask

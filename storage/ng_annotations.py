@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd

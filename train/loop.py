@@ -41,10 +41,10 @@ from torch import nn
 from models.checkpoint import resolve_device, save_checkpoint
 from models.errors import ModelError
 from models.rsunet import RSUNetConfig, build_rsunet, check_patch_shape
-from storage.config_io import ConfigError, from_dict, load_config, to_dict
+from storage.config_io import to_dict
 
 from .data import DataConfig, PatchDataset, make_loader, open_sources, target_channels
-from .errors import TrainError
+from .errors import TrainError, load_as, parse_as
 from .losses import LossConfig, compute_loss
 
 __all__ = ["OptimConfig", "TrainConfig", "load_train_config", "parse_train_config", "EMA",
@@ -146,18 +146,12 @@ class TrainConfig:
 
 def parse_train_config(data: dict, where: str = "train config") -> TrainConfig:
     """A :class:`TrainConfig` from a plain dict; every error becomes a TrainError."""
-    try:
-        return from_dict(TrainConfig, data, where)
-    except (ConfigError, ModelError) as e:
-        raise TrainError(str(e)) from e
+    return parse_as(TrainConfig, data, where)
 
 
 def load_train_config(path: str) -> TrainConfig:
     """Read a training YAML into a :class:`TrainConfig` (unknown keys and bad values raise)."""
-    try:
-        return load_config(TrainConfig, path)
-    except (ConfigError, ModelError) as e:
-        raise TrainError(str(e)) from e
+    return load_as(TrainConfig, path)
 
 
 # -- pieces ---------------------------------------------------------------------------------

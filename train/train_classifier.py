@@ -47,10 +47,10 @@ from models.checkpoint import resolve_device, save_checkpoint
 from models.classifiers import CLASSIFIER_TYPES, build_classifier, classifier_config, use_fast_memory_format
 from models.errors import ModelError
 from postprocess.classify import predict_probs
-from storage.config_io import ConfigError, from_dict, load_config, to_dict
+from storage.config_io import to_dict
 
 from .cubes import CubeDataConfig, CubeSet, build_cube_sets, crop_cubes, split_summary
-from .errors import TrainError
+from .errors import TrainError, load_as, parse_as
 
 __all__ = ["LossConfig", "AugmentConfig", "ClassifierTrainConfig", "load_classifier_config",
            "parse_classifier_config", "model_config_for", "batch_indices", "augment_batch",
@@ -211,18 +211,12 @@ def model_config_for(cfg: ClassifierTrainConfig):
 
 def parse_classifier_config(data: dict, where: str = "classifier config") -> ClassifierTrainConfig:
     """A :class:`ClassifierTrainConfig` from a dict; every error becomes a TrainError."""
-    try:
-        return from_dict(ClassifierTrainConfig, data, where)
-    except (ConfigError, ModelError) as e:
-        raise TrainError(str(e)) from e
+    return parse_as(ClassifierTrainConfig, data, where)
 
 
 def load_classifier_config(path: str) -> ClassifierTrainConfig:
     """Read a classifier training YAML (unknown keys and bad values raise TrainError)."""
-    try:
-        return load_config(ClassifierTrainConfig, path)
-    except (ConfigError, ModelError) as e:
-        raise TrainError(str(e)) from e
+    return load_as(ClassifierTrainConfig, path)
 
 
 # ------------------------------------------------------------------------------------------
