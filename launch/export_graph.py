@@ -3,6 +3,14 @@
 
 Formats: csv, parquet (edge list + node table), graphml (networkx), npz (scipy sparse signed
 adjacency + neurons.npy index), neuroglancer (precomputed LINE annotations pre → post).
+
+Signs: from per-synapse E/I probabilities (``ei_prob``) by default; ``--sign-table`` adds a
+per-neuron table (cell types or transmitters, ``--sign-class-col`` + ``--sign-map``, or
+per-class probabilities ``--sign-prob-cols``) that takes priority; neurons where the sources
+disagree are flagged in the node table. Example (MANC imported with launch/import_synapses.py):
+    python launch/export_graph.py --db sqlite:///abs/manc.db --out graph --format csv,graphml \
+        --sign-table ../shared/data/tables/manc-nt/neurons_nt.csv --sign-neuron-col bodyId \
+        --sign-class-col nt_class --sign-map fly
 """
 
 from __future__ import annotations
@@ -13,12 +21,14 @@ import sys
 
 from postprocess.connectome import SignConfig
 from postprocess.errors import PostprocessError
-from postprocess.export import FORMATS, export_graph
+from postprocess.export import FORMATS, SignTableConfig, export_graph, signs_for, table_signs
 from storage.errors import StorageError
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--db", required=True, help="sqlite:///path.db or mongodb://host:port/db")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", default="csv", help=f"comma-separated subset of {','.join(FORMATS)}")
@@ -27,7 +37,22 @@ def main(argv=None) -> int:
     p.add_argument("--keep-autapses", action="store_true")
     p.add_argument("--keep-background", action="store_true")
     p.add_argument("--drop-weak-neurons", action="store_true", help="weak/mixed neurons get sign 0")
+    p.add_argument("--sign-table", help="per-neuron table (CSV/Parquet) used as the first sign source")
+    p.add_argument("--sign-neuron-col", default="neuron", help="neuron id column of --sign-table")
+    p.add_argument("--sign-class-col", help="class column (cell type / transmitter) of --sign-table")
+    p.add_argument("--sign-map", default="fly",
+                   help="class → sign: fly, microns, a JSON file or 'cls=1,cls=-1' (default fly)")
+    p.add_argument("--sign-confidence-col", help="column with the probability of the class call")
+    p.add_argument("--sign-prob-cols", help="probability columns instead of a class column: 'col=class,...'")
+    p.add_argument("--sign-prob-rule", choices=["argmax", "sum"], default="argmax",
+                   help="with --sign-prob-cols: sign of the argmax class (default) or of the summed +/- mass")
+    p.add_argument("--sign-unmapped", choices=["error", "unknown"], default="error",
+                   help="classes missing from the map: error (default) or sign 0")
+    p.add_argument("--no-synapse-signs", action="store_true",
+                   help="ignore per-synapse ei_prob (signs from --sign-table only)")
     a = p.parse_args(argv)
+    if a.sign_table and not (a.sign_class_col or a.sign_prob_cols):
+        p.error("--sign-table needs --sign-class-col or --sign-prob-cols")
     formats = [f.strip() for f in a.format.split(",") if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
     if bad:
@@ -38,9 +63,23 @@ def main(argv=None) -> int:
     try:
         from storage.synapse_db import open_store
 
-        with open_store(a.db) as store:
+        sources = []
+        if a.sign_table:
+            probs = {}
+            for item in (a.sign_prob_cols or "").split(","):
+                if item.strip():
+                    col, sep, cls = item.partition("=")
+                    if not sep:
+                        p.error(f"--sign-prob-cols: {item!r} is not column=class")
+                    probs[col.strip()] = cls.strip()
+            sources.append(table_signs(SignTableConfig(
+                path=a.sign_table, neuron_col=a.sign_neuron_col, class_col=a.sign_class_col,
+                sign_map=a.sign_map, confidence_col=a.sign_confidence_col, prob_cols=probs,
+                prob_rule=a.sign_prob_rule, unmapped=a.sign_unmapped)))
+        with open_store(a.db, create=False) as store:
             syn = store.query()
-        written = export_graph(syn, a.out, formats, cfg=cfg)
+        signs = signs_for(syn, cfg, sources, use_synapses=not a.no_synapse_signs)
+        written = export_graph(syn, a.out, formats, signs=signs, cfg=cfg)
     except (StorageError, PostprocessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

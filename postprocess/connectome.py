@@ -18,6 +18,24 @@ synapses vote against the neuron's sign.
 Edges (:func:`build_edges`): directed pre → post with synapse count, summed size, mean
 scores; each edge carries its presynaptic neuron's sign and ``weight = sign · n_synapses``
 (0 where the sign is unknown).
+
+Sign sources — every one returns the same per-neuron frame (``neuron``, ``sign`` ∈ {+1, −1, 0},
+``p_excitatory``, ``confidence``, ``weak``, ``mixed``, ``source``), so they compose in
+:func:`combine_signs`:
+
+(a) :func:`neuron_signs_from_synapses`: per-synapse E/I probabilities, Dale's principle (above);
+(b) :func:`signs_from_table`: a per-neuron cell-type / transmitter table with a class → sign map
+    (:data:`SIGN_PRESETS`: ``fly`` — acetylcholine +, GABA/glutamate/glycine/histamine −,
+    modulators 0; ``microns`` — ``e`` +, basket/bipolar/chandelier/martinotti/neurogliaform −,
+    ``unknown_type`` 0), and :func:`signs_from_class_probs` for per-class probabilities
+    (e.g. predicted transmitters: sign of the argmax class, or of the summed + / − mass);
+(c) a neuron-level classifier on per-neuron features
+    (:meth:`postprocess.neuron_classifier.NeuronClassifier.signs`).
+
+Combination (:func:`combine_signs`): sources are given in priority order; the first source with
+a *strong* sign (non-zero and not weak) decides; a neuron whose strong signs disagree is flagged
+``disagree`` (and ``disagree_sources`` names the sources against the chosen sign), keeping the
+priority source's sign.
 """
 
 from __future__ import annotations
@@ -30,8 +48,22 @@ import pandas as pd
 
 from .errors import PostprocessError
 
-__all__ = ["SignConfig", "neuron_signs_from_synapses", "signs_from_table", "combine_signs",
-           "filter_synapses", "build_edges", "node_table", "signed_adjacency"]
+__all__ = ["SignConfig", "SIGN_PRESETS", "resolve_sign_map", "neuron_signs_from_synapses",
+           "signs_from_table", "signs_from_class_probs", "combine_signs", "filter_synapses",
+           "build_edges", "node_table", "signed_adjacency"]
+
+#: class → sign maps (+1 excitatory, −1 inhibitory, 0 unknown / modulatory); keys are matched
+#: case-insensitively.
+SIGN_PRESETS: dict[str, dict[str, int]] = {
+    # Drosophila: acetylcholine excitatory; GABA, glutamate (GluCl), glycine and histamine
+    # inhibitory; monoamines and NO modulatory (0).
+    "fly": {"acetylcholine": 1, "gaba": -1, "glutamate": -1, "glycine": -1, "histamine": -1,
+            "dopamine": 0, "serotonin": 0, "octopamine": 0, "tyramine": 0, "nitric_oxide": 0,
+            "unknown": 0, "unclear": 0},
+    # MICrONS pinky100 cell types: "e" pyramidal / excitatory, interneuron classes inhibitory.
+    "microns": {"e": 1, "basket": -1, "bipolar": -1, "chandelier": -1, "martinotti": -1,
+                "neurogliaform": -1, "unknown_type": 0},
+}
 
 
 @dataclass
@@ -106,36 +138,188 @@ def neuron_signs_from_synapses(syn: pd.DataFrame, cfg: SignConfig = SignConfig()
     return out.drop(columns=["logit_sum"]).reset_index()
 
 
+def resolve_sign_map(spec) -> dict[str, int]:
+    """A class → sign map from a preset name, a mapping, ``"cls=+1,cls=-1"`` or a JSON file.
+
+    Signs must be +1, −1 or 0. Keys are returned lower-cased; two keys that differ only in
+    case must agree.
+    """
+    raw = spec
+    if isinstance(spec, str):
+        if spec in SIGN_PRESETS:
+            raw = SIGN_PRESETS[spec]
+        elif spec.lower().endswith(".json"):
+            import json
+
+            try:
+                with open(spec) as f:
+                    raw = json.load(f)
+            except (OSError, ValueError) as e:
+                raise PostprocessError(f"sign map file {spec}: {e}") from e
+        elif "=" in spec:
+            raw = {}
+            for item in spec.split(","):
+                k, _, v = item.partition("=")
+                raw[k.strip()] = v.strip()
+        else:
+            raise PostprocessError(f"sign map {spec!r}: not a preset ({', '.join(SIGN_PRESETS)}), "
+                                   f"a JSON file or 'class=sign,...'")
+    if not isinstance(raw, Mapping):
+        raise PostprocessError(f"sign map must be a mapping class → sign, got {type(raw).__name__}")
+    out: dict[str, int] = {}
+    for k, v in raw.items():
+        try:
+            sign = int(float(v))
+        except (TypeError, ValueError):
+            sign = None
+        if sign not in (-1, 0, 1) or (isinstance(v, float) and not float(v).is_integer()):
+            raise PostprocessError(f"sign map: class {k!r} has sign {v!r}; use +1, -1 or 0")
+        key = str(k).strip().lower()
+        if key in out and out[key] != sign:
+            raise PostprocessError(f"sign map: class {k!r} is given twice with different signs")
+        out[key] = sign
+    return out
+
+
+def _neuron_ids(values, what: str) -> np.ndarray:
+    ser = pd.Series(values)
+    if ser.isna().any():
+        raise PostprocessError(f"{what}: neuron ids are missing in {int(ser.isna().sum())} rows")
+    try:
+        return ser.astype(np.int64).to_numpy()
+    except (TypeError, ValueError, OverflowError) as e:
+        raise PostprocessError(f"{what}: neuron ids must be integers: {e}") from None
+
+
+def _unique_neurons(out: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Drop exact repeats of a neuron; conflicting repeats raise."""
+    dup = out["neuron"].duplicated(keep=False)
+    if not dup.any():
+        return out
+    conflict = out[dup].groupby("neuron")["sign"].nunique()
+    bad = conflict[conflict > 1].index.tolist()
+    if bad:
+        raise PostprocessError(f"{what}: neurons {bad[:5]} appear with different signs")
+    return out.drop_duplicates("neuron", keep="first").reset_index(drop=True)
+
+
 def signs_from_table(table: pd.DataFrame, neuron_col: str, class_col: str,
-                     class_to_sign: Mapping[str, int], confidence_col: Optional[str] = None
-                     ) -> pd.DataFrame:
+                     class_to_sign, confidence_col: Optional[str] = None, *,
+                     source: str = "table", unmapped: str = "error",
+                     min_confidence: float = 0.0) -> pd.DataFrame:
     """Per-neuron signs from a cell-type / transmitter table and a class → sign map.
 
-    Classes missing from the map raise (listing them) unless mapped explicitly to 0 (unknown).
+    Args:
+        table: one row per neuron.
+        neuron_col, class_col: columns with the neuron id and its class (cell type or
+            transmitter name).
+        class_to_sign: a mapping, a preset name (:data:`SIGN_PRESETS`) or any form
+            :func:`resolve_sign_map` accepts; matched case-insensitively.
+        confidence_col: optional column with the probability of the class call (default 1 for
+            signed classes).
+        source: name written into ``source``.
+        unmapped: ``error`` (default): classes missing from the map raise, listing them;
+            ``unknown``: they get sign 0.
+        min_confidence: rows with a lower confidence are flagged ``weak``.
+
+    Missing classes (NaN) are sign 0. Classes mapped to 0 are unknown (sign 0, weak).
     """
     _need(table, (neuron_col, class_col), "signs_from_table")
-    classes = table[class_col].astype(str)
-    unknown = sorted(set(classes) - set(map(str, class_to_sign)))
-    if unknown:
+    smap = resolve_sign_map(class_to_sign)
+    if unmapped not in ("error", "unknown"):
+        raise PostprocessError(f"signs_from_table: unmapped must be 'error' or 'unknown', got {unmapped!r}")
+    present = table[class_col].notna().to_numpy()
+    classes = table[class_col].astype(str).where(present, "")
+    keys = classes.str.strip().str.lower()
+    unknown = sorted(set(classes[present & ~keys.isin(list(smap)).to_numpy()]))
+    if unknown and unmapped == "error":
         raise PostprocessError(f"signs_from_table: classes {unknown} are not in the class→sign map "
-                               f"{dict(class_to_sign)}; map them (0 = unknown) or drop those rows")
-    sign = classes.map({str(k): int(v) for k, v in class_to_sign.items()}).to_numpy(int)
-    out = pd.DataFrame({"neuron": table[neuron_col].astype(np.int64).to_numpy(), "sign": sign,
-                        "class": classes.to_numpy()})
-    out["confidence"] = table[confidence_col].to_numpy(float) if confidence_col else np.where(sign != 0, 1.0, 0.0)
+                               f"{dict(smap)}; map them (0 = unknown) or drop those rows")
+    sign = np.where(present, keys.map(smap).fillna(0).to_numpy(int), 0)
+    out = pd.DataFrame({"neuron": _neuron_ids(table[neuron_col].to_numpy(), f"signs_from_table {neuron_col!r}"),
+                        "sign": sign, "class": classes.to_numpy()})
+    if confidence_col:
+        _need(table, (confidence_col,), "signs_from_table")
+        conf = pd.to_numeric(table[confidence_col], errors="coerce").to_numpy(float)
+        conf = np.where(np.isnan(conf), 0.5, conf)
+    else:
+        conf = np.where(sign != 0, 1.0, 0.5)
+    out["confidence"] = np.where(sign != 0, conf, 0.5)
     out["p_excitatory"] = np.where(sign > 0, out["confidence"], np.where(sign < 0, 1 - out["confidence"], 0.5))
-    out["weak"] = sign == 0
+    out["weak"] = (sign == 0) | (out["confidence"].to_numpy() < min_confidence)
     out["mixed"] = False
-    out["source"] = "table"
-    return out
+    out["source"] = source
+    return _unique_neurons(out, f"signs_from_table ({source})")
+
+
+def signs_from_class_probs(table: pd.DataFrame, neuron_col: str, prob_cols: Mapping[str, str],
+                           class_to_sign, *, rule: str = "argmax", source: str = "predicted",
+                           min_confidence: float = 0.0) -> pd.DataFrame:
+    """Per-neuron signs from per-class probabilities (e.g. predicted transmitters).
+
+    ``prob_cols`` maps probability column → class name; ``class`` is the argmax class.
+
+    - ``rule="argmax"`` (default): the sign of the most probable class; ``confidence`` = its
+      probability; ``p_excitatory`` = confidence for +, 1 − confidence for −. An argmax class
+      signed 0 (unknown, modulatory) gives sign 0.
+    - ``rule="sum"``: with P+ and P− the summed probabilities of the classes signed +1 and −1
+      (classes signed 0 only dilute): ``p_excitatory = P+ / (P+ + P−)``, sign = +1 if
+      P+ ≥ P− else −1, ``confidence = max(P+, P−)``. Right only when the class probabilities
+      are calibrated; on MANC's predictions it disagrees with FISH more often than argmax
+      (``docs/real_tables.md``).
+
+    Rows without probabilities (all NaN) get sign 0, weak; rows below ``min_confidence`` are weak.
+    """
+    if not prob_cols:
+        raise PostprocessError("signs_from_class_probs: no probability columns given")
+    _need(table, (neuron_col, *prob_cols), "signs_from_class_probs")
+    smap = resolve_sign_map(class_to_sign)
+    names = [str(c).strip().lower() for c in prob_cols.values()]
+    missing = sorted(set(names) - set(smap))
+    if missing:
+        raise PostprocessError(f"signs_from_class_probs: classes {missing} are not in the class→sign "
+                               f"map {dict(smap)}")
+    P = np.stack([pd.to_numeric(table[c], errors="coerce").to_numpy(float) for c in prob_cols], axis=1)
+    empty = np.isnan(P).all(axis=1)
+    P = np.nan_to_num(P, nan=0.0)
+    if np.any(P < 0):
+        raise PostprocessError("signs_from_class_probs: probabilities must be >= 0")
+    if rule not in ("argmax", "sum"):
+        raise PostprocessError(f"signs_from_class_probs: rule must be 'argmax' or 'sum', got {rule!r}")
+    signs = np.array([smap[n] for n in names])
+    top = P.argmax(axis=1)
+    if rule == "sum":
+        p_plus, p_minus = P[:, signs > 0].sum(axis=1), P[:, signs < 0].sum(axis=1)
+        denom = p_plus + p_minus
+        p_e = np.where(denom > 0, p_plus / np.where(denom > 0, denom, 1), 0.5)
+        sign = np.where(denom > 0, np.where(p_plus >= p_minus, 1, -1), 0)
+        conf = np.maximum(p_plus, p_minus)
+    else:
+        sign = signs[top].astype(int)
+        conf = P[np.arange(len(P)), top]
+        p_e = np.where(sign > 0, conf, 1 - conf)
+    sign[empty] = 0
+    conf = np.where(sign != 0, conf, 0.5)
+    klass = np.array(list(prob_cols.values()), dtype=object)[top]
+    klass[empty] = ""
+    out = pd.DataFrame({"neuron": _neuron_ids(table[neuron_col].to_numpy(), f"signs_from_class_probs {neuron_col!r}"),
+                        "sign": sign, "class": klass, "confidence": conf,
+                        "p_excitatory": np.where(sign != 0, p_e, 0.5)})
+    out["weak"] = (sign == 0) | (conf < min_confidence)
+    out["mixed"] = False
+    out["source"] = source
+    return _unique_neurons(out, f"signs_from_class_probs ({source})")
 
 
 def combine_signs(sources: list[pd.DataFrame]) -> pd.DataFrame:
     """Combine sign sources (each with neuron, sign, confidence, source), in priority order.
 
-    Rule: the first source (highest priority) with a non-weak sign for a neuron decides it;
-    where two non-weak sources give opposite signs the neuron is flagged ``disagree`` and keeps
-    the priority source's sign. Neurons only weakly signed keep the first source's sign, weak.
+    Rule: the first source (highest priority) with a strong sign (non-zero, not weak) for a
+    neuron decides it; where two strong sources give opposite signs the neuron is flagged
+    ``disagree`` and keeps the priority source's sign; ``disagree_sources`` lists the sources
+    whose strong sign is against it ('' when none). Neurons only weakly signed keep the first
+    source's sign, weak. ``n_sources``: how many sources know the neuron. A source naming a
+    neuron twice with different signs raises.
     """
     if not sources:
         raise PostprocessError("combine_signs: no sign sources given")
@@ -143,10 +327,13 @@ def combine_signs(sources: list[pd.DataFrame]) -> pd.DataFrame:
     for rank, s in enumerate(sources):
         _need(s, ("neuron", "sign", "confidence"), f"combine_signs source {rank}")
         f = s.copy()
+        f["neuron"] = _neuron_ids(f["neuron"].to_numpy(), f"combine_signs source {rank}")
         f["rank"] = rank
         if "weak" not in f:
             f["weak"] = False
-        frames.append(f)
+        if "source" not in f:
+            f["source"] = f"source{rank}"
+        frames.append(_unique_neurons(f, f"combine_signs source {rank}"))
     allf = pd.concat(frames, ignore_index=True)
     allf["strong"] = ~allf["weak"].astype(bool) & (allf["sign"] != 0)
     allf = allf.sort_values(["neuron", "strong", "rank"], ascending=[True, False, True])
@@ -154,6 +341,10 @@ def combine_signs(sources: list[pd.DataFrame]) -> pd.DataFrame:
     strong = allf[allf["strong"]]
     n_signs = strong.groupby("neuron")["sign"].nunique()
     best["disagree"] = n_signs.reindex(best.index).fillna(1).to_numpy() > 1
+    chosen = best["sign"].reindex(strong["neuron"]).to_numpy()
+    against = strong[strong["sign"].to_numpy() != chosen]
+    names = against.groupby("neuron")["source"].agg(lambda v: ",".join(map(str, v)))
+    best["disagree_sources"] = names.reindex(best.index).fillna("").astype(str).to_numpy()
     best["n_sources"] = allf.groupby("neuron").size().reindex(best.index).to_numpy()
     return best.drop(columns=["strong", "rank"]).reset_index()
 
@@ -195,7 +386,8 @@ def node_table(edges: pd.DataFrame, signs: Optional[pd.DataFrame] = None) -> pd.
     for c in ("out_degree", "out_synapses", "in_degree", "in_synapses"):
         nodes[c] = nodes[c].astype(np.int64)
     if signs is not None and len(signs):
-        cols = [c for c in ("sign", "p_excitatory", "confidence", "weak", "mixed", "disagree", "source")
+        cols = [c for c in ("sign", "p_excitatory", "confidence", "weak", "mixed", "disagree",
+                            "disagree_sources", "n_sources", "class", "source")
                 if c in signs]
         nodes = nodes.merge(signs[["neuron"] + cols], on="neuron", how="left")
         nodes["sign"] = nodes["sign"].fillna(0).astype(int)

@@ -14,6 +14,7 @@ Input is a synapse table (as the synapse DB returns it); signs come from
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -21,19 +22,81 @@ import pandas as pd
 
 from storage.ng_annotations import write_synapse_annotations
 
-from .connectome import SignConfig, build_edges, neuron_signs_from_synapses, node_table, signed_adjacency
+from .connectome import (SignConfig, build_edges, combine_signs, neuron_signs_from_synapses, node_table,
+                         signed_adjacency, signs_from_class_probs, signs_from_table)
 from .errors import PostprocessError
 
-__all__ = ["FORMATS", "export_graph", "signs_for"]
+__all__ = ["FORMATS", "SignTableConfig", "export_graph", "signs_for", "table_signs"]
 
 FORMATS = ("csv", "parquet", "graphml", "npz", "neuroglancer")
 
 
-def signs_for(syn: pd.DataFrame, cfg: SignConfig = SignConfig()) -> Optional[pd.DataFrame]:
-    """Neuron signs from per-synapse E/I probabilities, or None when none are classified."""
-    if "ei_prob" not in syn or syn["ei_prob"].notna().sum() == 0:
+@dataclass
+class SignTableConfig:
+    """A per-neuron table used as a sign source (cell types, FISH or predicted transmitters)."""
+
+    path: str
+    """CSV/TSV/Parquet file, one row per neuron"""
+    neuron_col: str
+    """column with the neuron id (the synapse table's pre_neuron ids)"""
+    class_col: Optional[str] = None
+    """column with the class (cell type / transmitter); or use ``prob_cols``"""
+    sign_map: str = "fly"
+    """class → sign: a preset (fly, microns), a JSON file or 'class=+1,class=-1'"""
+    confidence_col: Optional[str] = None
+    """optional column with the probability of the class call"""
+    prob_cols: dict = field(default_factory=dict)
+    """probability column → class (instead of ``class_col``), see signs_from_class_probs"""
+    prob_rule: str = "argmax"
+    """with ``prob_cols``: sign of the argmax class (``argmax``) or of the summed mass (``sum``)"""
+    unmapped: str = "error"
+    """classes missing from the map: error, or unknown (sign 0)"""
+    min_confidence: float = 0.0
+    """calls with lower confidence are weak"""
+    source: Optional[str] = None
+    """name of the source in the node table (default: the file name)"""
+
+
+def table_signs(cfg: SignTableConfig) -> pd.DataFrame:
+    """Read ``cfg.path`` and return its per-neuron sign frame (see :mod:`postprocess.connectome`)."""
+    from storage.errors import StorageError
+    from storage.table_import import read_table
+
+    try:
+        table = read_table(cfg.path)
+    except StorageError as e:
+        raise PostprocessError(f"sign table: {e}") from e
+    name = cfg.source or os.path.basename(cfg.path)
+    if cfg.prob_cols:
+        return signs_from_class_probs(table, cfg.neuron_col, cfg.prob_cols, cfg.sign_map, rule=cfg.prob_rule,
+                                      source=name, min_confidence=cfg.min_confidence)
+    if not cfg.class_col:
+        raise PostprocessError(f"sign table {cfg.path}: give class_col or prob_cols")
+    return signs_from_table(table, cfg.neuron_col, cfg.class_col, cfg.sign_map, cfg.confidence_col,
+                            source=name, unmapped=cfg.unmapped, min_confidence=cfg.min_confidence)
+
+
+def signs_for(syn: pd.DataFrame, cfg: SignConfig = SignConfig(),
+              sources: Sequence[pd.DataFrame] = (), use_synapses: bool = True) -> Optional[pd.DataFrame]:
+    """Neuron signs for ``syn``: ``sources`` (in priority order) then the per-synapse evidence.
+
+    With no ``sources`` this is the Dale's-principle sign from per-synapse E/I probabilities,
+    or None when no synapse is classified. Otherwise the sources — table signs
+    (:func:`table_signs`), classifier signs, … — and, when ``use_synapses`` and the synapses
+    carry ``ei_prob``, the synapse signs last, are merged by
+    :func:`postprocess.connectome.combine_signs` (priority rule, ``disagree`` flags).
+    """
+    syn_signs = None
+    if use_synapses and "ei_prob" in syn and syn["ei_prob"].notna().sum() > 0:
+        syn_signs = neuron_signs_from_synapses(syn, cfg)
+    frames = [s for s in sources if s is not None and len(s)]
+    if syn_signs is not None:
+        frames.append(syn_signs)
+    if not frames:
         return None
-    return neuron_signs_from_synapses(syn, cfg)
+    if len(frames) == 1 and not sources:
+        return frames[0]
+    return combine_signs(frames)
 
 
 def export_graph(syn: pd.DataFrame, out: str, formats: Sequence[str] = ("csv",),
