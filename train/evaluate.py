@@ -75,6 +75,8 @@ class EvalConfig:
     """report prefix: <out>.json, <out>.md, <out>.png"""
     block_shape: tuple = (32, 256, 256)
     """predict / segment block shape"""
+    stride: Optional[tuple] = None
+    """patch stride of the predict step; default half the patch (the demo uses (14, 120, 120))"""
     batch_size: int = 2
     """patches per forward pass"""
     torch_threads: int = 2
@@ -180,6 +182,7 @@ def run_pipeline(cfg: EvalConfig) -> dict:
     t0 = time.perf_counter()
     _run(PredictTask(PredictConfig(input=f"{vol}/raw", output=pred_url, checkpoint=cfg.checkpoint,
                                    block_shape=tuple(cfg.block_shape), batch_size=cfg.batch_size,
+                                   stride=None if cfg.stride is None else tuple(cfg.stride),
                                    device=cfg.device, torch_threads=cfg.torch_threads)),
          backend, cfg.overwrite)
     times["predict_s"] = time.perf_counter() - t0
@@ -379,6 +382,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", required=True, help="zarr container with raw/neurons/synapses/polarity/cleft")
     p.add_argument("--work-dir", default=d.work_dir)
     p.add_argument("--out", default=d.out, help="report prefix (.json/.md/.png)")
+    p.add_argument("--stride", type=int, nargs=3, metavar=("Z", "Y", "X"), help="patch stride (voxels)")
+    p.add_argument("--block-shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=d.block_shape)
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--min-size", type=int, default=d.min_size)
     p.add_argument("--device", default=d.device)
@@ -392,7 +397,8 @@ def main(argv: Optional[list] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = EvalConfig(checkpoint=args.checkpoint, volume=args.volume, work_dir=args.work_dir, out=args.out,
                      threshold=args.threshold, min_size=args.min_size, device=args.device,
-                     torch_threads=args.threads)
+                     torch_threads=args.threads, block_shape=tuple(args.block_shape),
+                     stride=None if args.stride is None else tuple(args.stride))
     training = None
     if args.training_info:
         with open(args.training_info) as f:
