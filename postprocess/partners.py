@@ -17,6 +17,16 @@ Rule, per instance and side:
 * A side with no non-background vote gets neuron 0 and ``*_background = True`` (also when the
   side is empty). ``autapse = True`` when pre and post are the same non-zero neuron.
 
+Rule ``"contrast"`` (an option, for blurry side predictions that spill across the membrane):
+among the neurons holding at least ``min_fraction`` of an instance's non-background votes
+(pre + post), the pre partner is the neuron whose votes are most often pre (highest
+pre / (pre + post) fraction; ties to more votes, then the smaller id) and the post partner the
+other neuron whose votes are least often pre. With fewer than two such neurons the majority
+rule decides. Confidences stay the vote fractions of the chosen neurons within each side.
+Where the side prediction is sharp both rules agree; where the pre side of a small bouton bleeds
+into a large postsynaptic neuron, the majority rule calls an autapse and the contrast rule
+still separates the two neurons.
+
 Blockwise use: :func:`partner_votes_block` returns exact (id, side, neuron, count) partial
 counts over a block's write region (arrays read with ``context`` voxels on every side, at
 least :func:`dilation_radius_voxels`); :func:`merge_partner_votes` sums them and decides.
@@ -184,13 +194,17 @@ def _dilated_votes(instance_labels, sides, neurons, voxel_size, dilate_nm, radiu
 def merge_partner_votes(
     frames: pd.DataFrame | Iterable[pd.DataFrame],
     instance_ids: Sequence[int] | np.ndarray | None = None,
+    rule: str = "majority",
+    min_fraction: float = 0.05,
 ) -> pd.DataFrame:
-    """Sum partial votes over blocks and pick the partners (rule in the module docstring).
+    """Sum partial votes over blocks and pick the partners (rules in the module docstring).
 
     Args:
         frames: outputs of :func:`partner_votes_block`.
         instance_ids: optional ids to report even without any vote (they get neuron 0 and
             the background flag on both sides).
+        rule: ``"majority"`` (per side, the neuron with most votes) or ``"contrast"``.
+        min_fraction: contrast rule: share of an instance's votes a neuron needs to compete.
 
     Returns:
         One row per instance id (sorted): ``id``; for side in (pre, post): ``{side}_neuron``
@@ -219,7 +233,10 @@ def merge_partner_votes(
     if instance_ids is not None:
         ids = np.concatenate([ids, np.asarray(instance_ids, dtype=np.uint64)])
     ids = np.unique(ids)
+    if rule not in ("majority", "contrast"):
+        raise PostprocessError(f"partner rule must be 'majority' or 'contrast', got {rule!r}")
     result = pd.DataFrame({"id": ids})
+    confidence_of: dict = {}
     for bit, name in _SIDES:
         part = summed[summed["side"].to_numpy() == bit]
         pid = part["id"].to_numpy(dtype=np.uint64)
@@ -231,6 +248,7 @@ def merge_partner_votes(
         votes = np.bincount(row_of[~bg], weights=cnt[~bg], minlength=ids.size)
         # Winner: max count, then smallest neuron id, per instance.
         rows, neu, cnt = row_of[~bg], neu[~bg], cnt[~bg]
+        confidence_of[name] = (rows, neu, cnt, votes)
         order = np.lexsort((neu, -cnt, rows))
         rows, neu, cnt = rows[order], neu[order], cnt[order]
         starts = np.r_[0, np.flatnonzero(np.diff(rows)) + 1] if rows.size else np.zeros(0, np.intp)
@@ -249,8 +267,46 @@ def merge_partner_votes(
         result[f"{name}_background_votes"] = background_votes.astype(np.int64)
         result[f"{name}_background"] = votes == 0
         result[f"{name}_tie"] = tie
+    if rule == "contrast":
+        _apply_contrast(result, summed, ids, confidence_of, float(min_fraction))
     result["autapse"] = (result["pre_neuron"] == result["post_neuron"]) & (result["pre_neuron"] != 0)
     return result
+
+
+def _apply_contrast(result: pd.DataFrame, summed: pd.DataFrame, ids: np.ndarray,
+                    confidence_of: dict, min_fraction: float) -> None:
+    """Overwrite pre/post neurons (and their confidences) of ``result`` by the contrast rule."""
+    v = summed[summed["neuron"].to_numpy() != 0]
+    if not len(v):
+        return
+    table = v.pivot_table(index=["id", "neuron"], columns="side", values="count", aggfunc="sum",
+                          fill_value=0).reset_index()
+    pre = table[1].to_numpy(np.float64) if 1 in table else np.zeros(len(table))
+    post = table[2].to_numpy(np.float64) if 2 in table else np.zeros(len(table))
+    table = pd.DataFrame({"id": table["id"].to_numpy(np.uint64), "neuron": table["neuron"].to_numpy(np.uint64),
+                          "total": pre + post, "frac": pre / np.maximum(pre + post, 1)})
+    table["share"] = table["total"] / table.groupby("id")["total"].transform("sum")
+    table = table[table["share"] >= min_fraction]
+    n = table.groupby("id")["neuron"].transform("size")
+    table = table[n >= 2]
+    if not len(table):
+        return
+    best_pre = table.sort_values(["id", "frac", "total", "neuron"], ascending=[True, False, False, True]) \
+        .drop_duplicates("id")
+    rest = table.merge(best_pre[["id", "neuron"]], on="id", suffixes=("", "_pre"))
+    rest = rest[rest["neuron"] != rest["neuron_pre"]]
+    best_post = rest.sort_values(["id", "frac", "total", "neuron"], ascending=[True, True, False, True]) \
+        .drop_duplicates("id")
+    row = {int(i): k for k, i in enumerate(ids)}
+    for name, chosen in (("pre", best_pre), ("post", best_post)):
+        rows_c, neu_c, cnt_c, votes = confidence_of[name]
+        counts = {(int(r), int(nn)): int(c) for r, nn, c in zip(rows_c, neu_c, cnt_c)}
+        for i, nn in zip(chosen["id"].to_numpy(np.uint64), chosen["neuron"].to_numpy(np.uint64)):
+            r = row[int(i)]
+            result.at[r, f"{name}_neuron"] = np.uint64(nn)
+            c = counts.get((r, int(nn)), 0)
+            result.at[r, f"{name}_confidence"] = c / votes[r] if votes[r] > 0 else 0.0
+            result.at[r, f"{name}_tie"] = False
 
 
 def assign_partners(

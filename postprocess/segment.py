@@ -87,6 +87,13 @@ class SegmentConfig:
     """threshold (PyTC) or argmax"""
     dilate_nm: float = 0.0
     """grow each side by this many nm before voting for its neuron (reach past the cleft)"""
+    partner_rule: str = "majority"
+    """majority (per side, the neuron with most votes; PyTorch Connectomics) or contrast (the
+    neuron whose votes are most often pre vs the one least often pre; see postprocess.partners)"""
+
+    def __post_init__(self):
+        if self.partner_rule not in ("majority", "contrast"):
+            raise PostprocessError(f"segment.partner_rule must be 'majority' or 'contrast', got {self.partner_rule!r}")
 
 
 def _atomic_parquet(df: pd.DataFrame, path: str) -> None:
@@ -355,7 +362,7 @@ def synapse_table(step: PartnersTask) -> pd.DataFrame:
             flags[k].append(f"no_{side}_side")
     if c.neurons:
         votes = [pd.read_parquet(f) for f in sorted(glob.glob(os.path.join(step.work, "votes", "*.parquet")))]
-        part = merge_partner_votes(votes, instance_ids=df["id"].to_numpy(np.uint64))
+        part = merge_partner_votes(votes, instance_ids=df["id"].to_numpy(np.uint64), rule=c.partner_rule)
         part = part.set_index(part["id"].astype(np.int64)).reindex(df["id"])
         for side in ("pre", "post"):
             df[f"{side}_neuron"] = part[f"{side}_neuron"].astype(np.int64).to_numpy()

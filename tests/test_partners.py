@@ -133,3 +133,37 @@ def test_votes_need_enough_context():
         partner_votes_block(a, a[:4].astype(np.uint8), a)
     with pytest.raises(PostprocessError, match="side values"):
         merge_partner_votes(pd.DataFrame({"id": [1], "side": [3], "neuron": [2], "count": [1]}))
+
+
+def test_contrast_rule_separates_a_blurry_pre_side_from_its_post_neuron():
+    labels = np.zeros((1, 3, 17), np.uint64)
+    sides = np.zeros(labels.shape, np.uint8)
+    neurons = np.zeros(labels.shape, np.uint64)
+    # Synapse 1: bouton 7 (3 pre, 1 post), large post neuron 9 (5 pre, 7 post), stray neuron 11 (1 pre).
+    labels[0, 0, :] = 1
+    neurons[0, 0, :] = [7] * 4 + [9] * 12 + [11]
+    sides[0, 0, :] = [1, 1, 1, 2] + [1] * 5 + [2] * 7 + [1]
+    # Synapse 2: a single neuron: both rules call it an autapse.
+    labels[0, 1, :4] = 2
+    neurons[0, 1, :4] = 5
+    sides[0, 1, :4] = [1, 1, 2, 2]
+    # Synapse 3: a sharp prediction: both rules agree.
+    labels[0, 2, :6] = 3
+    neurons[0, 2, :6] = [3, 3, 3, 4, 4, 4]
+    sides[0, 2, :6] = [1, 1, 1, 2, 2, 2]
+    votes = partner_votes_block(labels, sides, neurons, (1, 1, 1), 0.0, context=(0, 0, 0))
+    major = merge_partner_votes(votes).set_index("id")
+    assert (major.loc[1, "pre_neuron"], major.loc[1, "post_neuron"]) == (9, 9) and major.loc[1, "autapse"]
+    contrast = merge_partner_votes(votes, rule="contrast", min_fraction=0.1).set_index("id")
+    r = contrast.loc[1]
+    assert (r["pre_neuron"], r["post_neuron"]) == (7, 9) and not r["autapse"]
+    assert r["pre_confidence"] == pytest.approx(3 / 9) and r["post_confidence"] == pytest.approx(7 / 8)
+    # without the share threshold the 1-voxel stray neuron (all pre) would win the pre side
+    loose = merge_partner_votes(votes, rule="contrast", min_fraction=0.0).set_index("id")
+    assert loose.loc[1, "pre_neuron"] == 11
+    assert contrast.loc[2, "autapse"] and contrast.loc[2, "pre_neuron"] == 5
+    for col in ("pre_neuron", "post_neuron", "autapse"):
+        assert contrast.loc[3, col] == major.loc[3, col]
+    assert (contrast.loc[3, "pre_neuron"], contrast.loc[3, "post_neuron"]) == (3, 4)
+    with pytest.raises(PostprocessError, match="partner rule"):
+        merge_partner_votes(votes, rule="vote")
