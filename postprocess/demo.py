@@ -44,6 +44,15 @@ log = logging.getLogger(__name__)
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "weights")
 
 
+#: predict stride (voxels) of the demo and of train/evaluate.py's report: a third of the patch
+#: overlaps, not half, so the demo fits in minutes on a 2-core laptop
+DEMO_STRIDE = (14, 120, 120)
+#: union threshold and smallest synapse kept (voxels), chosen on the RSUNet's validation volume
+#: (seed 201) with train/tune_segment.py
+DEMO_THRESHOLD = 0.4
+DEMO_MIN_SIZE = 1000
+
+
 @dataclass
 class DemoConfig:
     """Settings of the demo. Shapes are voxels (z, y, x) at 40 × 4 × 4 nm."""
@@ -104,8 +113,10 @@ def pipeline_dict(cfg: DemoConfig, volume: str) -> dict:
         "neurons": os.path.join(volume, "neurons"),
         "output_dir": os.path.join(out, "run"),
         "backend": {"backend": cfg.backend, "workers": int(cfg.workers), "progress": bool(cfg.progress)},
-        "predict": {"checkpoint": os.path.abspath(cfg.rsunet), "block_shape": block, "batch_size": 2},
-        "segment": {"block_shape": block, "min_size": 200},
+        "predict": {"checkpoint": os.path.abspath(cfg.rsunet), "block_shape": block, "batch_size": 2,
+                    "stride": list(DEMO_STRIDE)},
+        "segment": {"block_shape": block, "threshold": DEMO_THRESHOLD, "min_size": DEMO_MIN_SIZE,
+                    "partner_rule": "contrast"},
         "classify": {"checkpoint": os.path.abspath(cfg.classifier)},
     }
 

@@ -87,6 +87,8 @@ class EvalConfig:
     """union-channel threshold of the segment step"""
     min_size: int = 200
     """drop predicted instances smaller than this (voxels)"""
+    partner_rule: str = "contrast"
+    """partner rule of the partners step (majority or contrast; see postprocess.partners)"""
     iou_threshold: float = 0.5
     """IoU needed to match a predicted and a true instance"""
     min_true_size: int = 200
@@ -188,6 +190,7 @@ def run_pipeline(cfg: EvalConfig) -> dict:
     times["predict_s"] = time.perf_counter() - t0
     scfg = SegmentConfig(predictions=pred_url, output=labels_url, work_dir=os.path.join(work, "segment"),
                          neurons=f"{vol}/neurons", threshold=cfg.threshold, min_size=cfg.min_size,
+                         partner_rule=cfg.partner_rule,
                          block_shape=tuple(cfg.block_shape))
     t0 = time.perf_counter()
     # each pass reads what the previous one wrote, so it is built only after that one ran
@@ -386,6 +389,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--block-shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=d.block_shape)
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--min-size", type=int, default=d.min_size)
+    p.add_argument("--partner-rule", choices=["majority", "contrast"], default=d.partner_rule)
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.torch_threads)
     p.add_argument("--training-info", help="JSON file whose content is added to the report as 'training'")
@@ -397,7 +401,7 @@ def main(argv: Optional[list] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = EvalConfig(checkpoint=args.checkpoint, volume=args.volume, work_dir=args.work_dir, out=args.out,
                      threshold=args.threshold, min_size=args.min_size, device=args.device,
-                     torch_threads=args.threads, block_shape=tuple(args.block_shape),
+                     torch_threads=args.threads, partner_rule=args.partner_rule, block_shape=tuple(args.block_shape),
                      stride=None if args.stride is None else tuple(args.stride))
     training = None
     if args.training_info:

@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Choose the segment step's threshold and minimum size on a *validation* volume.
+
+``python train/tune_segment.py --checkpoint models/weights/rsunet_polarity.pt --volume val.zarr``
+
+Predicts the volume once (blockwise, as the pipeline does), then runs the segment + partners
+passes for every (threshold, min_size) pair and scores instance F1 (IoU >= 0.5) and pre/post
+accuracy against the volume's ground truth (:func:`train.evaluate.true_partners`). Prints one
+row per pair and the best pair by F1 (ties: larger min_size); writes them as JSON with ``--out``.
+Use a validation volume, never the test volume the report is made on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == _HERE:
+    sys.path[0] = os.path.dirname(_HERE)
+
+import pandas as pd  # noqa: E402
+
+from blockwise.predict import PredictConfig, PredictTask  # noqa: E402
+from blockwise.runner import BackendConfig, run_task  # noqa: E402
+from postprocess.metrics import instance_f1  # noqa: E402
+from postprocess.segment import PartnersTask, SegmentConfig, segment_tasks  # noqa: E402
+from storage.volume import open_volume  # noqa: E402
+from train.evaluate import assignment_metrics, true_partners  # noqa: E402
+
+
+def sweep(checkpoint: str, volume: str, work: str, thresholds, min_sizes, stride=None,
+          block_shape=(32, 256, 256), partner_rule: str = "contrast", threads: int = 2) -> list[dict]:
+    """Score every (threshold, min_size) pair; returns one dict per pair."""
+    backend = BackendConfig(progress=False)
+    vol = volume.rstrip("/")
+    pred = os.path.join(work, "predictions.zarr", "pred")
+    run_task(PredictTask(PredictConfig(input=f"{vol}/raw", output=pred, checkpoint=checkpoint,
+                                       block_shape=tuple(block_shape), batch_size=2, torch_threads=threads,
+                                       stride=None if stride is None else tuple(stride))), backend)
+    raw = open_volume(f"{vol}/raw")
+    syn = open_volume(f"{vol}/synapses").read()
+    neu = open_volume(f"{vol}/neurons").read()
+    truth = true_partners(syn, open_volume(f"{vol}/polarity").read(), neu)
+    rows = []
+    for thr in thresholds:
+        for ms in min_sizes:
+            w = os.path.join(work, f"t{thr}_m{ms}")
+            sc = SegmentConfig(predictions=pred, output=os.path.join(w, "labels.zarr", "labels"),
+                               work_dir=os.path.join(w, "segment"), neurons=f"{vol}/neurons", threshold=thr,
+                               min_size=int(ms), partner_rule=partner_rule, block_shape=tuple(block_shape))
+            for task in segment_tasks(sc):
+                run_task(task, backend, overwrite=True)
+            run_task(PartnersTask(sc), backend, overwrite=True)
+            labels = open_volume(sc.output).read()
+            m = instance_f1(labels, syn, iou_threshold=0.5)
+            table = pd.read_parquet(os.path.join(sc.work_dir, "synapses.parquet"))
+            a = assignment_metrics(m.matches, table, truth, neu, tuple(raw.roi.begin),
+                                   tuple(int(v) for v in raw.voxel_size))
+            rows.append({"threshold": thr, "min_size": int(ms), "n_pred": int(len(table)), "tp": m.tp,
+                         "fp": m.fp, "fn": m.fn, "precision": m.precision, "recall": m.recall, "f1": m.f1,
+                         "prepost_accuracy": a["prepost_accuracy"]})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--volume", required=True, help="validation zarr with raw/neurons/synapses/polarity")
+    p.add_argument("--work-dir", default="runs/tune_segment")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.4, 0.5, 0.6])
+    p.add_argument("--min-sizes", type=int, nargs="+", default=[200, 1000, 2000, 4000])
+    p.add_argument("--stride", type=int, nargs=3)
+    p.add_argument("--partner-rule", default="contrast", choices=["majority", "contrast"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", help="JSON file for the table")
+    args = p.parse_args(argv)
+    rows = sweep(args.checkpoint, args.volume, args.work_dir, args.thresholds, args.min_sizes, args.stride,
+                 partner_rule=args.partner_rule, threads=args.threads)
+    df = pd.DataFrame(rows)
+    sys.stdout.write(df.round(3).to_string(index=False) + "\n")
+    best = df.sort_values(["f1", "min_size"], ascending=[False, False]).iloc[0]
+    sys.stdout.write(f"best on {args.volume}: threshold {best['threshold']}, min_size {int(best['min_size'])} "
+                     f"(F1 {best['f1']:.3f})\n")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"volume": args.volume, "checkpoint": args.checkpoint, "rows": rows,
+                       "best": {"threshold": float(best["threshold"]), "min_size": int(best["min_size"])}}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
