@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from postprocess.demo import DEMO_STRIDE, DEMO_THRESHOLD
 from postprocess.pipeline import STAGES, parse_config, pipeline_status, run_pipeline
 from storage.config_io import ConfigError
 from storage.synapse_db import open_store
@@ -24,22 +25,22 @@ from storage.synthetic import SyntheticConfig, generate_volume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(REPO, "models", "weights")
-BLOCK = [6, 64, 64]
+BLOCK = [8, 64, 64]
 
 
 @pytest.fixture(scope="module")
 def volume(tmp_path_factory):
     d = tmp_path_factory.mktemp("e2e")
-    cfg = SyntheticConfig(shape=(18, 192, 192), seed=11, chunk_shape=(6, 64, 64))
+    cfg = SyntheticConfig(shape=(24, 256, 256), seed=11, chunk_shape=(8, 64, 64))
     return generate_volume(cfg, str(d / "syn.zarr"))
 
 
 def _conf(volume, out, backend="local", workers=1, predictions=None) -> dict:
     conf = {"raw": volume.datasets["raw"], "neurons": volume.datasets["neurons"], "output_dir": str(out),
             "backend": {"backend": backend, "workers": workers, "progress": False},
-            "predict": {"checkpoint": os.path.join(WEIGHTS, "rsunet_polarity.pt"), "block_shape": [18, 192, 192],
-                        "batch_size": 2},
-            "segment": {"block_shape": BLOCK, "min_size": 100},
+            "predict": {"checkpoint": os.path.join(WEIGHTS, "rsunet_polarity.pt"), "block_shape": [24, 256, 256],
+                        "batch_size": 2, "stride": list(DEMO_STRIDE)},
+            "segment": {"block_shape": BLOCK, "min_size": 300, "threshold": DEMO_THRESHOLD, "partner_rule": "contrast"},
             "classify": {"checkpoint": os.path.join(WEIGHTS, "ei_vgg3d.pt"), "block_shape": BLOCK}}
     if predictions:
         conf["segment"]["predictions"] = predictions
@@ -177,8 +178,8 @@ def test_bad_configs_fail_before_any_work(volume, tmp_path):
     # a neuron segmentation on another voxel grid is refused by name
     from storage.volume import create_volume
 
-    seg = create_volume(str(tmp_path / "seg.zarr" / "neurons"), shape=(18, 96, 96), voxel_size=(40, 8, 8),
-                        dtype="uint64", chunk_shape=(6, 32, 32))
+    seg = create_volume(str(tmp_path / "seg.zarr" / "neurons"), shape=(24, 128, 128), voxel_size=(40, 8, 8),
+                        dtype="uint64", chunk_shape=(8, 32, 32))
     conf = _conf(volume, out)
     conf["neurons"] = seg.url
     with pytest.raises(Exception, match="voxel size"):
