@@ -62,6 +62,10 @@ class VolumeSpec:
     instances: synapse (or cleft) ids, with per-voxel side codes in 'sides' for polarity targets"""
     sides: Optional[str] = None
     """volume of per-voxel side codes (1 pre, 2 post, 3 both) for label_format instances"""
+    roi: Optional[tuple] = None
+    """[[z, y, x] begin nm, [z, y, x] shape nm]: sample only inside this region (e.g. a training
+    band of a volume whose other band is held out for validation); nothing outside it is read.
+    Default: everything raw and labels cover"""
 
 
 @dataclass
@@ -141,6 +145,24 @@ def _open(url: str, what: str, role: str) -> Volume:
         raise TrainError(f"{role}: cannot open {what} dataset {url}: {e}") from e
 
 
+def _region(value, voxel_size: Coordinate, name: str) -> Roi:
+    """``[[z, y, x] begin nm, [z, y, x] shape nm]`` as a voxel-aligned, non-empty Roi."""
+    try:
+        begin, shape = (tuple(int(v) for v in part) for part in value)
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"{name}: roi must be [[z, y, x] begin nm, [z, y, x] shape nm], "
+                         f"got {value!r}") from e
+    if len(begin) != 3 or len(shape) != 3 or min(shape) < 1:
+        raise TrainError(f"{name}: roi must be [[z, y, x] begin nm, [z, y, x] positive shape nm], "
+                         f"got {value!r}")
+    region = Roi(begin, shape)
+    if (region.begin % voxel_size != Coordinate(0, 0, 0)
+            or region.shape % voxel_size != Coordinate(0, 0, 0)):
+        raise TrainError(f"{name}: roi {value!r} is not aligned to the voxel size "
+                         f"{tuple(voxel_size)} nm")
+    return region
+
+
 def _read_padded(array: np.ndarray, begin: tuple, shape: tuple) -> np.ndarray:
     """``array[..., begin:begin+shape]`` over the last 3 axes, zeros where it reaches outside."""
     lead = array.shape[:-3]
@@ -209,6 +231,12 @@ class VolumeSource:
             roi = roi.intersect(vol.roi)
         if roi.empty:
             raise TrainError(f"{self.name}: raw {raw.roi} and labels {labels.roi} do not overlap")
+        if spec.roi is not None:
+            region = _region(spec.roi, raw.voxel_size, self.name)
+            if not roi.contains(region):
+                raise TrainError(f"{self.name}: roi {region} is not inside the region covered by "
+                                 f"raw and labels ({roi})")
+            roi = region
         self.roi: Roi = roi
         self.voxel_size = raw.voxel_size
         self.shape = tuple(int(s) for s in roi.shape / raw.voxel_size)
@@ -249,8 +277,16 @@ class VolumeSource:
             return _read_padded(self._arrays[key], tuple(begin), tuple(shape))
         vol = self._handles()[key]
         vs = self.voxel_size
-        roi = Roi(self.roi.begin + Coordinate(begin) * vs, Coordinate(shape) * vs)
-        return vol.read(roi, fill_outside=True)
+        want = Roi(self.roi.begin + Coordinate(begin) * vs, Coordinate(shape) * vs)
+        inside = want.intersect(self.roi)  # as with the cache: nothing outside the region
+        lead = () if vol.num_channels is None else (vol.num_channels,)
+        out = np.zeros(lead + tuple(shape), vol.dtype)
+        if inside.empty:
+            return out
+        lo = (inside.begin - want.begin) / vs
+        hi = lo + inside.shape / vs
+        out[(Ellipsis,) + tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))] = vol.read(inside)
+        return out
 
     def read_raw(self, begin: tuple, shape: tuple) -> np.ndarray:
         """float32 (z, y, x) raw in [0, 1]."""
