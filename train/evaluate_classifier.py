@@ -46,7 +46,8 @@ from models.checkpoint import load_model, resolve_device, save_checkpoint
 from models.errors import ModelError
 from postprocess.classify import predict_probs, probs_to_labels
 
-from .cubes import CubeDataConfig, CubeSet, build_cube_sets, crop_cubes, split_summary
+from .cubes import CubeSet, build_cube_sets, crop_cubes, split_summary
+from .report_io import jsonable
 from .errors import TrainError
 from .train_classifier import balanced_accuracy, load_classifier_config
 
@@ -360,27 +361,13 @@ def _markdown(report: dict, files: list[str]) -> str:
     return "\n".join(L) + "\n"
 
 
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items() if k != "_arrays"}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return o
-
-
 def write_report(report: dict, out_dir: str, prefix: str = "ei") -> dict:
     """Write ``<prefix>_eval.json``, ``<prefix>_eval.md`` and the PNGs; returns {kind: path}."""
     os.makedirs(out_dir, exist_ok=True)
     files = _plots(report, out_dir, prefix)
     js = os.path.join(out_dir, f"{prefix}_eval.json")
     with open(js, "w") as f:
-        json.dump(_jsonable(report), f, indent=1)
+        json.dump(jsonable(report), f, indent=1)
     md = os.path.join(out_dir, f"{prefix}_eval.md")
     with open(md, "w") as f:
         f.write(_markdown(report, files))
@@ -454,7 +441,7 @@ def main(argv: Optional[list] = None) -> int:
                        ("n", "accuracy", "balanced_accuracy", "roc_auc", "pr_auc")},
                        "test_neurons": report["test_neurons"], "tta": args.tta}
             report["exported"] = export_classifier(args.checkpoint, args.export, report["threshold"],
-                                                   _jsonable(summary))
+                                                   jsonable(summary))
         paths = write_report(report, args.out, args.prefix)
     except TrainError as e:
         log.error("%s", e)

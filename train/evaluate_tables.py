@@ -42,6 +42,7 @@ from postprocess.neuron_features import MICRONS_EXCLUDED, MICRONS_GROUPS, Featur
 from storage.errors import StorageError
 
 from .errors import TrainError
+from .report_io import jsonable
 
 __all__ = ["SEEDS_REFERENCE", "MANC_PROB_COLS", "microns_report", "manc_report", "write_report", "main"]
 
@@ -439,29 +440,13 @@ def _markdown(report: dict, png: str) -> str:
     return "\n".join(L) + "\n"
 
 
-def _jsonable(o):
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items() if k != "_arrays"}
-    if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.bool_):
-        return bool(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return o
-
-
 def write_report(report: dict, out_dir: str, prefix: str = "real_tables") -> dict:
     """Write ``<prefix>.json``, ``<prefix>.md`` and ``<prefix>.png``; returns {kind: path}."""
     os.makedirs(out_dir, exist_ok=True)
     png = _plot(report, os.path.join(out_dir, f"{prefix}.png"))
     js = os.path.join(out_dir, f"{prefix}.json")
     with open(js, "w") as f:
-        json.dump(_jsonable(report), f, indent=1)
+        json.dump(jsonable(report), f, indent=1)
     md = os.path.join(out_dir, f"{prefix}.md")
     with open(md, "w") as f:
         f.write(_markdown(report, png))
