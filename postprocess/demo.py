@@ -34,7 +34,7 @@ import pandas as pd
 import yaml
 
 from postprocess.errors import PostprocessError
-from postprocess.metrics import instance_f1
+from postprocess.metrics import assignment_metrics, instance_f1, true_partners
 from postprocess.pipeline import parse_config, run_pipeline
 
 __all__ = ["DemoConfig", "run_demo", "score_demo", "format_summary", "WEIGHTS_DIR"]
@@ -172,7 +172,6 @@ def score_demo(volume: str, output_dir: str, db_url: str, iou_threshold: float =
     """Detected synapses, E/I calls and neuron signs against the synthetic ground truth."""
     from storage.synapse_db import open_store
     from storage.volume import open_volume
-    from train.evaluate import assignment_metrics, true_partners
 
     raw = open_volume(os.path.join(volume, "raw"))
     roi = raw.roi

@@ -18,6 +18,9 @@ Arrays are (z, y, x) on one voxel grid; voxel sizes and distances are in nm.
   ``ignore_mask`` (CREMI's "invalid" label) count as background in both masks. cremi_python
   reports only these counts; here precision = 1 - FP / #predicted voxels, recall = 1 - FN /
   #true voxels and F1 their harmonic mean.
+* :func:`true_partners` and :func:`assignment_metrics`: the true pre/post neuron of each true
+  synapse (majority neuron under its true pre/post voxels) and the pre/post, partner and site
+  accuracy of matched predicted synapses (used by train/evaluate.py and the demo).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from scipy.sparse.csgraph import connected_components
 
 from postprocess.errors import PostprocessError
 
-__all__ = ["InstanceMatch", "instance_overlaps", "instance_f1", "cremi_cleft_metrics"]
+__all__ = ["InstanceMatch", "instance_overlaps", "instance_f1", "cremi_cleft_metrics", "true_partners",
+           "assignment_metrics"]
 
 
 @dataclass(frozen=True)
@@ -240,3 +244,75 @@ def cremi_cleft_metrics(
         "recall": recall,
         "f1": f1,
     }
+
+
+def true_partners(synapses: np.ndarray, polarity: np.ndarray, neurons: np.ndarray) -> pd.DataFrame:
+    """True pre/post neuron of every synapse instance.
+
+    Args:
+        synapses: (z, y, x) instance ids, 0 = background.
+        polarity: (3, z, y, x) 0/1 (pre, post, union).
+        neurons: (z, y, x) neuron ids.
+
+    Returns:
+        DataFrame ``id, size, pre_neuron, post_neuron`` (uint64 ids; neuron 0 when the side has
+        no voxels): the neuron holding most of the instance's pre (post) voxels.
+    """
+    if synapses.shape != neurons.shape or polarity.shape != (3,) + synapses.shape:
+        raise PostprocessError(f"true_partners: shapes synapses {synapses.shape}, polarity "
+                         f"{polarity.shape}, neurons {neurons.shape} do not agree")
+    ids, sizes = fastremap.unique(synapses, return_counts=True)
+    keep = ids != 0
+    out = pd.DataFrame({"id": ids[keep].astype(np.uint64), "size": sizes[keep].astype(np.int64)})
+    for ch, name in ((0, "pre_neuron"), (1, "post_neuron")):
+        sel = (synapses != 0) & (polarity[ch] != 0)
+        pairs = pd.DataFrame({"id": synapses[sel].astype(np.uint64), "neuron": neurons[sel].astype(np.uint64)})
+        counts = pairs.value_counts().reset_index(name="n")
+        best = counts.sort_values(["id", "n", "neuron"], ascending=[True, False, True]).drop_duplicates("id")
+        out[name] = out["id"].map(dict(zip(best["id"], best["neuron"]))).fillna(0).astype(np.uint64)
+    return out
+
+
+def _neuron_at(neurons: np.ndarray, table: pd.DataFrame, side: str, offset, voxel_size) -> np.ndarray:
+    """Neuron id under each row's ``{side}_z/y/x`` site (nm); 0 for a missing (NaN) site."""
+    pos = table[[f"{side}_{a}" for a in "zyx"]].to_numpy(np.float64)
+    ok = np.isfinite(pos).all(axis=1)
+    idx = np.zeros(pos.shape, np.int64)
+    idx[ok] = np.floor((pos[ok] - np.asarray(offset)) / np.asarray(voxel_size)).astype(np.int64)
+    idx = np.clip(idx, 0, np.asarray(neurons.shape) - 1)
+    out = neurons[idx[:, 0], idx[:, 1], idx[:, 2]].astype(np.uint64)
+    out[~ok] = 0
+    return out
+
+
+def assignment_metrics(matches: pd.DataFrame, predicted: pd.DataFrame, truth: pd.DataFrame,
+                       neurons: np.ndarray, offset, voxel_size) -> dict:
+    """Pre/post and partner accuracy over matched synapses (see module docstring).
+
+    Args:
+        matches: (pred_id, true_id) pairs from :func:`instance_f1`.
+        predicted: the pipeline's ``synapses.parquet`` rows (id, pre/post sites nm, neurons).
+        truth: :func:`true_partners` of the true labels.
+        neurons: (z, y, x) true neuron ids of the evaluated region; ``offset`` (nm) its origin.
+        voxel_size: (z, y, x) nm.
+    """
+    n = len(matches)
+    if n == 0:
+        return {"matched": 0, "site_accuracy": float("nan"), "prepost_accuracy": float("nan"),
+                "partner_accuracy": float("nan"), "flipped": float("nan"), "pre_site_in_pre": float("nan"),
+                "post_site_in_post": float("nan")}
+    p = predicted.set_index(predicted["id"].astype(np.int64)).loc[matches["pred_id"].astype(np.int64)]
+    t = truth.set_index(truth["id"].astype(np.int64)).loc[matches["true_id"].astype(np.int64)]
+    pre_site = _neuron_at(neurons, p, "pre", offset, voxel_size)
+    post_site = _neuron_at(neurons, p, "post", offset, voxel_size)
+    tpre, tpost = t["pre_neuron"].to_numpy(np.uint64), t["post_neuron"].to_numpy(np.uint64)
+    ppre, ppost = p["pre_neuron"].to_numpy().astype(np.uint64), p["post_neuron"].to_numpy().astype(np.uint64)
+    site_pre, site_post = pre_site == tpre, post_site == tpost
+    exact = (ppre == tpre) & (ppost == tpost)
+    swapped = (ppre == tpost) & (ppost == tpre) & (tpre != tpost)
+    return {"matched": n,
+            "pre_site_in_pre": float(site_pre.mean()), "post_site_in_post": float(site_post.mean()),
+            "site_accuracy": float((site_pre & site_post).mean()),
+            "prepost_accuracy": float(exact.mean()),
+            "partner_accuracy": float((exact | swapped).mean()),
+            "flipped": float(swapped.mean())}

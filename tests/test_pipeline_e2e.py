@@ -198,3 +198,23 @@ def test_figures_of_a_run(full_run, tmp_path):
     for path in written.values():
         img = iio.imread(path)
         assert img.ndim == 3 and img.shape[0] > 200 and img.std() > 10  # a drawn picture, not blank
+
+
+def test_demo_command(tmp_path):
+    """`predict_volume.py --demo` (small volume): every stage, scored summary, figures; a re-run
+    resumes and reports the same scores."""
+    cmd = [sys.executable, os.path.join(REPO, "launch", "predict_volume.py"), "--demo", "--demo-dir",
+           str(tmp_path / "demo"), "--demo-shape", "24", "256", "256", "--demo-seed", "3", "--no-progress"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "synapses:" in first.stdout and "E/I: accuracy" in first.stdout
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert summary["synapses_true"] >= 1 and summary["synapses_found"] >= 1
+    assert 0.0 <= summary["precision"] <= 1.0 and summary["tp"] + summary["fn"] == summary["synapses_true"]
+    assert set(summary["figures"]) == {"montage", "adjacency"}
+    parse_config(yaml.safe_load((tmp_path / "demo" / "pipeline.yaml").read_text()))  # a real, valid config
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    redo = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    assert (redo["f1"], redo["synapses_found"]) == (summary["f1"], summary["synapses_found"])
+    assert redo["seconds"]["stages"]["predict"] < summary["seconds"]["stages"]["predict"]

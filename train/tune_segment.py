@@ -25,10 +25,9 @@ import pandas as pd  # noqa: E402
 
 from blockwise.predict import PredictConfig, PredictTask  # noqa: E402
 from blockwise.runner import BackendConfig, run_task  # noqa: E402
-from postprocess.metrics import instance_f1  # noqa: E402
+from postprocess.metrics import assignment_metrics, instance_f1, true_partners  # noqa: E402
 from postprocess.segment import PartnersTask, SegmentConfig, segment_tasks  # noqa: E402
 from storage.volume import open_volume  # noqa: E402
-from train.evaluate import assignment_metrics, true_partners  # noqa: E402
 
 
 def sweep(checkpoint: str, volume: str, work: str, thresholds, min_sizes, stride=None,
