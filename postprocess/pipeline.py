@@ -184,7 +184,7 @@ def preflight(cfg: PipelineConfig, stages: tuple = STAGES) -> None:
     from models.checkpoint import read_checkpoint_meta
     from models.errors import ModelError
     from storage.errors import StorageError
-    from storage.volume import open_volume
+    from storage.volume import check_same_voxel_size, open_volume
 
     def fail(msg: str, e: Exception) -> None:
         raise ConfigError(f"{msg}: {e}") from e
@@ -216,9 +216,10 @@ def preflight(cfg: PipelineConfig, stages: tuple = STAGES) -> None:
             seg = open_volume(neurons)
         except StorageError as e:
             fail(f"neuron segmentation {neurons!r} cannot be opened", e)
-        if tuple(int(v) for v in seg.voxel_size) != vs:
-            raise ConfigError(f"voxel size mismatch: neuron segmentation {neurons} has "
-                              f"{tuple(seg.voxel_size)} nm, raw volume {cfg.raw} has {vs} nm")
+        try:
+            check_same_voxel_size([raw, seg])
+        except StorageError as e:
+            fail("neuron segmentation and raw volume", e)
     if any(s in stages for s in ("partners", "classify", "connectome")) and not cfg.db_url.startswith("sqlite"):
         from storage.synapse_db import open_store
 
