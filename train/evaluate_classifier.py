@@ -47,7 +47,7 @@ from models.errors import ModelError
 from postprocess.classify import predict_probs, probs_to_labels
 
 from .cubes import CubeSet, build_cube_sets, crop_cubes, split_summary
-from .report_io import jsonable
+from .report_io import jsonable, write_json_and_markdown
 from .errors import TrainError
 from .train_classifier import balanced_accuracy, load_classifier_config
 
@@ -366,11 +366,8 @@ def write_report(report: dict, out_dir: str, prefix: str = "ei") -> dict:
     os.makedirs(out_dir, exist_ok=True)
     files = _plots(report, out_dir, prefix)
     js = os.path.join(out_dir, f"{prefix}_eval.json")
-    with open(js, "w") as f:
-        json.dump(jsonable(report), f, indent=1)
     md = os.path.join(out_dir, f"{prefix}_eval.md")
-    with open(md, "w") as f:
-        f.write(_markdown(report, files))
+    write_json_and_markdown(report, js, md, _markdown(report, files))
     return {"json": js, "markdown": md, "figures": files}
 
 

@@ -42,7 +42,7 @@ from postprocess.neuron_features import MICRONS_EXCLUDED, MICRONS_GROUPS, Featur
 from storage.errors import StorageError
 
 from .errors import TrainError
-from .report_io import jsonable
+from .report_io import write_json_and_markdown
 
 __all__ = ["SEEDS_REFERENCE", "MANC_PROB_COLS", "microns_report", "manc_report", "write_report", "main"]
 
@@ -445,11 +445,8 @@ def write_report(report: dict, out_dir: str, prefix: str = "real_tables") -> dic
     os.makedirs(out_dir, exist_ok=True)
     png = _plot(report, os.path.join(out_dir, f"{prefix}.png"))
     js = os.path.join(out_dir, f"{prefix}.json")
-    with open(js, "w") as f:
-        json.dump(jsonable(report), f, indent=1)
     md = os.path.join(out_dir, f"{prefix}.md")
-    with open(md, "w") as f:
-        f.write(_markdown(report, png))
+    write_json_and_markdown(report, js, md, _markdown(report, png))
     return {"json": js, "markdown": md, "figure": png}
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
-__all__ = ["jsonable"]
+__all__ = ["jsonable", "write_json_and_markdown"]
 
 
 def jsonable(o):
@@ -22,3 +24,11 @@ def jsonable(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     return o
+
+
+def write_json_and_markdown(report: dict, json_path: str, md_path: str, markdown: str) -> None:
+    """Write ``report`` (made JSON-safe) to ``json_path`` and ``markdown`` to ``md_path``."""
+    with open(json_path, "w") as f:
+        json.dump(jsonable(report), f, indent=1)
+    with open(md_path, "w") as f:
+        f.write(markdown)
