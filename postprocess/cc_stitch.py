@@ -5,12 +5,13 @@ volume, computed block by block, with ids renumbered deterministically. All arra
 (z, y, x); coordinates are integer voxel indices in the *global* grid (voxel 0 = the first
 voxel of the processed volume); the caller converts to nm (``offset + index * voxel_size``).
 
-Three steps (the blockwise engine runs 1 and 2 over blocks in any order, on any worker):
+Three steps (the blockwise engine runs 1, 1b and 2 over blocks in any order, on any worker):
 
-1. :func:`label_block` per block, on the block's write region only (no context): cc3d labels
-   the mask, the local labels get block-unique *provisional* ids and one statistics record per
-   label is returned. The engine writes the provisional labels to a label volume (uint64)
-   and stores the records.
+1. :func:`label_block_local` per block, on the block's write region only (no context): cc3d
+   labels the mask; local label ``l`` stands for the block-unique *provisional* id
+   ``id_offset + l``, and one statistics record per label is returned. The engine stores the
+   records and only the block's six boundary slices (:func:`block_faces`, sparse): the
+   provisional label volume itself is never written.
 
    Provisional id scheme: ``provisional = id_offset + local_label`` with
    ``id_offset = block_index * id_stride`` (:func:`block_id_offset`), where ``block_index``
@@ -18,22 +19,26 @@ Three steps (the blockwise engine runs 1 and 2 over blocks in any order, on any 
    defaults to the number of voxels of a full block (an upper bound on the labels a block
    can hold). Ids therefore never collide and need no coordination between workers.
 
-2. :func:`halo_equivalences` per block, after *all* blocks finished step 1: read the block's
+1b. :func:`face_equivalences` per block, after *all* blocks finished step 1: the block's
    provisional labels grown by one voxel on the high z/y/x sides (voxels outside the volume
-   read as 0) and return the pairs of provisional ids that touch across the block boundary
-   under the connectivity. Every pair of adjacent voxels ``p, q`` lies in the 2x2x2 cube whose
+   are 0) are needed only on three thin slabs, which are assembled from the stored faces of the
+   block and its 7 high-side neighbours; it returns the pairs of provisional ids that touch
+   across the block boundary under the connectivity (:func:`halo_equivalences` does the same
+   from a dense halo array). Every pair of adjacent voxels ``p, q`` lies in the 2x2x2 cube whose
    low corner is ``r = min(p, q)`` (component-wise); the block whose write region contains
    ``r`` reports the pair, and its +1 halo contains the whole cube. So face, edge and corner
    contacts (also diagonal ones such as (z, y, x) -> (z+1, y-1, x+1), whose endpoints are in
    blocks that are not face neighbours) are all found exactly once, with no per-voxel loop.
-   ``side="low"`` does the same with a -1 halo on the low sides (mirror image), so an engine
-   that orders blocks after their low neighbours can fuse steps 1 and 2.
+   ``side="low"`` (dense form) does the same with a -1 halo on the low sides (mirror image).
 
-3. :func:`resolve` once, on all pairs and records: union-find (scipy csgraph connected
+2. :func:`resolve` once, on all pairs and records: union-find (scipy csgraph connected
    components), merged statistics, size / peak-probability filters applied *after* merging,
    and final ids ``1..N`` ordered by each component's first voxel in global z-y-x raster order.
    That is the order in which cc3d numbers labels, so with no filter the result equals global
-   cc3d labels exactly. Then :func:`relabel_block` per block writes the final uint64 labels.
+   cc3d labels exactly. Then per block the local labels are recomputed (cc3d is
+   deterministic; recomputing from the uint8 input is cheaper than writing and re-reading a
+   uint64 provisional volume) and mapped through :func:`local_lut` to the final uint64 labels
+   (:func:`relabel_block` does the same for uint64 provisional labels).
 
 :func:`blockwise_cc_reference` runs all of it serially over an in-memory array; it is the
 specification the blockwise engine must match.
@@ -41,6 +46,7 @@ specification the blockwise engine must match.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
@@ -59,8 +65,16 @@ __all__ = [
     "INSTANCE_COLUMNS",
     "CCResolution",
     "block_id_offset",
+    "union_mask",
     "label_block",
+    "label_block_local",
+    "label_components",
+    "FACE_NAMES",
+    "block_faces",
+    "faces_region",
+    "face_equivalences",
     "halo_equivalences",
+    "local_lut",
     "resolve",
     "relabel_block",
     "blockwise_cc_reference",
@@ -145,12 +159,14 @@ def block_id_offset(
 
 
 def _per_label_stats(
-    local: np.ndarray, n_labels: int, begin: np.ndarray, probs: np.ndarray | None
+    local: np.ndarray, n_labels: int, begin: np.ndarray, probs: np.ndarray | None,
+    mask: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Count, first voxel, bbox, coordinate sums (and prob sum/max) for labels 1..n_labels."""
+    """Count, first voxel, bbox, coordinate sums (and prob sum/max) for labels 1..n_labels;
+    ``mask`` (bool, the labelled foreground) only makes finding the foreground cheaper."""
     n = n_labels + 1
     flat = local.reshape(-1)
-    fg = np.flatnonzero(flat)
+    fg = np.flatnonzero(mask) if mask is not None and mask.dtype == bool else np.flatnonzero(flat)
     lab = flat[fg].astype(np.intp, copy=False)
     coords = np.unravel_index(fg, local.shape)
     out: dict[str, np.ndarray] = {}
@@ -179,7 +195,30 @@ def _per_label_stats(
     return out
 
 
-def label_block(
+def union_mask(union: np.ndarray, threshold: float) -> np.ndarray:
+    """Foreground ``union > threshold`` on the probability scale 0..1 (bool, same shape).
+
+    A uint8 map is on the 0..255 scale (p = value / 255); it is compared with the integer
+    ``floor(threshold * 255)``, which selects exactly the voxels with ``value > threshold * 255``
+    without converting the block to floats.
+    """
+    union = np.asarray(union)
+    if union.dtype == np.uint8:
+        cut = np.floor(float(threshold) * 255.0)
+        if cut >= 255:
+            return np.zeros(union.shape, dtype=bool)
+        return union > (np.uint8(cut) if cut >= 0 else -1)
+    return union > float(threshold)
+
+
+def label_components(mask: np.ndarray, connectivity: int) -> tuple[np.ndarray, int]:
+    """cc3d labels 1..n in order of first occurrence in C order (the one call both passes use)."""
+    mask = np.ascontiguousarray(mask != 0 if mask.dtype != bool else mask)
+    local, n_labels = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
+    return local, int(n_labels)
+
+
+def label_block_local(
     mask_block: np.ndarray,
     block_begin: Sequence[int],
     connectivity: int = 26,
@@ -187,7 +226,7 @@ def label_block(
     probs_block: np.ndarray | None = None,
     id_stride: int | None = None,
 ) -> tuple[np.ndarray, pd.DataFrame]:
-    """Pass 1: label one block's write region and describe each label.
+    """Pass 1: label one block's write region and describe each label (local labels).
 
     Args:
         mask_block: (z, y, x) foreground of the block's write region (bool or any numeric
@@ -201,9 +240,10 @@ def label_block(
         id_stride: if given, the number of ids reserved for this block; more labels raise.
 
     Returns:
-        ``(labels, records)``: labels is uint64 (z, y, x), 0 = background, else
-        ``id_offset + local``; records is a DataFrame with :data:`RECORD_COLUMNS` (+
-        ``prob_sum``, ``prob_max``) and one row per label, sorted by id.
+        ``(local, records)``: local is the cc3d labelling (unsigned ints, 0 = background,
+        labels 1..n in order of first voxel); the provisional id of local label ``l`` is
+        ``id_offset + l``. records is a DataFrame with :data:`RECORD_COLUMNS` (+
+        ``prob_sum``, ``prob_max``) and one row per label, sorted by (provisional) id.
     """
     _check_3d(mask_block, "mask_block")
     connectivity = _check_connectivity(connectivity)
@@ -218,9 +258,7 @@ def label_block(
     if id_offset < 0:
         raise PostprocessError(f"id_offset must be >= 0, got {id_offset} (block at {tuple(begin)})")
     mask = np.ascontiguousarray(mask_block != 0 if mask_block.dtype != bool else mask_block)
-    # cc3d numbers labels 1..n in order of first occurrence in memory (C) order.
-    local, n_labels = cc3d.connected_components(mask, connectivity=connectivity, return_N=True)
-    n_labels = int(n_labels)
+    local, n_labels = label_components(mask, connectivity)
     if id_stride is not None and n_labels > id_stride:
         raise PostprocessError(
             f"block at {tuple(begin)} has {n_labels} components, more than its id_stride "
@@ -228,14 +266,124 @@ def label_block(
         )
     if id_offset + n_labels >= 2**63:
         raise PostprocessError(f"id_offset {id_offset} + {n_labels} labels overflow int64 ids")
-    stats = _per_label_stats(local, n_labels, begin, probs_block)
-    labels = local.astype(np.uint64)
-    if id_offset:
-        labels[labels != 0] += np.uint64(id_offset)
+    stats = _per_label_stats(local, n_labels, begin, probs_block, mask)
     records = pd.DataFrame(
         {"id": np.arange(1, n_labels + 1, dtype=np.uint64) + np.uint64(id_offset), **stats}
     )
-    return labels, records
+    return local, records
+
+
+def label_block(
+    mask_block: np.ndarray,
+    block_begin: Sequence[int],
+    connectivity: int = 26,
+    id_offset: int = 0,
+    probs_block: np.ndarray | None = None,
+    id_stride: int | None = None,
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """:func:`label_block_local` with the labels returned as uint64 provisional ids.
+
+    Returns:
+        ``(labels, records)``: labels is uint64 (z, y, x), 0 = background, else
+        ``id_offset + local``; records as in :func:`label_block_local`.
+    """
+    local, records = label_block_local(mask_block, block_begin, connectivity, id_offset,
+                                       probs_block, id_stride)
+    lut = np.zeros(len(records) + 1, dtype=np.uint64)
+    lut[1:] = records["id"].to_numpy(dtype=np.uint64)
+    return np.take(lut, local), records
+
+
+#: Names of a block's six boundary slices: the first ("lo") and last ("hi") slice along z, y, x.
+FACE_NAMES = ("z_lo", "z_hi", "y_lo", "y_hi", "x_lo", "x_hi")
+
+
+def block_faces(local: np.ndarray, id_offset: int = 0) -> dict[str, np.ndarray]:
+    """The six boundary slices of a block's labels, stored sparsely in four flat arrays.
+
+    Args:
+        local: (z, y, x) labels of the block's write region (0 = background).
+        id_offset: added to non-zero labels (gives provisional ids for local labels).
+
+    Returns:
+        ``shape``: (3,) int64 block shape; ``counts``: (6,) int64 non-zero voxels per face in
+        :data:`FACE_NAMES` order; ``idx``: int64 flat C-order indices into each 2-D slice
+        (e.g. (y, x) for a z face) of its non-zero voxels, faces concatenated; ``ids``: uint64
+        provisional ids there. A few percent of the block's size even when every face voxel is
+        foreground; few arrays, so saving and loading them is cheap.
+    """
+    _check_3d(local, "local")
+    idx_parts, id_parts = [], []
+    for axis in range(3):
+        for k in (0, local.shape[axis] - 1):
+            flat = np.take(local, k, axis=axis).reshape(-1)
+            idx = np.flatnonzero(flat)
+            idx_parts.append(idx.astype(np.int64, copy=False))
+            id_parts.append(flat[idx].astype(np.uint64) + np.uint64(id_offset))
+    return {"shape": np.asarray(local.shape, dtype=np.int64),
+            "counts": np.array([len(i) for i in idx_parts], dtype=np.int64),
+            "idx": np.concatenate(idx_parts), "ids": np.concatenate(id_parts)}
+
+
+def _face(faces: Mapping[str, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(flat indices, ids) of one face of :func:`block_faces`."""
+    k = FACE_NAMES.index(name)
+    ends = np.cumsum(faces["counts"])
+    start = int(ends[k - 1]) if k else 0
+    return faces["idx"][start:int(ends[k])], faces["ids"][start:int(ends[k])]
+
+
+def faces_region(
+    region_begin: Sequence[int],
+    region_shape: Sequence[int],
+    blocks: Iterable[tuple[Sequence[int], Mapping[str, np.ndarray]]],
+) -> np.ndarray:
+    """Dense labels of a thin region on block boundaries, assembled from :func:`block_faces`.
+
+    Args:
+        region_begin: (z, y, x) global voxel index of the region's first voxel.
+        region_shape: (z, y, x) shape of the region.
+        blocks: ``(block_begin, faces)`` of every block that may intersect the region; each
+            block's part of the region must lie in one of its boundary slices.
+
+    Returns:
+        uint64 (z, y, x) labels of the region; voxels in none of the blocks (outside the
+        volume) are 0.
+    """
+    rb = np.asarray(region_begin, dtype=np.int64)
+    re = rb + np.asarray(region_shape, dtype=np.int64)
+    out = np.zeros(tuple(int(s) for s in region_shape), dtype=np.uint64)
+    for begin, faces in blocks:
+        begin = np.asarray(begin, dtype=np.int64)
+        shape = np.asarray(faces["shape"], dtype=np.int64)
+        lo, hi = np.maximum(rb, begin), np.minimum(re, begin + shape)
+        if np.any(hi <= lo):
+            continue
+        for axis in range(3):
+            if hi[axis] - lo[axis] != 1:
+                continue
+            if lo[axis] == begin[axis]:
+                name = f"{'zyx'[axis]}_lo"
+                break
+            if lo[axis] == begin[axis] + shape[axis] - 1:
+                name = f"{'zyx'[axis]}_hi"
+                break
+        else:
+            raise PostprocessError(
+                f"region {tuple(lo)}..{tuple(hi)} of the block at {tuple(begin)} (shape "
+                f"{tuple(shape)}) is not on one of its faces"
+            )
+        other = [a for a in range(3) if a != axis]
+        fshape = (int(shape[other[0]]), int(shape[other[1]]))
+        dense = np.zeros(fshape[0] * fshape[1], dtype=np.uint64)
+        idx, ids = _face(faces, name)
+        dense[idx] = ids
+        dense = dense.reshape(fshape)
+        part = dense[lo[other[0]] - begin[other[0]]:hi[other[0]] - begin[other[0]],
+                     lo[other[1]] - begin[other[1]]:hi[other[1]] - begin[other[1]]]
+        target = tuple(slice(int(lo[a] - rb[a]), int(hi[a] - rb[a])) for a in range(3))
+        out[target] = np.expand_dims(part, axis)
+    return out
 
 
 def _neighbour_offsets(connectivity: int) -> np.ndarray:
@@ -300,20 +448,96 @@ def halo_equivalences(
     elif side != "high":
         raise PostprocessError(f"side must be 'high' or 'low', got {side!r}")
     arr = labels_with_halo
+    z, y, x = core
+    return _slab_pairs(arr[z - 1:z + 1, :, :], arr[:z, y - 1:y + 1, :], arr[:z, :y, x - 1:x + 1],
+                       core, connectivity)
+
+
+def _slab_regions(core_shape: Sequence[int]) -> list[tuple[tuple, tuple]]:
+    """(begin, shape) relative to the block begin of the three high-side slabs of the halo."""
+    z, y, x = (int(c) for c in core_shape)
+    return [((z - 1, 0, 0), (2, y + 1, x + 1)), ((0, y - 1, 0), (z, 2, x + 1)),
+            ((0, 0, x - 1), (z, y, 2))]
+
+
+def _slab_pairs(slab_z: np.ndarray, slab_y: np.ndarray, slab_x: np.ndarray,
+                core: Sequence[int], connectivity: int) -> np.ndarray:
+    """Unique sorted (a < b) pairs from the three high-side slabs of a block's +1 halo."""
     offsets = _neighbour_offsets(connectivity)
     z, y, x = core
     pairs: list[np.ndarray] = []
     # Low corners r on the block's high faces: z slab, then y slab (z < Z-1), then x slab
     # (z < Z-1, y < Y-1). Cubes with r deeper inside touch only write-region voxels, whose
     # adjacent non-zero voxels already share one label.
-    pairs += _cube_pairs(arr[z - 1:z + 1, :, :], (1, y, x), offsets)
-    pairs += _cube_pairs(arr[:z, y - 1:y + 1, :], (z - 1, 1, x), offsets)
-    pairs += _cube_pairs(arr[:z, :y, x - 1:x + 1], (z - 1, y - 1, 1), offsets)
+    pairs += _cube_pairs(slab_z, (1, y, x), offsets)
+    pairs += _cube_pairs(slab_y, (z - 1, 1, x), offsets)
+    pairs += _cube_pairs(slab_x, (z - 1, y - 1, 1), offsets)
     if not pairs:
         return np.zeros((0, 2), dtype=np.uint64)
     allp = np.concatenate(pairs).astype(np.uint64, copy=False)
     allp.sort(axis=1)
-    return np.unique(allp, axis=0)
+    allp = allp[np.lexsort((allp[:, 1], allp[:, 0]))]
+    keep = np.ones(len(allp), dtype=bool)
+    keep[1:] = np.any(allp[1:] != allp[:-1], axis=1)
+    return allp[keep]
+
+
+def face_equivalences(
+    block_begin: Sequence[int],
+    core_shape: Sequence[int],
+    blocks: Iterable[tuple[Sequence[int], Mapping[str, np.ndarray]]],
+    connectivity: int = 26,
+) -> np.ndarray:
+    """Pass 1b from stored faces: :func:`halo_equivalences` of one block without its labels.
+
+    Args:
+        block_begin: (z, y, x) global voxel index of the block's first voxel.
+        core_shape: (z, y, x) shape of its write region.
+        blocks: ``(begin, faces)`` (:func:`block_faces`) of the block and of those of its 7
+            high-side neighbours (+z, +y, +x, and the edge/corner ones) that exist; missing
+            neighbours (outside the volume) read as background.
+        connectivity: 6, 18 or 26.
+
+    Returns:
+        the same (k, 2) uint64 pairs as :func:`halo_equivalences` on the block's +1 halo.
+    """
+    connectivity = _check_connectivity(connectivity)
+    begin = np.asarray(block_begin, dtype=np.int64)
+    core = tuple(int(c) for c in core_shape)
+    blocks = list(blocks)
+    slabs = [faces_region(begin + np.asarray(off), shape, blocks) for off, shape in _slab_regions(core)]
+    return _slab_pairs(*slabs, core, connectivity)
+
+
+def local_lut(provisional_ids: np.ndarray, final_ids: np.ndarray, id_offset: int,
+              n_labels: int) -> np.ndarray:
+    """Lookup table local label → final id for one block (pass 2 on recomputed local labels).
+
+    Args:
+        provisional_ids: (n,) sorted provisional ids of all blocks (:class:`CCResolution`).
+        final_ids: (n,) aligned final ids (0 = filtered out).
+        id_offset: the block's provisional-id offset.
+        n_labels: number of local labels the block has now.
+
+    Returns:
+        uint64 (n_labels + 1,) with ``lut[0] = 0``; apply as ``np.take(lut, local)``. Raises
+        :class:`PostprocessError` when the resolution holds another number of labels for this
+        block (its input changed after pass 1).
+    """
+    prov = np.asarray(provisional_ids, dtype=np.uint64)
+    lo, hi = (int(i) for i in np.searchsorted(
+        prov, np.array([id_offset + 1, id_offset + n_labels + 1], dtype=np.uint64)))
+    # a block's provisional ids are contiguous: more labels in the resolution show as id n + 1
+    extra = hi < prov.size and int(prov[hi]) == id_offset + n_labels + 1
+    if hi - lo != n_labels or extra:
+        raise PostprocessError(
+            f"the block with id offset {id_offset} has {n_labels} components now but "
+            f"{hi - lo}{'+' if extra else ''} in the resolution: its input changed after the "
+            f"labelling pass (re-run the segment stage with overwrite)"
+        )
+    lut = np.zeros(n_labels + 1, dtype=np.uint64)
+    lut[1:] = np.asarray(final_ids, dtype=np.uint64)[lo:hi]
+    return lut
 
 
 @dataclass(frozen=True)
@@ -539,7 +763,6 @@ def blockwise_cc_reference(
     if len(bshape) != 3 or min(bshape) <= 0:
         raise PostprocessError(f"block_shape must be 3 positive ints, got {block_shape!r}")
     shape = mask.shape
-    provisional = np.zeros(shape, dtype=np.uint64)
     corners = [
         (z, y, x)
         for z in range(0, shape[0], bshape[0])
@@ -550,27 +773,28 @@ def blockwise_cc_reference(
     def region(begin):
         return tuple(slice(b, min(b + s, n)) for b, s, n in zip(begin, bshape, shape))
 
-    records = []
+    records, faces = [], {}
     for begin in corners:
         sl = region(begin)
-        labels, rec = label_block(
-            mask[sl], begin, connectivity,
-            id_offset=block_id_offset(begin, bshape, shape),
-            probs_block=None if probs is None else probs[sl],
-        )
-        provisional[sl] = labels
+        offset = block_id_offset(begin, bshape, shape)
+        local, rec = label_block_local(mask[sl], begin, connectivity, id_offset=offset,
+                                       probs_block=None if probs is None else probs[sl])
+        faces[begin] = block_faces(local, offset)
         records.append(rec)
-    padded = np.pad(provisional, ((0, 1), (0, 1), (0, 1)))
     pairs = []
     for begin in corners:
-        sl = region(begin)
-        core = tuple(s.stop - s.start for s in sl)
-        halo = padded[tuple(slice(s.start, s.stop + 1) for s in sl)]
-        pairs.append(halo_equivalences(halo, core, connectivity))
+        core = tuple(s.stop - s.start for s in region(begin))
+        near = [tuple(b + d * s for b, d, s in zip(begin, step, bshape))
+                for step in itertools.product((0, 1), repeat=3)]
+        pairs.append(face_equivalences(begin, core, [(c, faces[c]) for c in near if c in faces],
+                                       connectivity))
     resolution = resolve(pairs, records, min_size=min_size, max_size=max_size,
                          min_peak_prob=min_peak_prob)
     out = np.zeros(shape, dtype=np.uint64)
-    for begin in corners:
+    for begin in corners:  # pass 2 recomputes the local labels, as the engine does
         sl = region(begin)
-        out[sl] = relabel_block(provisional[sl], resolution)
+        local, n = label_components(mask[sl], connectivity)
+        lut = local_lut(resolution.provisional_ids, resolution.final_ids,
+                        block_id_offset(begin, bshape, shape), n)
+        out[sl] = np.take(lut, local)
     return out, resolution

@@ -6,14 +6,17 @@ Stages, each a :class:`~blockwise.task.BlockTask` (resumable, any backend):
 global ``cc3d`` labelling (up to the deterministic renumbering of
 :mod:`postprocess.cc_stitch`):
 
-1. ``segment_label``: per block, cc3d on the write ROI, provisional block-unique ids written
-   to ``<work>/labels.zarr/provisional`` and per-label statistics to ``records/<block>.parquet``;
-2. ``segment_stitch``: per block, the provisional labels plus a one-voxel halo on the high
-   sides → the id pairs that touch across block faces, edges and corners (``pairs/<block>.npy``);
+1. ``segment_label``: per block, cc3d on the write ROI (local labels stand for block-unique
+   provisional ids), per-label statistics to ``records/<block>.parquet`` and the block's six
+   boundary slices to ``faces/<z>_<y>_<x>.npz`` (sparse); no label volume is written;
+2. ``segment_stitch``: per block, its faces and those of its high-side neighbours give the
+   one-voxel halo on the high sides → the id pairs that touch across block faces, edges and
+   corners (``pairs/<block>.npy``);
 3. resolve (driver): union-find over all pairs, statistics merged, size filter applied to
    whole instances, final ids 1..N ordered by each instance's first voxel in z-y-x raster
    order (``mapping.npz``, ``instances.parquet``);
-4. ``segment_relabel``: per block, final uint64 ids written to the output label volume.
+4. ``segment_relabel``: per block, the local labels are recomputed (cc3d is deterministic)
+   and their final uint64 ids written to the output label volume.
 
 ``partners`` — per block (with context for the optional side dilation): pre/post side of each
 voxel (PyTorch Connectomics polarity rules, :mod:`postprocess.polarity`), partial polarity
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import itertools
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -42,7 +46,8 @@ from blockwise.grid import Block, plan_blocks
 from blockwise.task import BlockTask
 from storage.volume import create_volume, open_volume
 
-from .cc_stitch import block_id_offset, halo_equivalences, label_block, relabel_block, resolve
+from .cc_stitch import (block_faces, block_id_offset, face_equivalences, label_block_local,
+                        label_components, local_lut, resolve, union_mask)
 from .errors import PostprocessError
 from .partners import dilation_radius_voxels, merge_partner_votes, partner_votes_block
 from .polarity import assign_sides, merge_polarity_stats, polarity_stats_block
@@ -133,7 +138,6 @@ class _SegmentStep(BlockTask):
         self._blocks = plan_blocks(self.roi, self.block * self.voxel_size, (0, 0, 0),
                                    self.block * self.voxel_size, self.voxel_size)
         self.work = os.path.abspath(cfg.work_dir)
-        self.provisional_url = os.path.join(self.work, "labels.zarr", "provisional")
 
     def blocks(self) -> list[Block]:
         return self._blocks
@@ -150,59 +154,78 @@ class _SegmentStep(BlockTask):
     def id_offset(self, block: Block) -> int:
         return block_id_offset(self.begin_vox(block.write_roi), tuple(self.block), self.volume_shape)
 
+    def face_path(self, begin_vox: tuple) -> str:
+        """Boundary faces of the block starting at global voxel ``begin_vox`` (z, y, x)."""
+        return os.path.join(self.work, "faces", "_".join(str(int(b)) for b in begin_vox) + ".npz")
+
     def subdir(self, name: str) -> str:
         d = os.path.join(self.work, name)
         os.makedirs(d, exist_ok=True)
         return d
 
 
+def _atomic_npz(path: str, **arrays: np.ndarray) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 class SegmentLabelTask(_SegmentStep):
-    """Pass 1: per-block connected components with block-unique provisional ids."""
+    """Pass 1: per-block connected components; records and boundary faces, no label volume."""
 
     name = "segment_label"
 
     def prepare(self, fresh: bool) -> None:
         if fresh:
-            create_volume(self.provisional_url, shape=self.volume_shape, voxel_size=self.voxel_size,
-                          offset=self.roi.begin, dtype="uint64", chunk_shape=self.block, overwrite=True)
-            for sub in ("records",):
-                for f in glob.glob(os.path.join(self.work, sub, "*.parquet")):
+            for sub, ext in (("records", "parquet"), ("faces", "npz"), ("pairs", "npy")):
+                for f in glob.glob(os.path.join(self.work, sub, f"*.{ext}")):
                     os.remove(f)
 
     @contextlib.contextmanager
     def worker(self):
         pred = open_volume(self.cfg.predictions)
-        out = open_volume(self.provisional_url, mode="r+")
-        rec_dir = self.subdir("records")
+        rec_dir, face_dir = self.subdir("records"), self.subdir("faces")
         c = self.cfg
 
         def process(block: Block) -> None:
             union = pred.read(block.write_roi)[c.union_channel]
-            scale = 255.0 if union.dtype == np.uint8 else 1.0
-            mask = union > c.threshold * scale
-            probs = union.astype(np.float32) / scale
-            labels, records = label_block(mask, self.begin_vox(block.write_roi), c.connectivity,
-                                          id_offset=self.id_offset(block), probs_block=probs)
-            out.write(block.write_roi, labels.astype(np.uint64))
+            begin = self.begin_vox(block.write_roi)
+            offset = self.id_offset(block)
+            local, records = label_block_local(union_mask(union, c.threshold), begin,
+                                               c.connectivity, id_offset=offset, probs_block=union)
+            if union.dtype == np.uint8:  # statistics on the 0..1 probability scale
+                records["prob_sum"] /= 255.0
+                records["prob_max"] /= 255.0
+            _atomic_npz(self.face_path(begin), **block_faces(local, offset))
             _atomic_parquet(records, os.path.join(rec_dir, f"{block.block_id}.parquet"))
 
         yield process
 
 
 class SegmentStitchTask(_SegmentStep):
-    """Pass 2: equivalences across block boundaries from a +1 voxel halo on the high sides."""
+    """Pass 2: equivalences across block boundaries from the stored faces of each block and
+    its high-side neighbours (the +1 voxel halo on the high sides)."""
 
     name = "segment_stitch"
 
     @contextlib.contextmanager
     def worker(self):
-        labels = open_volume(self.provisional_url)
         pair_dir = self.subdir("pairs")
 
         def process(block: Block) -> None:
-            halo_roi = block.write_roi.grow((0, 0, 0), self.voxel_size)
-            lab = labels.read(halo_roi, fill_outside=True)
-            pairs = halo_equivalences(lab, tuple(block.write_roi.shape / self.voxel_size),
+            begin = self.begin_vox(block.write_roi)
+            near = []
+            for step in itertools.product((0, 1), repeat=3):
+                other = tuple(b + d * s for b, d, s in zip(begin, step, self.block))
+                if all(o < n for o, n in zip(other, self.volume_shape)):
+                    path = self.face_path(other)
+                    if not os.path.exists(path):
+                        raise PostprocessError(
+                            f"segment: faces of the block at voxel {other} are missing ({path}); "
+                            f"re-run the segment stage")
+                    with np.load(path) as f:
+                        near.append((other, {k: f[k] for k in f.files}))
+            pairs = face_equivalences(begin, tuple(block.write_roi.shape / self.voxel_size), near,
                                       self.cfg.connectivity)
             _atomic_npy(np.asarray(pairs, dtype=np.uint64).reshape(-1, 2),
                         os.path.join(pair_dir, f"{block.block_id}.npy"))
@@ -256,13 +279,22 @@ class SegmentRelabelTask(_SegmentStep):
 
     @contextlib.contextmanager
     def worker(self):
-        m = np.load(os.path.join(self.work, "mapping.npz"))
-        mapping = (m["provisional"], m["final"])
-        labels = open_volume(self.provisional_url)
+        with np.load(os.path.join(self.work, "mapping.npz")) as m:
+            prov, final = m["provisional"], m["final"]
+        pred = open_volume(self.cfg.predictions)
         out = open_volume(self.cfg.output, mode="r+")
+        c = self.cfg
+        buffers: dict = {}
 
         def process(block: Block) -> None:
-            out.write(block.write_roi, relabel_block(labels.read(block.write_roi), mapping).astype(np.uint64))
+            # The local labels of pass 1 are recomputed (cc3d is deterministic) and mapped to
+            # the final ids; local_lut checks that the block still has as many labels.
+            union = pred.read(block.write_roi)[c.union_channel]
+            local, n = label_components(union_mask(union, c.threshold), c.connectivity)
+            lut = local_lut(prov, final, self.id_offset(block), n)
+            if buffers.get(local.shape) is None:  # reused: no page faults on every block
+                buffers[local.shape] = np.empty(local.shape, dtype=np.uint64)
+            out.write(block.write_roi, np.take(lut, local, out=buffers[local.shape]))
 
         yield process
 

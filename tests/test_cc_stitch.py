@@ -269,3 +269,58 @@ def test_errors_name_the_fault():
         resolve([], [rec], min_peak_prob=0.5)
     with pytest.raises(PostprocessError, match="connectivity"):
         label_block(mask, (0, 0, 0), 8)
+
+
+@pytest.mark.parametrize("block_shape", [(4, 5, 6), (19, 4, 6), (3, 23, 2), (1, 7, 7)])
+def test_pairs_from_stored_faces_equal_pairs_from_dense_halo(block_shape):
+    """Pass 1b from the sparse boundary faces = pass 1b from the dense +1 halo, incl. clipped
+    border blocks (19 = 4 * 4 + 3) and 1-voxel-thick blocks."""
+    from postprocess.cc_stitch import block_faces, face_equivalences
+
+    rng = np.random.default_rng(sum(block_shape))
+    mask = rng.random(SHAPE) < 0.3
+    faces, provisional = {}, np.zeros(SHAPE, np.uint64)
+    corners = _corners(SHAPE, block_shape)
+    for begin in corners:
+        sl = _region(begin, block_shape, SHAPE)
+        offset = block_id_offset(begin, block_shape, SHAPE)
+        labels, _ = label_block(mask[sl], begin, 26, id_offset=offset)
+        provisional[sl] = labels
+        local = np.where(labels > 0, labels - np.uint64(offset), 0)
+        faces[begin] = block_faces(local, offset)
+    padded = np.pad(provisional, ((0, 1),) * 3)
+    total = 0
+    for begin in corners:
+        sl = _region(begin, block_shape, SHAPE)
+        core = tuple(s.stop - s.start for s in sl)
+        dense = halo_equivalences(padded[tuple(slice(s.start, s.stop + 1) for s in sl)], core, 26)
+        near = [c for c in corners if all(0 <= c[a] - begin[a] <= block_shape[a] for a in range(3))]
+        from_faces = face_equivalences(begin, core, [(c, faces[c]) for c in near], 26)
+        np.testing.assert_array_equal(from_faces, dense)
+        total += len(dense)
+    assert total > 0
+
+
+def test_recomputed_labels_must_match_the_resolution():
+    """Pass 2 recomputes each block's labels; a block whose input changed is refused."""
+    from postprocess.cc_stitch import local_lut
+
+    mask = np.zeros((4, 8, 8), bool)
+    mask[0, 0, 0] = mask[0, 5, 5] = mask[3, 7, 7] = True
+    _, rec = label_block(mask, (0, 0, 0), 26, id_offset=100)
+    res = resolve([], [rec])
+    lut = local_lut(res.provisional_ids, res.final_ids, 100, 3)
+    assert lut.tolist() == [0, 1, 2, 3]
+    for n in (2, 4):
+        with pytest.raises(PostprocessError, match="input changed"):
+            local_lut(res.provisional_ids, res.final_ids, 100, n)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.25, 0.4, 0.5, 0.5019607843137255, 0.999, 1.0])
+def test_union_mask_on_uint8_is_value_above_threshold_times_255(threshold):
+    from postprocess.cc_stitch import union_mask
+
+    u = np.arange(256, dtype=np.uint8).reshape(4, 8, 8)
+    np.testing.assert_array_equal(union_mask(u, threshold), u.astype(np.float64) > threshold * 255.0)
+    f = u.astype(np.float32) / 255
+    np.testing.assert_array_equal(union_mask(f, threshold), f > threshold)

@@ -120,3 +120,23 @@ def test_backends_give_identical_labels(tmp_path, dask_address):
     la = open_volume(a.output).read()
     np.testing.assert_array_equal(la, open_volume(b.output).read())
     np.testing.assert_array_equal(la, open_volume(c.output).read())
+
+
+def test_relabel_refuses_predictions_changed_after_labelling(tmp_path):
+    """The relabel pass recomputes each block's components; if the predictions changed since
+    the labelling pass it stops with a message instead of writing wrong ids."""
+    union = np.zeros((8, 16, 16), np.uint8)
+    union[1:3, 2:5, 2:5] = 255
+    preds = _write_preds(f"{tmp_path}/p.zarr/pred", union)
+    cfg = SegmentConfig(predictions=preds, output=f"{tmp_path}/o.zarr/synapses",
+                        work_dir=f"{tmp_path}/w", block_shape=(4, 8, 8), min_size=1)
+    label, stitch, relabel = segment_tasks(cfg)
+    run_task(label, BackendConfig(progress=False))
+    run_task(stitch, BackendConfig(progress=False))
+    union[1, 12:14, 12:14] = 255  # a new component in another block
+    _write_preds(preds, union)
+    from blockwise.errors import BlockwiseError
+
+    with pytest.raises(BlockwiseError, match="input changed after the labelling pass"):
+        run_task(segment_tasks(cfg)[2], BackendConfig(progress=False, max_retries=0))
+    assert os.path.exists(os.path.join(cfg.work_dir, "faces"))
