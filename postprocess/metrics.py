@@ -39,7 +39,18 @@ from scipy.sparse.csgraph import connected_components
 from postprocess.errors import PostprocessError
 
 __all__ = ["InstanceMatch", "instance_overlaps", "instance_f1", "cremi_cleft_metrics", "true_partners",
-           "assignment_metrics"]
+           "assignment_metrics", "table_labels"]
+
+
+def table_labels(labels: np.ndarray, table: pd.DataFrame) -> np.ndarray:
+    """The instance labels restricted to the ids of the synapse table (others set to 0).
+
+    The label volume holds every component that passed the size filter; the partners step may
+    drop some of them from the table (``SegmentConfig.max_neuron_fraction``). Scores are made on
+    what the table, i.e. the synapse DB, holds.
+    """
+    ids = table["id"].to_numpy(np.int64)
+    return fastremap.mask_except(np.ascontiguousarray(labels), [int(i) for i in ids] or [0])
 
 
 @dataclass(frozen=True)

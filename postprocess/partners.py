@@ -210,7 +210,9 @@ def merge_partner_votes(
         One row per instance id (sorted): ``id``; for side in (pre, post): ``{side}_neuron``
         (uint64), ``{side}_confidence`` (vote fraction among non-background votes, 0 if
         none), ``{side}_votes`` (non-background votes), ``{side}_background_votes``,
-        ``{side}_background`` (no non-background vote), ``{side}_tie``; and ``autapse``.
+        ``{side}_background`` (no non-background vote), ``{side}_tie``; ``autapse``; and
+        ``neuron_fraction``, the largest share one neuron holds of the instance's non-background
+        pre + post votes (0 without votes; a detection inside one neuron has about 1).
     """
     if isinstance(frames, pd.DataFrame):
         frames = [frames]
@@ -270,7 +272,24 @@ def merge_partner_votes(
     if rule == "contrast":
         _apply_contrast(result, summed, ids, confidence_of, float(min_fraction))
     result["autapse"] = (result["pre_neuron"] == result["post_neuron"]) & (result["pre_neuron"] != 0)
+    result["neuron_fraction"] = _dominant_neuron_fraction(summed, ids)
     return result
+
+
+def _dominant_neuron_fraction(summed: pd.DataFrame, ids: np.ndarray) -> np.ndarray:
+    """Per id: the largest share one neuron holds of the non-background pre + post votes (0 if
+    none). Near 1 for a detection lying inside one neuron (e.g. a mitochondrion); a synapse
+    joins two neurons, so its votes split between them."""
+    v = summed[summed["neuron"].to_numpy() != 0]
+    out = np.zeros(ids.size, dtype=np.float64)
+    if not len(v):
+        return out
+    per = v.groupby(["id", "neuron"], sort=False)["count"].sum().reset_index()
+    total = per.groupby("id")["count"].sum()
+    top = per.groupby("id")["count"].max()
+    frac = (top / total).reindex(pd.Index(ids, dtype=total.index.dtype)).to_numpy()
+    out[:] = np.nan_to_num(frac, nan=0.0)
+    return out
 
 
 def _apply_contrast(result: pd.DataFrame, summed: pd.DataFrame, ids: np.ndarray,

@@ -57,6 +57,10 @@ __all__ = ["SegmentConfig", "SegmentLabelTask", "SegmentStitchTask", "SegmentRel
 
 log = logging.getLogger(__name__)
 
+#: synapse records whose pre + post neuron votes fall for more than this share on one neuron
+#: get the flag ``one_neuron`` (see SegmentConfig.max_neuron_fraction)
+ONE_NEURON_FLAG = 0.9
+
 
 @dataclass
 class SegmentConfig:
@@ -92,11 +96,19 @@ class SegmentConfig:
     """threshold (PyTC) or argmax"""
     dilate_nm: float = 0.0
     """grow each side by this many nm before voting for its neuron (reach past the cleft)"""
+    max_neuron_fraction: Optional[float] = None
+    """with neurons: drop detections whose pre + post votes fall for more than this share
+    (0..1) on one neuron — a synapse joins two neurons, an intracellular look-alike such as a
+    mitochondrion lies in one. They stay in the label volume, not in the synapse table. None
+    keeps them (flagged ``one_neuron`` above 0.9)"""
     partner_rule: str = "majority"
     """majority (per side, the neuron with most votes; PyTorch Connectomics) or contrast (the
     neuron whose votes are most often pre vs the one least often pre; see postprocess.partners)"""
 
     def __post_init__(self):
+        if self.max_neuron_fraction is not None and not 0.0 < float(self.max_neuron_fraction) <= 1.0:
+            raise PostprocessError(
+                f"segment.max_neuron_fraction must be in (0, 1] or null, got {self.max_neuron_fraction!r}")
         if self.partner_rule not in ("majority", "contrast"):
             raise PostprocessError(f"segment.partner_rule must be 'majority' or 'contrast', got {self.partner_rule!r}")
 
@@ -405,6 +417,9 @@ def synapse_table(step: PartnersTask) -> pd.DataFrame:
                 flags[k].append(f"{side}_tie")
         for k in np.flatnonzero(part["autapse"].to_numpy(bool)):
             flags[k].append("autapse")
+        fraction = part["neuron_fraction"].fillna(0.0).to_numpy(np.float64)
+        for k in np.flatnonzero(fraction > ONE_NEURON_FLAG):
+            flags[k].append("one_neuron")
     else:
         for side in ("pre", "post"):
             df[f"{side}_neuron"] = 0
@@ -415,6 +430,11 @@ def synapse_table(step: PartnersTask) -> pd.DataFrame:
     first = np.stack([inst[f"first_{ax}"].to_numpy(np.int64) for ax in "zyx"], axis=1)
     grid = tuple(int(-(-s // b)) for s, b in zip(step.volume_shape, step.block))
     df["block_id"] = np.ravel_multi_index(tuple((first // np.asarray(step.block)).T), grid).astype(np.int64)
+    if c.neurons and c.max_neuron_fraction is not None:
+        keep = fraction <= float(c.max_neuron_fraction)
+        log.info("partners: %d of %d detections lie for more than %.2f in one neuron and are dropped",
+                 int((~keep).sum()), len(df), c.max_neuron_fraction)
+        df = df[keep].reset_index(drop=True)
     _atomic_parquet(df, os.path.join(step.work, "synapses.parquet"))
     log.info("partners: %d synapse records", len(df))
     return df

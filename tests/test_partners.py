@@ -167,3 +167,14 @@ def test_contrast_rule_separates_a_blurry_pre_side_from_its_post_neuron():
     assert (contrast.loc[3, "pre_neuron"], contrast.loc[3, "post_neuron"]) == (3, 4)
     with pytest.raises(PostprocessError, match="partner rule"):
         merge_partner_votes(votes, rule="vote")
+
+
+def test_neuron_fraction_is_the_largest_share_of_pre_plus_post_votes():
+    votes = pd.DataFrame({"id": np.array([1, 1, 1, 2, 2, 3], np.uint64),
+                          "side": np.array([1, 2, 2, 1, 2, 1], np.uint8),
+                          "neuron": np.array([5, 6, 5, 8, 8, 0], np.uint64),
+                          "count": np.array([30, 60, 10, 40, 40, 9], np.int64)})
+    out = merge_partner_votes(votes).set_index("id")
+    assert out.loc[1, "neuron_fraction"] == pytest.approx(0.6)   # 60 of 100 on neuron 6
+    assert out.loc[2, "neuron_fraction"] == pytest.approx(1.0)   # all on neuron 8
+    assert out.loc[3, "neuron_fraction"] == 0.0                  # background only

@@ -140,3 +140,36 @@ def test_relabel_refuses_predictions_changed_after_labelling(tmp_path):
     with pytest.raises(BlockwiseError, match="input changed after the labelling pass"):
         run_task(segment_tasks(cfg)[2], BackendConfig(progress=False, max_retries=0))
     assert os.path.exists(os.path.join(cfg.work_dir, "faces"))
+
+
+def test_detection_inside_one_neuron_is_flagged_or_dropped(tmp_path):
+    """A synapse joins two neurons; a look-alike inside one neuron (e.g. a mitochondrion) gets
+    the one_neuron flag, and max_neuron_fraction drops it from the table (not from the labels)."""
+    shape = (8, 32, 32)
+    union, pre, post = (np.zeros(shape, np.uint8) for _ in range(3))
+    union[2:6, 4:12, 4:12] = 230          # synapse across the y = 8 membrane: neurons 7 | 9
+    pre[2:6, 4:8, 4:12] = 220
+    post[2:6, 8:12, 4:12] = 220
+    union[2:6, 20:28, 20:28] = 230        # look-alike inside neuron 11 only
+    pre[2:6, 20:24, 20:28] = 220
+    post[2:6, 24:28, 20:28] = 220
+    preds = _write_preds(f"{tmp_path}/p.zarr/pred", union, pre, post)
+    neurons = np.full(shape, 11, np.uint64)
+    neurons[:, :8, :16] = 7
+    neurons[:, 8:16, :16] = 9
+    seg = create_volume(f"{tmp_path}/n.zarr/neurons", shape=shape, voxel_size=VS, offset=(80, 40, 40),
+                        dtype="uint64", chunk_shape=(4, 8, 8))
+    seg.write(seg.roi, neurons)
+    tables = {}
+    for name, nf in (("keep", None), ("drop", 0.85)):
+        cfg = _run_segment(tmp_path, name, preds, (4, 16, 16), min_size=20, neurons=seg.url,
+                           partner_rule="contrast", max_neuron_fraction=nf)
+        run_task(PartnersTask(cfg), BackendConfig(progress=False))
+        assert set(np.unique(open_volume(cfg.output).read())) == {0, 1, 2}
+        tables[name] = pd.read_parquet(os.path.join(cfg.work_dir, "synapses.parquet"))
+    keep = tables["keep"].set_index("id")
+    assert keep.loc[1, "flags"] == "" and (keep.loc[1, "pre_neuron"], keep.loc[1, "post_neuron"]) == (7, 9)
+    assert "one_neuron" in keep.loc[2, "flags"].split(",")
+    assert tables["drop"]["id"].tolist() == [1]
+    with pytest.raises(Exception, match="max_neuron_fraction"):
+        SegmentConfig(max_neuron_fraction=1.5)

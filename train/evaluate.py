@@ -49,7 +49,7 @@ from models.checkpoint import read_checkpoint_meta  # noqa: E402
 from models.errors import ModelError  # noqa: E402
 from postprocess.errors import PostprocessError  # noqa: E402
 from postprocess.metrics import (assignment_metrics, cremi_cleft_metrics, instance_f1,  # noqa: E402
-                                 true_partners)
+                                 table_labels, true_partners)
 from postprocess.segment import (PartnersTask, SegmentConfig, SegmentLabelTask,  # noqa: E402
                                  SegmentRelabelTask, SegmentStitchTask)
 from storage.errors import StorageError  # noqa: E402
@@ -90,6 +90,8 @@ class EvalConfig:
     """drop predicted instances smaller than this (voxels)"""
     partner_rule: str = "contrast"
     """partner rule of the partners step (majority or contrast; see postprocess.partners)"""
+    max_neuron_fraction: Optional[float] = None
+    """partners step: drop detections lying for more than this share in one neuron (None: keep)"""
     iou_threshold: float = 0.5
     """IoU needed to match a predicted and a true instance"""
     min_true_size: int = 200
@@ -119,7 +121,7 @@ def run_pipeline(cfg: EvalConfig) -> dict:
     times["predict_s"] = time.perf_counter() - t0
     scfg = SegmentConfig(predictions=pred_url, output=labels_url, work_dir=os.path.join(work, "segment"),
                          neurons=f"{vol}/neurons", threshold=cfg.threshold, min_size=cfg.min_size,
-                         partner_rule=cfg.partner_rule,
+                         partner_rule=cfg.partner_rule, max_neuron_fraction=cfg.max_neuron_fraction,
                          block_shape=tuple(cfg.block_shape))
     t0 = time.perf_counter()
     # each pass reads what the previous one wrote, so it is built only after that one ran
@@ -158,8 +160,9 @@ def evaluate(cfg: EvalConfig, training: Optional[dict] = None) -> dict:
     pol = truth_vols["polarity"].read(roi)
     neu = truth_vols["neurons"].read(roi)
     cleft = truth_vols["cleft"].read(roi)
-    pred_labels = open_volume(paths["labels"]).read(roi)
     table = pd.read_parquet(paths["table"])
+    # the synapse table is the output; the label volume also holds detections it dropped
+    pred_labels = table_labels(open_volume(paths["labels"]).read(roi), table)
     truth = true_partners(syn, pol, neu)
     vs = tuple(int(v) for v in raw.voxel_size)
 
@@ -319,6 +322,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--min-size", type=int, default=d.min_size)
     p.add_argument("--partner-rule", choices=["majority", "contrast"], default=d.partner_rule)
+    p.add_argument("--max-neuron-fraction", type=float, default=d.max_neuron_fraction,
+                   help="drop detections lying for more than this share in one neuron")
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.torch_threads)
     p.add_argument("--training-info", help="JSON file whose content is added to the report as 'training'")
@@ -331,6 +336,7 @@ def main(argv: Optional[list] = None) -> int:
     cfg = EvalConfig(checkpoint=args.checkpoint, volume=args.volume, work_dir=args.work_dir, out=args.out,
                      threshold=args.threshold, min_size=args.min_size, device=args.device,
                      torch_threads=args.threads, partner_rule=args.partner_rule, block_shape=tuple(args.block_shape),
+                     max_neuron_fraction=args.max_neuron_fraction,
                      stride=None if args.stride is None else tuple(args.stride))
     training = None
     if args.training_info:

@@ -7,6 +7,8 @@ Predicts the volume once (blockwise, as the pipeline does), then runs the segmen
 passes for every (threshold, min_size) pair and scores instance F1 (IoU >= 0.5) and pre/post
 accuracy against the volume's ground truth (:func:`train.evaluate.true_partners`). Prints one
 row per pair and the best pair by F1 (ties: larger min_size); writes them as JSON with ``--out``.
+``--neuron-fractions 0.9 0.85`` also scores the partner filter ``max_neuron_fraction`` (drop
+detections lying for more than that share in one neuron) at those values.
 Use a validation volume, never the test volume the report is made on.
 """
 
@@ -25,14 +27,18 @@ import pandas as pd  # noqa: E402
 
 from blockwise.predict import PredictConfig, PredictTask  # noqa: E402
 from blockwise.runner import BackendConfig, run_task  # noqa: E402
-from postprocess.metrics import assignment_metrics, instance_f1, true_partners  # noqa: E402
+from postprocess.metrics import assignment_metrics, instance_f1, table_labels, true_partners  # noqa: E402
 from postprocess.segment import PartnersTask, SegmentConfig, segment_tasks  # noqa: E402
 from storage.volume import open_volume  # noqa: E402
 
 
 def sweep(checkpoint: str, volume: str, work: str, thresholds, min_sizes, stride=None,
-          block_shape=(32, 256, 256), partner_rule: str = "contrast", threads: int = 2) -> list[dict]:
-    """Score every (threshold, min_size) pair; returns one dict per pair."""
+          block_shape=(32, 256, 256), partner_rule: str = "contrast", threads: int = 2,
+          neuron_fractions=(None,)) -> list[dict]:
+    """Score every (threshold, min_size, max_neuron_fraction); returns one dict per setting.
+
+    The segment passes run once per (threshold, min_size); the partner filter is applied to
+    their table for every ``neuron_fractions`` value (None = no filter)."""
     backend = BackendConfig(progress=False)
     vol = volume.rstrip("/")
     pred = os.path.join(work, "predictions.zarr", "pred")
@@ -53,15 +59,32 @@ def sweep(checkpoint: str, volume: str, work: str, thresholds, min_sizes, stride
             for task in segment_tasks(sc):
                 run_task(task, backend, overwrite=True)
             run_task(PartnersTask(sc), backend, overwrite=True)
-            labels = open_volume(sc.output).read()
-            m = instance_f1(labels, syn, iou_threshold=0.5)
-            table = pd.read_parquet(os.path.join(sc.work_dir, "synapses.parquet"))
-            a = assignment_metrics(m.matches, table, truth, neu, tuple(raw.roi.begin),
-                                   tuple(int(v) for v in raw.voxel_size))
-            rows.append({"threshold": thr, "min_size": int(ms), "n_pred": int(len(table)), "tp": m.tp,
-                         "fp": m.fp, "fn": m.fn, "precision": m.precision, "recall": m.recall, "f1": m.f1,
-                         "prepost_accuracy": a["prepost_accuracy"]})
+            all_labels = open_volume(sc.output).read()
+            table_all = pd.read_parquet(os.path.join(sc.work_dir, "synapses.parquet"))
+            fraction = _neuron_fraction(sc)
+            for nf in neuron_fractions:
+                table = table_all if nf is None else table_all[
+                    table_all["id"].map(fraction).fillna(0.0).to_numpy() <= nf]
+                labels = table_labels(all_labels, table)
+                m = instance_f1(labels, syn, iou_threshold=0.5)
+                a = assignment_metrics(m.matches, table, truth, neu, tuple(raw.roi.begin),
+                                       tuple(int(v) for v in raw.voxel_size))
+                rows.append({"threshold": thr, "min_size": int(ms), "max_neuron_fraction": nf,
+                             "n_pred": int(len(table)), "tp": m.tp, "fp": m.fp, "fn": m.fn,
+                             "precision": m.precision, "recall": m.recall, "f1": m.f1,
+                             "prepost_accuracy": a["prepost_accuracy"]})
     return rows
+
+
+def _neuron_fraction(sc: SegmentConfig) -> dict:
+    """{synapse id: share of its pre + post votes on one neuron} from the partners step's votes."""
+    import glob
+
+    from postprocess.partners import merge_partner_votes
+
+    votes = [pd.read_parquet(f) for f in sorted(glob.glob(os.path.join(sc.work_dir, "votes", "*.parquet")))]
+    merged = merge_partner_votes(votes, rule=sc.partner_rule)
+    return dict(zip(merged["id"].astype("int64"), merged["neuron_fraction"]))
 
 
 def main(argv=None) -> int:
@@ -73,20 +96,26 @@ def main(argv=None) -> int:
     p.add_argument("--min-sizes", type=int, nargs="+", default=[200, 1000, 2000, 4000])
     p.add_argument("--stride", type=int, nargs=3)
     p.add_argument("--partner-rule", default="contrast", choices=["majority", "contrast"])
+    p.add_argument("--neuron-fractions", type=float, nargs="*", default=[],
+                   help="max_neuron_fraction values to try besides no filter")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="JSON file for the table")
     args = p.parse_args(argv)
     rows = sweep(args.checkpoint, args.volume, args.work_dir, args.thresholds, args.min_sizes, args.stride,
-                 partner_rule=args.partner_rule, threads=args.threads)
+                 partner_rule=args.partner_rule, threads=args.threads,
+                 neuron_fractions=[None] + list(args.neuron_fractions))
     df = pd.DataFrame(rows)
     sys.stdout.write(df.round(3).to_string(index=False) + "\n")
-    best = df.sort_values(["f1", "min_size"], ascending=[False, False]).iloc[0]
-    sys.stdout.write(f"best on {args.volume}: threshold {best['threshold']}, min_size {int(best['min_size'])} "
-                     f"(F1 {best['f1']:.3f})\n")
+    df["nf_sort"] = df["max_neuron_fraction"].fillna(2.0)  # ties: the weakest filter
+    best = df.sort_values(["f1", "min_size", "nf_sort"], ascending=[False, False, False]).iloc[0]
+    nf = None if pd.isna(best["max_neuron_fraction"]) else float(best["max_neuron_fraction"])
+    sys.stdout.write(f"best on {args.volume}: threshold {best['threshold']}, min_size {int(best['min_size'])}, "
+                     f"max_neuron_fraction {nf} (F1 {best['f1']:.3f})\n")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"volume": args.volume, "checkpoint": args.checkpoint, "rows": rows,
-                       "best": {"threshold": float(best["threshold"]), "min_size": int(best["min_size"])}}, f, indent=1)
+                       "best": {"threshold": float(best["threshold"]), "min_size": int(best["min_size"]),
+                                "max_neuron_fraction": nf}}, f, indent=1)
     return 0
 
 
