@@ -76,6 +76,21 @@ def sweep(checkpoint: str, volume: str, work: str, thresholds, min_sizes, stride
     return rows
 
 
+def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
+    """Sum TP/FP/FN over volumes per setting and recompute precision, recall, F1 (pre/post
+    accuracy weighted by TP)."""
+    keys = ["threshold", "min_size", "max_neuron_fraction"]
+    rows = rows.assign(max_neuron_fraction=rows["max_neuron_fraction"].fillna(-1.0),
+                       pp=rows["prepost_accuracy"].fillna(0.0) * rows["tp"])
+    g = rows.groupby(keys, sort=True)[["n_pred", "tp", "fp", "fn", "pp"]].sum().reset_index()
+    g["precision"] = g["tp"] / (g["tp"] + g["fp"]).clip(lower=1)
+    g["recall"] = g["tp"] / (g["tp"] + g["fn"]).clip(lower=1)
+    g["f1"] = 2 * g["tp"] / (2 * g["tp"] + g["fp"] + g["fn"]).clip(lower=1)
+    g["prepost_accuracy"] = g["pp"] / g["tp"].clip(lower=1)
+    g["max_neuron_fraction"] = g["max_neuron_fraction"].where(g["max_neuron_fraction"] >= 0)
+    return g.drop(columns="pp")
+
+
 def _neuron_fraction(sc: SegmentConfig) -> dict:
     """{synapse id: share of its pre + post votes on one neuron} from the partners step's votes."""
     import glob
@@ -90,7 +105,8 @@ def _neuron_fraction(sc: SegmentConfig) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--volume", required=True, help="validation zarr with raw/neurons/synapses/polarity")
+    p.add_argument("--volume", required=True, nargs="+",
+                   help="validation zarr(s) with raw/neurons/synapses/polarity; counts are summed over them")
     p.add_argument("--work-dir", default="runs/tune_segment")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.4, 0.5, 0.6])
     p.add_argument("--min-sizes", type=int, nargs="+", default=[200, 1000, 2000, 4000])
@@ -101,19 +117,24 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="JSON file for the table")
     args = p.parse_args(argv)
-    rows = sweep(args.checkpoint, args.volume, args.work_dir, args.thresholds, args.min_sizes, args.stride,
-                 partner_rule=args.partner_rule, threads=args.threads,
-                 neuron_fractions=[None] + list(args.neuron_fractions))
-    df = pd.DataFrame(rows)
+    rows = []
+    for k, volume in enumerate(args.volume):
+        work = args.work_dir if len(args.volume) == 1 else os.path.join(args.work_dir, f"v{k}")
+        for row in sweep(args.checkpoint, volume, work, args.thresholds, args.min_sizes, args.stride,
+                         partner_rule=args.partner_rule, threads=args.threads,
+                         neuron_fractions=[None] + list(args.neuron_fractions)):
+            rows.append({"volume": volume, **row})
+    df = aggregate(pd.DataFrame(rows))
     sys.stdout.write(df.round(3).to_string(index=False) + "\n")
     df["nf_sort"] = df["max_neuron_fraction"].fillna(2.0)  # ties: the weakest filter
     best = df.sort_values(["f1", "min_size", "nf_sort"], ascending=[False, False, False]).iloc[0]
     nf = None if pd.isna(best["max_neuron_fraction"]) else float(best["max_neuron_fraction"])
-    sys.stdout.write(f"best on {args.volume}: threshold {best['threshold']}, min_size {int(best['min_size'])}, "
-                     f"max_neuron_fraction {nf} (F1 {best['f1']:.3f})\n")
+    sys.stdout.write(f"best on {', '.join(args.volume)}: threshold {best['threshold']}, min_size "
+                     f"{int(best['min_size'])}, max_neuron_fraction {nf} (F1 {best['f1']:.3f})\n")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"volume": args.volume, "checkpoint": args.checkpoint, "rows": rows,
+            json.dump({"volumes": args.volume, "checkpoint": args.checkpoint, "rows": rows,
+                       "summed": df.drop(columns="nf_sort").to_dict(orient="records"),
                        "best": {"threshold": float(best["threshold"]), "min_size": int(best["min_size"]),
                                 "max_neuron_fraction": nf}}, f, indent=1)
     return 0
