@@ -30,6 +30,7 @@ bboxes are nm, half-open ``[begin, end)``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import itertools
@@ -223,6 +224,22 @@ class SegmentStitchTask(_SegmentStep):
     @contextlib.contextmanager
     def worker(self):
         pair_dir = self.subdir("pairs")
+        cache: collections.OrderedDict = collections.OrderedDict()  # each block's faces serve 8 blocks
+
+        def faces(begin: tuple) -> dict:
+            if begin in cache:
+                cache.move_to_end(begin)
+                return cache[begin]
+            path = self.face_path(begin)
+            if not os.path.exists(path):
+                raise PostprocessError(
+                    f"segment: faces of the block at voxel {begin} are missing ({path}); "
+                    f"re-run the segment stage")
+            with np.load(path) as f:
+                found = cache[begin] = {k: f[k] for k in f.files}
+            while len(cache) > 1 and sum(a.nbytes for d in cache.values() for a in d.values()) > 128 * 2**20:
+                cache.popitem(last=False)  # bounded memory: least recently used faces go first
+            return found
 
         def process(block: Block) -> None:
             begin = self.begin_vox(block.write_roi)
@@ -230,13 +247,7 @@ class SegmentStitchTask(_SegmentStep):
             for step in itertools.product((0, 1), repeat=3):
                 other = tuple(b + d * s for b, d, s in zip(begin, step, self.block))
                 if all(o < n for o, n in zip(other, self.volume_shape)):
-                    path = self.face_path(other)
-                    if not os.path.exists(path):
-                        raise PostprocessError(
-                            f"segment: faces of the block at voxel {other} are missing ({path}); "
-                            f"re-run the segment stage")
-                    with np.load(path) as f:
-                        near.append((other, {k: f[k] for k in f.files}))
+                    near.append((other, faces(other)))
             pairs = face_equivalences(begin, tuple(block.write_roi.shape / self.voxel_size), near,
                                       self.cfg.connectivity)
             _atomic_npy(np.asarray(pairs, dtype=np.uint64).reshape(-1, 2),
