@@ -34,7 +34,7 @@ import pandas as pd
 import yaml
 
 from postprocess.errors import PostprocessError
-from postprocess.metrics import assignment_metrics, instance_f1, true_partners
+from postprocess.metrics import assignment_metrics, instance_f1, table_labels, true_partners
 from postprocess.pipeline import parse_config, run_pipeline
 
 __all__ = ["DemoConfig", "run_demo", "score_demo", "format_summary", "WEIGHTS_DIR"]
@@ -179,9 +179,10 @@ def score_demo(volume: str, output_dir: str, db_url: str, iou_threshold: float =
     syn = open_volume(os.path.join(volume, "synapses")).read(roi)
     pol = open_volume(os.path.join(volume, "polarity")).read(roi)
     neu = open_volume(os.path.join(volume, "neurons")).read(roi)
-    pred = open_volume(os.path.join(output_dir, "synapses.zarr", "labels")).read(roi)
     with open_store(db_url) as store:
         table = store.query()
+    # scored on what the DB holds (the label volume also keeps detections the partners step dropped)
+    pred = table_labels(open_volume(os.path.join(output_dir, "synapses.zarr", "labels")).read(roi), table)
     inst = instance_f1(pred, syn, iou_threshold=iou_threshold)
     truth = true_partners(syn, pol, neu)
     assign = assignment_metrics(inst.matches, table, truth, neu, tuple(roi.begin), vs)

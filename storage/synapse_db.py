@@ -272,7 +272,9 @@ def open_store(url: str, **opts) -> SynapseStore:
     Options (keyword): both backends take ``create`` (default True; False raises
     :class:`StorageError` when the database does not exist yet) and ``batch_size``.
     SQLite: ``timeout_s`` (busy timeout, default 30), ``retries`` (on SQLITE_BUSY, default 8),
-    ``readonly``. MongoDB: ``timeout_s`` (server selection, default 3), ``collection``
+    ``readonly``, ``cache_mb`` (page cache, default 64), ``bulk_min_rows`` (default 20 000: a
+    write at least this large into a table holding no more is a bulk load, one transaction
+    with indexes rebuilt and the R*Tree packed; 0 disables). MongoDB: ``timeout_s`` (server selection, default 3), ``collection``
     (default ``"synapses"``), ``write_concern`` (int, ``"majority"`` or a dict of
     ``pymongo.WriteConcern`` arguments), ``client`` (an existing MongoClient to use).
     """

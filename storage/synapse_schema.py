@@ -106,7 +106,7 @@ _KIND = {c.name: c.kind for c in COLUMNS}
 
 #: Flag names written by the pipeline into ``flags``.
 FLAG_NAMES = ("autapse", "pre_background", "post_background", "pre_tie", "post_tie",
-              "no_pre_side", "no_post_side")
+              "no_pre_side", "no_post_side", "one_neuron", "out_of_range")
 
 #: Columns that place a record in space (the spatial index follows them): not updatable.
 SPATIAL_COLUMNS = ("z", "y", "x", "bbox_z0", "bbox_y0", "bbox_x0", "bbox_z1", "bbox_y1", "bbox_x1")
@@ -174,14 +174,22 @@ def _as_count(series: pd.Series, name: str) -> pd.arrays.IntegerArray:
     return pd.arrays.IntegerArray(out, missing)
 
 
+_TEXT_PD_DTYPE = pd.array(np.zeros(0, dtype=object), dtype=TEXT_DTYPE).dtype
+
+
 def _as_text(series: pd.Series, name: str):
+    if TEXT_DTYPE is not object and series.dtype == _TEXT_PD_DTYPE:
+        return series.array  # already pandas' default string array
     values = series.to_numpy(dtype=object)
     missing = pd.isna(values)
     out = np.empty(len(values), dtype=object)
     out[missing] = None
     present = ~missing
     if present.any():
-        out[present] = [v if isinstance(v, str) else str(v) for v in values[present]]
+        given = values[present]
+        if pd.api.types.infer_dtype(given, skipna=False) != "string":  # not all str: convert
+            given = np.array([v if isinstance(v, str) else str(v) for v in given], dtype=object)
+        out[present] = given
     return out if TEXT_DTYPE is object else pd.array(out, dtype=TEXT_DTYPE)
 
 
@@ -260,9 +268,10 @@ def normalize_records(records: Any, block_id: Optional[int] = None, extra: str =
         frame["block_id"] = pd.array(np.full(n, bid, np.int64), dtype="Int64")
     ids = frame["id"].to_numpy()
     if n:
-        uniq, counts = np.unique(ids, return_counts=True)
-        if uniq.size != n:
-            raise StorageError(f"{where}: duplicate synapse ids {uniq[counts > 1][:5].tolist()}")
+        if n > 1 and not bool(np.all(ids[1:] > ids[:-1])):  # increasing ids are unique
+            uniq, counts = np.unique(ids, return_counts=True)
+            if uniq.size != n:
+                raise StorageError(f"{where}: duplicate synapse ids {uniq[counts > 1][:5].tolist()}")
         centroid = frame[["z", "y", "x"]].to_numpy()
         bad = ~np.isfinite(centroid).all(axis=1)
         if bad.any():

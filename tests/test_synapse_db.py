@@ -4,6 +4,7 @@ A real server is used when ``CLEFTWISE_TEST_MONGODB_URI`` is set (e.g.
 ``mongodb://localhost:27017/cleftwise_test``); each test gets its own collection.
 """
 
+import logging
 import multiprocessing as mp
 import os
 import sqlite3
@@ -403,6 +404,135 @@ def test_sqlite_readonly_and_wal(tmp_path):
         assert r.count() == 10
         with pytest.raises(StorageError, match="write failed"):
             r.upsert_many(make_records(2, id_start=100))
+
+
+def _sqlite_consistent(store):
+    """The R*Tree passes SQLite's own check and holds exactly the stored records."""
+    con = store._conn
+    assert con.execute("SELECT rtreecheck('synapses_rtree')").fetchone()[0] == "ok"
+    ids = {r[0] for r in con.execute("SELECT id FROM synapses_rtree")}
+    assert ids == {r[0] for r in con.execute("SELECT id FROM synapses")}
+    indexes = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
+                                         "AND tbl_name = 'synapses' AND sql IS NOT NULL")}
+    assert indexes == {"synapses_pre_post", "synapses_post", "synapses_block"}
+
+
+def _assert_roi_queries(store, df, seed):
+    rng = np.random.default_rng(seed)
+    step = np.array([40.0, 4.0, 4.0])
+    for _ in range(8):
+        begin = rng.integers(0, [40, 800, 800]) * step
+        end = begin + rng.integers(1, [25, 500, 500]) * step
+        got = store.query(roi=(tuple(begin), tuple(end)))
+        assert set(got["id"]) == brute_centroid(df, begin, end)
+        assert list(got["id"]) == sorted(got["id"])
+        bbox = store.query(roi=(tuple(begin), tuple(end)), roi_match="bbox", columns=["z"])
+        assert set(bbox["id"]) == brute_bbox(df, begin, end)
+
+
+def test_sqlite_bulk_load_matches_the_row_by_row_path(tmp_path, caplog):
+    df = make_records(1500, seed=21)
+    with open_store(str(tmp_path / "rows.db"), bulk_min_rows=0) as rows, \
+            open_store(str(tmp_path / "bulk.db"), bulk_min_rows=100) as bulk:
+        rows.upsert_many(df)
+        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+            bulk.upsert_many(df)
+        assert "R*Tree packed: True" in caplog.text
+        pd.testing.assert_frame_equal(bulk.query(), rows.query())
+        assert_same_records(bulk.query(), df)
+        _sqlite_consistent(bulk)
+        assert bulk._conn.execute("SELECT COUNT(*) FROM synapses_rtree_node").fetchone()[0] > 1
+        _assert_roi_queries(bulk, df, seed=1)
+        # missing values are stored as SQL NULL (bound as NaN), not as NaN or text
+        for col in ("ei_prob", "size", "ei_label"):
+            nulls = bulk._conn.execute(f"SELECT COUNT(*) FROM synapses WHERE typeof({col}) = 'null'").fetchone()[0]
+            assert nulls == int(df[col].isna().sum()) > 0, col
+        # a second load, as large as the table, replacing half of it: bulk again
+        again = make_records(1500, seed=22, id_start=751)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+            bulk.upsert_many(again)
+        assert "R*Tree packed: True" in caplog.text
+        expected = pd.concat([df[df.id < 751], again], ignore_index=True)
+        assert_same_records(bulk.query(), expected)
+        _sqlite_consistent(bulk)
+        _assert_roi_queries(bulk, expected, seed=2)
+        # a small write into the packed tree takes the ordinary path
+        small = make_records(40, seed=23, id_start=100_000)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+            bulk.upsert_many(small)
+        assert "bulk load" not in caplog.text
+        expected = pd.concat([expected, small], ignore_index=True)
+        assert_same_records(bulk.query(), expected)
+        _sqlite_consistent(bulk)
+        _assert_roi_queries(bulk, expected, seed=3)
+
+
+def test_sqlite_chunked_writes_without_bulk_path(tmp_path):
+    df = make_records(230, seed=24)
+    with open_store(str(tmp_path / "c.db"), batch_size=50, bulk_min_rows=0) as s:
+        assert s.upsert_many(df) == 230  # five transactions of <= 50 rows
+        s.upsert_many(df.iloc[100:].assign(score_union=0.5))
+        expected = pd.concat([df.iloc[:100], df.iloc[100:].assign(score_union=0.5)], ignore_index=True)
+        assert_same_records(s.query(), expected)
+        _sqlite_consistent(s)
+        _assert_roi_queries(s, expected, seed=6)
+
+
+def test_sqlite_bulk_block_rewrite_is_idempotent(tmp_path, caplog):
+    with open_store(str(tmp_path / "b.db"), bulk_min_rows=100) as s:
+        s.upsert_many(make_records(60, seed=1, id_start=1), block_id=1)  # ordinary path
+        big = make_records(400, seed=2, id_start=1000)
+        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+            s.upsert_many(big, block_id=2)                      # 400 >= 60 stored: bulk
+            s.upsert_many(big, block_id=2)                      # same again (460 > 400: ordinary)
+        assert caplog.text.count("R*Tree packed: True") == 1
+        assert s.count() == 460 and s.block_ids() == [1, 2]
+        _sqlite_consistent(s)
+        # the block rewritten by a bulk load: 200 records gone, 300 new ones
+        new = pd.concat([big.iloc[200:], make_records(300, seed=3, id_start=5000)], ignore_index=True)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+            s.upsert_many(new, block_id=2)                      # 500 >= 460 stored: bulk
+        assert "R*Tree packed: True" in caplog.text
+        assert s.count() == 560 and s.get(big["id"].iloc[:200]).empty
+        assert_same_records(s.query(block_id=2), new.assign(block_id=pd.array([2] * 500, dtype="Int64")))
+        everything = ((-1e9, -1e9, -1e9), (1e9, 1e9, 1e9))
+        assert s.count(roi=everything) == 560
+        _sqlite_consistent(s)
+        expected = pd.concat([make_records(60, seed=1, id_start=1), new], ignore_index=True)
+        _assert_roi_queries(s, expected, seed=4)
+
+
+def test_sqlite_bulk_load_while_a_query_is_open(tmp_path, caplog):
+    with open_store(str(tmp_path / "o.db"), bulk_min_rows=100) as s:
+        first = make_records(150, seed=5)
+        s.upsert_many(first)
+        batches = s.iter_query(roi=((0, 0, 0), (2000, 4000, 4000)), batch_size=20)
+        got = [next(batches)]  # a paused R*Tree query holds nodes in SQLite's R*Tree cache
+        more = make_records(300, seed=6, id_start=10_000)
+        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+            s.upsert_many(more)  # bulk, but indexes and R*Tree are written through SQL
+        assert "R*Tree packed: False" in caplog.text
+        got += list(batches)
+        assert {i for b in got for i in b["id"]} >= set(first["id"])
+        _sqlite_consistent(s)
+        expected = pd.concat([first, more], ignore_index=True)
+        assert_same_records(s.query(), expected)
+        _assert_roi_queries(s, expected, seed=5)
+
+
+@pytest.mark.skipif(not hasattr(sqlite3.Connection, "setconfig"), reason="needs Python >= 3.12 (setconfig)")
+def test_sqlite_bulk_load_with_protected_shadow_tables(tmp_path, caplog):
+    with open_store(str(tmp_path / "d.db"), bulk_min_rows=100) as s:
+        s._conn.setconfig(sqlite3.SQLITE_DBCONFIG_DEFENSIVE, True)
+        df = make_records(300, seed=7)
+        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+            s.upsert_many(df, block_id=3)
+        assert "R*Tree packed: False" in caplog.text
+        assert_same_records(s.query(), df.assign(block_id=pd.array([3] * 300, dtype="Int64")))
+        _sqlite_consistent(s)
 
 
 def test_sqlite_retries_when_locked(tmp_path):
