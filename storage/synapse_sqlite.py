@@ -224,8 +224,10 @@ class SQLiteSynapseStore(SynapseStore):
 
         try:
             return self._retry(attempt)
-        except sqlite3.Error as e:
-            raise StorageError(f"{self.path}: write failed: {e}") from e
+        except StorageError:
+            raise
+        except (sqlite3.Error, ValueError, TypeError, MemoryError, AttributeError) as e:
+            raise StorageError(f"{self.path}: write failed (rolled back): {e}") from e
 
     def _live(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -279,7 +281,10 @@ class SQLiteSynapseStore(SynapseStore):
         return cur.rowcount
 
     def _max_params(self) -> int:
-        return self._live().getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        conn = self._live()
+        if hasattr(conn, "getlimit"):  # Python >= 3.11
+            return conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        return 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999  # SQLite's defaults
 
     @staticmethod
     def _stored_at_most(cur: sqlite3.Cursor, n: int) -> bool:
@@ -596,5 +601,10 @@ def _frame_from_rows(rows: list, columns: list[str], sort: bool = False) -> pd.D
 def _object_rows(rows: list) -> np.ndarray:
     """(rows, columns) object array from equal-length tuples (sqlite3 values are never split)."""
     if _to_object_array_tuples is not None:
-        return _to_object_array_tuples(rows)
-    return np.array(rows, dtype=object)
+        try:
+            return _to_object_array_tuples(rows)
+        except (TypeError, ValueError):  # a private helper: fall back if its signature changes
+            pass
+    out = np.empty((len(rows), len(rows[0]) if rows else 0), dtype=object)
+    out[:] = rows
+    return out

@@ -97,3 +97,19 @@ def test_packing_degenerate_boxes_and_points():
     assert con.execute("SELECT rtreecheck('t')").fetchone()[0] == "ok"
     assert _search(con, (0, 0, 0), (0, 0, 0)) == set(range(250))
     assert _search(con, (-1, -1, 6), (1, 1, 8)) == set(range(250, 500))
+
+
+def test_query_frames_without_the_private_pandas_helper(tmp_path, monkeypatch):
+    """Reads build the same DataFrame when pandas' private row helper is unavailable."""
+    import pandas as pd
+
+    import storage.synapse_sqlite as sq
+    from storage.synapse_db import open_store
+    from tests.test_synapse_db import make_records
+
+    with open_store(f"sqlite:///{tmp_path}/s.db") as store:
+        store.upsert_many(make_records(200, seed=3))
+        fast = store.query()
+        monkeypatch.setattr(sq, "_to_object_array_tuples", None)
+        slow = store.query()
+    pd.testing.assert_frame_equal(fast, slow)
