@@ -47,9 +47,9 @@ WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 #: predict stride (voxels) of the demo and of train/evaluate.py's report: a third of the patch
 #: overlaps, not half, so the demo fits in minutes on a 2-core laptop
 DEMO_STRIDE = (14, 120, 120)
-#: union threshold and smallest synapse kept (voxels), chosen on the RSUNet's validation volume
-#: (seed 201) with train/tune_segment.py
-DEMO_THRESHOLD = 0.4
+#: union threshold and smallest synapse kept (voxels), chosen on the RSUNet's validation volumes
+#: (seeds 201 and 202) with train/tune_segment.py
+DEMO_THRESHOLD = 0.5
 DEMO_MIN_SIZE = 1000
 
 
