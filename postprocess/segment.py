@@ -36,6 +36,7 @@ import glob
 import itertools
 import logging
 import os
+import zipfile
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -235,8 +236,17 @@ class SegmentStitchTask(_SegmentStep):
                 raise PostprocessError(
                     f"segment: faces of the block at voxel {begin} are missing ({path}); "
                     f"re-run the segment stage")
-            with np.load(path) as f:
-                found = cache[begin] = {k: f[k] for k in f.files}
+            try:
+                with np.load(path) as f:
+                    found = {k: f[k] for k in f.files}
+                missing = {"shape", "counts", "idx", "ids"} - set(found)
+                if missing:
+                    raise ValueError(f"arrays {sorted(missing)} are missing")
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+                raise PostprocessError(
+                    f"segment: faces file {path} is unreadable ({e}); re-run the segment stage "
+                    f"with overwrite") from e
+            cache[begin] = found
             while len(cache) > 1 and sum(a.nbytes for d in cache.values() for a in d.values()) > 128 * 2**20:
                 cache.popitem(last=False)  # bounded memory: least recently used faces go first
             return found
@@ -268,8 +278,15 @@ def resolve_segmentation(step: _SegmentStep) -> pd.DataFrame:
     if missing:
         raise PostprocessError(f"segment: {len(missing)} per-block results are missing, e.g. "
                                f"{missing[0]}; re-run the segment stage")
-    records = [pd.read_parquet(f) for f in rec_files]
-    pairs = [np.load(f) for f in pair_files]
+    def read(path, reader):
+        try:
+            return reader(path)
+        except Exception as e:  # truncated/corrupt per-block file: name it
+            raise PostprocessError(f"segment: {path} is unreadable ({e}); re-run the segment stage "
+                                   f"with overwrite") from e
+
+    records = [read(f, pd.read_parquet) for f in rec_files]
+    pairs = [read(f, np.load) for f in pair_files]
     res = resolve(pairs, records, min_size=c.min_size, max_size=c.max_size, min_peak_prob=c.min_peak)
     tmp = os.path.join(step.work, f"mapping.tmp{os.getpid()}.npz")
     np.savez(tmp, provisional=res.provisional_ids, final=res.final_ids)

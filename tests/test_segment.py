@@ -173,3 +173,20 @@ def test_detection_inside_one_neuron_is_flagged_or_dropped(tmp_path):
     assert tables["drop"]["id"].tolist() == [1]
     with pytest.raises(Exception, match="max_neuron_fraction"):
         SegmentConfig(max_neuron_fraction=1.5)
+
+
+def test_corrupt_faces_file_is_named_in_the_error(tmp_path):
+    union = np.zeros((8, 16, 16), np.uint8)
+    union[1:3, 2:5, 2:5] = 255
+    preds = _write_preds(f"{tmp_path}/p.zarr/pred", union)
+    cfg = SegmentConfig(predictions=preds, output=f"{tmp_path}/o.zarr/synapses",
+                        work_dir=f"{tmp_path}/w", block_shape=(4, 8, 8), min_size=1)
+    label, stitch, _ = segment_tasks(cfg)
+    run_task(label, BackendConfig(progress=False))
+    bad = os.path.join(cfg.work_dir, "faces", "4_8_8.npz")
+    with open(bad, "wb") as f:
+        f.write(b"not a zip file")
+    from blockwise.errors import BlockwiseError
+
+    with pytest.raises(BlockwiseError, match="faces file .*4_8_8.npz is unreadable"):
+        run_task(stitch, BackendConfig(progress=False, max_retries=0))
