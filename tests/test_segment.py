@@ -122,14 +122,20 @@ def test_backends_give_identical_labels(tmp_path, dask_address):
     np.testing.assert_array_equal(la, open_volume(c.output).read())
 
 
-def test_relabel_refuses_predictions_changed_after_labelling(tmp_path):
-    """The relabel pass recomputes each block's components; if the predictions changed since
-    the labelling pass it stops with a message instead of writing wrong ids."""
+def _one_blob_job(tmp_path):
+    """(union, prediction URL, SegmentConfig) of an 8 x 16 x 16 volume with one blob, 8 blocks."""
     union = np.zeros((8, 16, 16), np.uint8)
     union[1:3, 2:5, 2:5] = 255
     preds = _write_preds(f"{tmp_path}/p.zarr/pred", union)
     cfg = SegmentConfig(predictions=preds, output=f"{tmp_path}/o.zarr/synapses",
                         work_dir=f"{tmp_path}/w", block_shape=(4, 8, 8), min_size=1)
+    return union, preds, cfg
+
+
+def test_relabel_refuses_predictions_changed_after_labelling(tmp_path):
+    """The relabel pass recomputes each block's components; if the predictions changed since
+    the labelling pass it stops with a message instead of writing wrong ids."""
+    union, preds, cfg = _one_blob_job(tmp_path)
     label, stitch, relabel = segment_tasks(cfg)
     run_task(label, BackendConfig(progress=False))
     run_task(stitch, BackendConfig(progress=False))
@@ -176,11 +182,7 @@ def test_detection_inside_one_neuron_is_flagged_or_dropped(tmp_path):
 
 
 def test_corrupt_faces_file_is_named_in_the_error(tmp_path):
-    union = np.zeros((8, 16, 16), np.uint8)
-    union[1:3, 2:5, 2:5] = 255
-    preds = _write_preds(f"{tmp_path}/p.zarr/pred", union)
-    cfg = SegmentConfig(predictions=preds, output=f"{tmp_path}/o.zarr/synapses",
-                        work_dir=f"{tmp_path}/w", block_shape=(4, 8, 8), min_size=1)
+    _, _, cfg = _one_blob_job(tmp_path)
     label, stitch, _ = segment_tasks(cfg)
     run_task(label, BackendConfig(progress=False))
     bad = os.path.join(cfg.work_dir, "faces", "4_8_8.npz")
