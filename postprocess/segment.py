@@ -127,6 +127,12 @@ def _atomic_npy(arr: np.ndarray, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _atomic_npz(path: str, **arrays: np.ndarray) -> None:
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 class _SegmentStep(BlockTask):
     """Shared geometry: blocks tile the prediction volume's ROI; voxel indices are global."""
 
@@ -176,12 +182,6 @@ class _SegmentStep(BlockTask):
         d = os.path.join(self.work, name)
         os.makedirs(d, exist_ok=True)
         return d
-
-
-def _atomic_npz(path: str, **arrays: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 class SegmentLabelTask(_SegmentStep):
@@ -288,9 +288,8 @@ def resolve_segmentation(step: _SegmentStep) -> pd.DataFrame:
     records = [read(f, pd.read_parquet) for f in rec_files]
     pairs = [read(f, np.load) for f in pair_files]
     res = resolve(pairs, records, min_size=c.min_size, max_size=c.max_size, min_peak_prob=c.min_peak)
-    tmp = os.path.join(step.work, f"mapping.tmp{os.getpid()}.npz")
-    np.savez(tmp, provisional=res.provisional_ids, final=res.final_ids)
-    os.replace(tmp, os.path.join(step.work, "mapping.npz"))
+    _atomic_npz(os.path.join(step.work, "mapping.npz"), provisional=res.provisional_ids,
+                final=res.final_ids)
     _atomic_parquet(res.instances, os.path.join(step.work, "instances.parquet"))
     log.info("segment: %d instances after stitching and size filtering", len(res.instances))
     return res.instances

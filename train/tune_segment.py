@@ -61,7 +61,8 @@ def sweep(checkpoint: str, volume: str, work: str, thresholds, min_sizes, stride
             run_task(PartnersTask(sc), backend, overwrite=True)
             all_labels = open_volume(sc.output).read()
             table_all = pd.read_parquet(os.path.join(sc.work_dir, "synapses.parquet"))
-            fraction = _neuron_fraction(sc)
+            filtered = any(nf is not None for nf in neuron_fractions)
+            fraction = _neuron_fraction(sc) if filtered else {}  # votes merged again only if needed
             for nf in neuron_fractions:
                 table = table_all if nf is None else table_all[
                     table_all["id"].map(fraction).fillna(0.0).to_numpy() <= nf]
