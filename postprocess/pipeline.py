@@ -239,9 +239,17 @@ def run_connectome(cfg: PipelineConfig) -> dict:
     signs = signs_for(syn, cfg.connectome)
     out = os.path.join(cfg.output_dir, "graph")
     written = export_graph(syn, out, cfg.export_formats, signs, cfg.connectome)
-    edges = __import__("pandas").read_parquet(os.path.join(out, "edges.parquet")) \
-        if "parquet" in written else None
-    return {"synapses": int(len(syn)), "signed_neurons": int(0 if signs is None else len(signs)),
+    edges = nodes = None
+    if "parquet" in written:
+        import pandas as pd
+
+        edges = pd.read_parquet(os.path.join(out, "edges.parquet"))
+        nodes = pd.read_parquet(os.path.join(out, "nodes.parquet"))
+    # signed_neurons counts the graph's nodes with a sign (as the demo's summary does);
+    # signed_presynaptic also counts signed neurons none of whose synapses became an edge
+    signed_nodes = None if nodes is None or "sign" not in nodes else int((nodes["sign"].fillna(0) != 0).sum())
+    return {"synapses": int(len(syn)), "signed_neurons": signed_nodes,
+            "signed_presynaptic": int(0 if signs is None else len(signs)),
             "edges": None if edges is None else int(len(edges)), "files": written}
 
 

@@ -83,6 +83,8 @@ def test_every_stage_then_second_run_does_no_work(full_run):
     assert (db["classifier"].str.startswith("vgg3d:")).all()
     nodes = pd.read_parquet(os.path.join(cfg.output_dir, "graph", "nodes.parquet"))
     assert (nodes["sign"] != 0).any(), "classified synapses give signed presynaptic neurons"
+    conn = summary["stages"]["connectome"]
+    assert conn["signed_neurons"] == int((nodes["sign"] != 0).sum()) <= conn["signed_presynaptic"]
 
     before = {f: open(os.path.join(cfg.output_dir, "graph", f), "rb").read()
               for f in os.listdir(os.path.join(cfg.output_dir, "graph")) if os.path.isfile(

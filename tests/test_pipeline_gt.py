@@ -68,6 +68,8 @@ def test_perfect_prediction(synthetic):
     edges = pd.read_parquet(os.path.join(cfg.output_dir, "graph", "edges.parquet"))
     assert summary["stages"]["connectome"]["edges"] == len(edges) >= 1
     assert (edges["sign"] == 0).all()
+    assert summary["stages"]["connectome"]["signed_neurons"] == 0
+    assert summary["stages"]["connectome"]["signed_presynaptic"] == 0
     # idempotent: a second run changes nothing in the DB
     _pipeline(d, "perfect", preds.url, res.datasets["neurons"], min_size=1)
     with open_store(cfg.db_url) as store:

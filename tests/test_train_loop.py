@@ -191,3 +191,25 @@ def test_loss_balancing_and_side_term():
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
     torch.testing.assert_close(total, bce + 2.0 * expected)
     assert np.isnan(parts["dice"]) and parts["side"] == pytest.approx(float(expected))
+
+
+def test_init_weights_starts_from_an_exported_model(volumes, tmp_path):
+    first = train(parse_train_config(_cfg(volumes, tmp_path / "a", max_steps=3)))
+    out = str(tmp_path / "w" / "m.pt")
+    export_weights(str(tmp_path / "a"), out)
+    src, _ = load_model(out, device="cpu")
+    # lr ~ 0: the fine-tuning run keeps the weights it started from, not a fresh initialisation
+    cfg = _cfg(volumes, tmp_path / "b", max_steps=1, init_weights=out, ema_decay=0.0,
+               optim=dict(lr=1e-12, warmup_steps=0, weight_decay=0.0))
+    tuned = train(parse_train_config(cfg))["model"]
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[k], v, rtol=0, atol=1e-6)
+    fresh = build_rsunet(parse_train_config(cfg).model)
+    assert any(not torch.allclose(fresh.state_dict()[k], v) for k, v in src.state_dict().items()
+               if v.is_floating_point())
+    assert first["step"] == 3
+    other = dict(cfg, run_dir=str(tmp_path / "c"), model=dict(filters=[4, 8, 8], anisotropic_levels=1, norm="group"))
+    with pytest.raises(TrainError, match="init_weights .*architecture"):
+        train(parse_train_config(other))
+    with pytest.raises(TrainError, match="init_weights"):
+        train(parse_train_config(dict(cfg, run_dir=str(tmp_path / "d"), init_weights=str(tmp_path / "none.pt"))))

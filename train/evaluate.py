@@ -80,6 +80,8 @@ class EvalConfig:
     """patch stride of the predict step; default half the patch (the demo uses (14, 120, 120))"""
     batch_size: int = 2
     """patches per forward pass"""
+    tta: bool = False
+    """predict with test-time augmentation (mean over the 8 flips of z, y, x)"""
     torch_threads: int = 2
     """torch CPU threads"""
     device: str = "auto"
@@ -116,7 +118,7 @@ def run_pipeline(cfg: EvalConfig) -> dict:
     _run(PredictTask(PredictConfig(input=f"{vol}/raw", output=pred_url, checkpoint=cfg.checkpoint,
                                    block_shape=tuple(cfg.block_shape), batch_size=cfg.batch_size,
                                    stride=None if cfg.stride is None else tuple(cfg.stride),
-                                   device=cfg.device, torch_threads=cfg.torch_threads)),
+                                   device=cfg.device, torch_threads=cfg.torch_threads, tta=cfg.tta)),
          backend, cfg.overwrite)
     times["predict_s"] = time.perf_counter() - t0
     scfg = SegmentConfig(predictions=pred_url, output=labels_url, work_dir=os.path.join(work, "segment"),
@@ -326,6 +328,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="drop detections lying for more than this share in one neuron")
     p.add_argument("--device", default=d.device)
     p.add_argument("--threads", type=int, default=d.torch_threads)
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: mean over the 8 flips")
     p.add_argument("--training-info", help="JSON file whose content is added to the report as 'training'")
     return p
 
@@ -336,7 +339,7 @@ def main(argv: Optional[list] = None) -> int:
     cfg = EvalConfig(checkpoint=args.checkpoint, volume=args.volume, work_dir=args.work_dir, out=args.out,
                      threshold=args.threshold, min_size=args.min_size, device=args.device,
                      torch_threads=args.threads, partner_rule=args.partner_rule, block_shape=tuple(args.block_shape),
-                     max_neuron_fraction=args.max_neuron_fraction,
+                     max_neuron_fraction=args.max_neuron_fraction, tta=args.tta,
                      stride=None if args.stride is None else tuple(args.stride))
     training = None
     if args.training_info:

@@ -116,6 +116,8 @@ class RealEvalConfig:
     """report prefix (.json, .md, _montage.png); None = no files"""
     predict_block: tuple = (20, 224, 256)
     """predict block shape, voxels"""
+    tta: bool = False
+    """predict with test-time augmentation (mean over the 8 flips of z, y, x)"""
     segment_block: tuple = (10, 112, 256)
     """segment block shape, voxels (several blocks, so instances are stitched across blocks)"""
     batch_size: int = 2
@@ -264,7 +266,7 @@ def predict_band(cfg: RealEvalConfig, region, name: str) -> str:
     task = PredictTask(PredictConfig(
         input=f"{cfg.volume.rstrip('/')}/{cfg.raw}", output=out, checkpoint=cfg.checkpoint,
         roi=(tuple(roi.begin), tuple(roi.shape)), block_shape=tuple(cfg.predict_block),
-        batch_size=cfg.batch_size, device=cfg.device, torch_threads=cfg.torch_threads))
+        batch_size=cfg.batch_size, device=cfg.device, torch_threads=cfg.torch_threads, tta=cfg.tta))
     run_task(task, BackendConfig(backend="local", progress=False), overwrite=True)
     return out
 
@@ -684,6 +686,7 @@ def _parser() -> argparse.ArgumentParser:
                         "polarity model on a raw copy declared at its voxel size); repeatable")
     p.add_argument("--threads", type=int, default=d.torch_threads)
     p.add_argument("--device", default=d.device)
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: mean over the 8 flips")
     return p
 
 
@@ -697,7 +700,7 @@ def main(argv: Optional[list] = None) -> int:
     if args.hardware:
         training["hardware"] = args.hardware
     base = dict(volume=args.volume, heldout=heldout, train_region=train_region, torch_threads=args.threads,
-                device=args.device)
+                device=args.device, tta=args.tta)
     try:
         main_cfg = RealEvalConfig(checkpoint=args.checkpoint, raw=args.raw, threshold=args.threshold,
                                   min_size=args.min_size, work_dir=args.work_dir, out=None,

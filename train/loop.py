@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.checkpoint import resolve_device, save_checkpoint
+from models.checkpoint import load_model, resolve_device, save_checkpoint
 from models.errors import ModelError
 from models.rsunet import RSUNetConfig, build_rsunet, check_patch_shape
 from storage.config_io import to_dict
@@ -92,6 +92,10 @@ class TrainConfig:
     """stop (with a checkpoint) once this much wall time has passed in this process"""
     model: RSUNetConfig = field(default_factory=lambda: RSUNetConfig(norm="group"))
     """network architecture (models.rsunet.RSUNetConfig)"""
+    init_weights: Optional[str] = None
+    """fine-tuning: a cleftwise checkpoint (.pt with its .json, e.g. shipped weights) whose
+    weights start the run instead of a random initialisation; its architecture and voxel size
+    must equal ``model`` and the training volumes'. Optimiser, schedule and EMA start fresh."""
     data: DataConfig = field(default_factory=DataConfig)
     """volumes, patch shape, target, sampling, augmentation, loader"""
     loss: LossConfig = field(default_factory=LossConfig)
@@ -142,6 +146,22 @@ class TrainConfig:
             check_patch_shape(self.model, self.data.patch_shape)
         except ModelError as e:
             raise TrainError(f"data.patch_shape: {e}") from e
+
+
+def _init_from(model: nn.Module, cfg: TrainConfig, voxel_size: tuple) -> None:
+    """Copy the weights of ``cfg.init_weights`` into ``model`` (same architecture and voxel size)."""
+    try:
+        src, meta = load_model(cfg.init_weights, device="cpu")
+    except ModelError as e:
+        raise TrainError(f"init_weights: {e}") from e
+    if to_dict(meta.config) != to_dict(cfg.model):
+        raise TrainError(f"init_weights {cfg.init_weights}: its architecture {to_dict(meta.config)} differs "
+                         f"from the config's model {to_dict(cfg.model)}")
+    if tuple(int(v) for v in meta.voxel_size) != tuple(voxel_size):
+        raise TrainError(f"init_weights {cfg.init_weights}: trained at voxel size {tuple(meta.voxel_size)} nm "
+                         f"but the training volumes are {tuple(voxel_size)} nm")
+    model.load_state_dict(src.state_dict())
+    log.info("initialised from %s (sha256 %s)", cfg.init_weights, meta.weights_sha256[:12])
 
 
 def parse_train_config(data: dict, where: str = "train config") -> TrainConfig:
@@ -416,6 +436,8 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
     exclusive = data.target == "exclusive"
 
     model = build_rsunet(cfg.model).to(device)
+    if cfg.init_weights and not (resume and existing):
+        _init_from(model, cfg, voxel_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay)
     total = int(cfg.optim.schedule_steps or cfg.max_steps)

@@ -34,7 +34,7 @@ from storage.volume import open_volume  # noqa: E402
 
 def sweep(checkpoint: str, volume: str, work: str, thresholds, min_sizes, stride=None,
           block_shape=(32, 256, 256), partner_rule: str = "contrast", threads: int = 2,
-          neuron_fractions=(None,)) -> list[dict]:
+          neuron_fractions=(None,), tta: bool = False) -> list[dict]:
     """Score every (threshold, min_size, max_neuron_fraction); returns one dict per setting.
 
     The segment passes run once per (threshold, min_size); the partner filter is applied to
@@ -44,7 +44,7 @@ def sweep(checkpoint: str, volume: str, work: str, thresholds, min_sizes, stride
     pred = os.path.join(work, "predictions.zarr", "pred")
     run_task(PredictTask(PredictConfig(input=f"{vol}/raw", output=pred, checkpoint=checkpoint,
                                        block_shape=tuple(block_shape), batch_size=2, torch_threads=threads,
-                                       stride=None if stride is None else tuple(stride))), backend)
+                                       stride=None if stride is None else tuple(stride), tta=tta)), backend)
     raw = open_volume(f"{vol}/raw")
     syn = open_volume(f"{vol}/synapses").read()
     neu = open_volume(f"{vol}/neurons").read()
@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--neuron-fractions", type=float, nargs="*", default=[],
                    help="max_neuron_fraction values to try besides no filter")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tta", action="store_true", help="predict with test-time augmentation (8 flips)")
     p.add_argument("--out", help="JSON file for the table")
     args = p.parse_args(argv)
     rows = []
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
         work = args.work_dir if len(args.volume) == 1 else os.path.join(args.work_dir, f"v{k}")
         for row in sweep(args.checkpoint, volume, work, args.thresholds, args.min_sizes, args.stride,
                          partner_rule=args.partner_rule, threads=args.threads,
-                         neuron_fractions=[None] + list(args.neuron_fractions)):
+                         neuron_fractions=[None] + list(args.neuron_fractions), tta=args.tta):
             rows.append({"volume": volume, **row})
     df = aggregate(pd.DataFrame(rows))
     sys.stdout.write(df.round(3).to_string(index=False) + "\n")
