@@ -58,3 +58,23 @@ def test_choose_postprocess_prefers_the_setting_that_matches_truth():
     assert (th, ms) == (0.5, 10)
     best = grid[(grid.threshold == 0.5) & (grid.min_size == 10)].iloc[0]
     assert best["f1"] == 1.0 and len(grid) == 4
+
+
+def test_choose_postprocess_pools_regions_by_counts():
+    """Out-of-fold choice: detections are counted per region and summed, then scored."""
+    true_a = np.zeros((1, 40, 40), np.uint32)
+    true_a[0, 2:8, 2:8] = 1
+    p_a = np.zeros((1, 40, 40), np.float32)
+    p_a[0, 2:8, 2:8] = 0.9
+    true_b = np.zeros((1, 30, 30), np.uint32)
+    true_b[0, 10:13, 10:13] = 5        # a small true synapse (9 voxels)
+    p_b = np.zeros((1, 30, 30), np.float32)
+    p_b[0, 10:13, 10:13] = 0.8
+    p_b[0, 20:22, 20:22] = 0.9         # a 4-voxel false detection
+    th, ms, grid = choose_postprocess([p_a, p_b], [true_a, true_b], [0.5], [0, 5, 20], iou_threshold=0.1)
+    rows = grid.set_index("min_size")
+    assert rows.loc[0, "n_pred"] == 3 and rows.loc[5, "n_pred"] == 2 and rows.loc[20, "n_pred"] == 1
+    assert rows.loc[5, "f1"] == 1.0 and rows.loc[20, "recall"] == 0.5 and rows.loc[0, "precision"] == 2 / 3
+    assert (th, ms) == (0.5, 5)
+    with pytest.raises(TrainError, match="2 probability and 1 label"):
+        choose_postprocess([p_a, p_b], [true_a], [0.5], [0], iou_threshold=0.1)

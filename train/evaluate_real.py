@@ -58,7 +58,7 @@ from scipy.optimize import linear_sum_assignment  # noqa: E402
 from blockwise.errors import BlockwiseError  # noqa: E402
 from blockwise.predict import PredictConfig, PredictTask  # noqa: E402
 from blockwise.runner import BackendConfig, run_task  # noqa: E402
-from models.checkpoint import read_checkpoint_meta  # noqa: E402
+from models.checkpoint import read_checkpoint_meta, weights_digest  # noqa: E402
 from models.errors import ModelError  # noqa: E402
 from postprocess.errors import PostprocessError  # noqa: E402
 from postprocess.metrics import cremi_cleft_metrics, instance_f1, instance_overlaps  # noqa: E402
@@ -88,6 +88,11 @@ class RealEvalConfig:
     """held-out band, voxels: the VNC stack's y >= 800 px (never trained on)"""
     train_region: tuple = ((0, 0, 0), (20, 800, 512))
     """training band, voxels: where the post-processing settings are chosen"""
+    choose_on: tuple = ()
+    """out-of-fold choice of the settings: ``((checkpoint, region), ...)``, each checkpoint
+    trained with this recipe but without its region (voxels, inside the training band; see
+    ``train/cv_folds.py``) predicts that region, and the grid is scored on all of them together.
+    Empty: the evaluated model itself on ``train_region`` (optimistic: it was trained there)"""
     channel: Optional[int] = None
     """probability channel segmented; default 0 for a 1-channel model, 2 (union) for 3 channels"""
     threshold: Optional[float] = None
@@ -215,25 +220,39 @@ def label_predictions(prob: np.ndarray, threshold: float, min_size: int, connect
     return labels
 
 
-def choose_postprocess(prob: np.ndarray, true_labels: np.ndarray, thresholds: Sequence[float],
+def choose_postprocess(prob, true_labels, thresholds: Sequence[float],
                        min_sizes: Sequence[int], iou_threshold: float, strict_iou: float = 0.5,
                        connectivity: int = 26) -> tuple[float, int, pd.DataFrame]:
-    """Best (threshold, min_size) by instance F1 at ``iou_threshold`` on a labelled region.
+    """Best (threshold, min_size) by instance F1 at ``iou_threshold`` on labelled region(s).
 
-    Ties go to the better F1 at ``strict_iou``, then the threshold nearer 0.5, then the smaller
-    min_size. Returns (threshold, min_size, the whole grid as a DataFrame).
+    ``prob`` and ``true_labels`` are one (z, y, x) array each, or equally long lists of them
+    (e.g. out-of-fold predictions of several regions): then true/false detections are counted
+    per region and summed before the scores are computed. Ties go to the better F1 at
+    ``strict_iou``, then the threshold nearer 0.5, then the smaller min_size. Returns
+    (threshold, min_size, the whole grid as a DataFrame).
     """
+    probs = list(prob) if isinstance(prob, (list, tuple)) else [prob]
+    trues = list(true_labels) if isinstance(true_labels, (list, tuple)) else [true_labels]
+    if len(probs) != len(trues) or not probs:
+        raise TrainError(f"choose_postprocess: {len(probs)} probability and {len(trues)} label regions")
+    counts: dict = {}
+    for pr, tr in zip(probs, trues):
+        n_true = int(np.count_nonzero(fastremap.unique(tr)))
+        for th in thresholds:
+            base = label_predictions(pr, th, 0, connectivity)
+            ids, sizes = fastremap.unique(base, return_counts=True)
+            for ms in min_sizes:
+                small = ids[(ids != 0) & (sizes < ms)]
+                lab = fastremap.mask(base, small.tolist()) if small.size else base
+                m = instance_f1(lab, tr, iou_threshold=iou_threshold)
+                st = instance_f1(lab, tr, iou_threshold=strict_iou)
+                c = counts.setdefault((float(th), int(ms)), np.zeros(4, np.int64))
+                c += (m.tp, m.tp + m.fp, n_true, st.tp)
     rows = []
-    for th in thresholds:
-        base = label_predictions(prob, th, 0, connectivity)
-        ids, counts = fastremap.unique(base, return_counts=True)
-        for ms in min_sizes:
-            small = ids[(ids != 0) & (counts < ms)]
-            lab = fastremap.mask(base, small.tolist()) if small.size else base
-            m = instance_f1(lab, true_labels, iou_threshold=iou_threshold)
-            s = instance_f1(lab, true_labels, iou_threshold=strict_iou)
-            rows.append({"threshold": float(th), "min_size": int(ms), "n_pred": m.tp + m.fp,
-                         "precision": m.precision, "recall": m.recall, "f1": m.f1, "f1_strict": s.f1})
+    for (th, ms), (tp, n_pred, n_true, tp_strict) in counts.items():
+        prf, strict = _prf(int(tp), int(n_pred), int(n_true)), _prf(int(tp_strict), int(n_pred), int(n_true))
+        rows.append({"threshold": th, "min_size": ms, "n_pred": int(n_pred), "precision": prf["precision"],
+                     "recall": prf["recall"], "f1": prf["f1"], "f1_strict": strict["f1"]})
     grid = pd.DataFrame(rows)
     grid["_d"] = (grid["threshold"] - 0.5).abs()
     best = grid.sort_values(["f1", "f1_strict", "_d", "min_size"], ascending=[False, False, True, True]).iloc[0]
@@ -258,13 +277,14 @@ def _roi(region, voxel_size: Coordinate, origin: Coordinate) -> Roi:
     return Roi(origin + begin * voxel_size, shape * voxel_size)
 
 
-def predict_band(cfg: RealEvalConfig, region, name: str) -> str:
-    """Blockwise prediction of ``region`` (voxels) of the raw dataset; returns the output URL."""
+def predict_band(cfg: RealEvalConfig, region, name: str, checkpoint: Optional[str] = None) -> str:
+    """Blockwise prediction of ``region`` (voxels) of the raw dataset by ``checkpoint`` (default
+    ``cfg.checkpoint``); returns the output URL."""
     raw = open_volume(f"{cfg.volume.rstrip('/')}/{cfg.raw}")
     roi = _roi(region, raw.voxel_size, raw.offset)
     out = os.path.join(os.path.abspath(cfg.work_dir), "predictions.zarr", name)
     task = PredictTask(PredictConfig(
-        input=f"{cfg.volume.rstrip('/')}/{cfg.raw}", output=out, checkpoint=cfg.checkpoint,
+        input=f"{cfg.volume.rstrip('/')}/{cfg.raw}", output=out, checkpoint=checkpoint or cfg.checkpoint,
         roi=(tuple(roi.begin), tuple(roi.shape)), block_shape=tuple(cfg.predict_block),
         batch_size=cfg.batch_size, device=cfg.device, torch_threads=cfg.torch_threads, tta=cfg.tta))
     run_task(task, BackendConfig(backend="local", progress=False), overwrite=True)
@@ -314,10 +334,15 @@ def evaluate_real(cfg: RealEvalConfig) -> dict:
         raise TrainError(f"evaluate_real: {vol} lacks a dataset (raw {cfg.raw!r}, synapse_mask, "
                          f"synapses); import it with launch/import_stack.py: {e}") from e
     shape = tuple(raw_vol.spatial_shape)
-    for name, reg in (("heldout", cfg.heldout), ("train_region", cfg.train_region)):
+    regions = [("heldout", cfg.heldout), ("train_region", cfg.train_region)] + \
+        [(f"choose_on region {k}", reg) for k, (_, reg) in enumerate(cfg.choose_on)]
+    for name, reg in regions:
         b, s = reg
         if any(x < 0 or x + n > m for x, n, m in zip(b, s, shape)):
             raise TrainError(f"evaluate_real: {name} {reg} (voxels) is not inside the stack {shape}")
+        if name.startswith("choose_on") and all(
+                a < hb + hs and hb < a + n for a, n, hb, hs in zip(b, s, *cfg.heldout)):
+            raise TrainError(f"evaluate_real: {name} {reg} overlaps the held-out band {cfg.heldout}")
     pvs = tuple(float(v) for v in cfg.physical_voxel_size)
     times: dict = {}
     try:
@@ -326,17 +351,20 @@ def evaluate_real(cfg: RealEvalConfig) -> dict:
         threshold, min_size = cfg.threshold, cfg.min_size
         if threshold is None or min_size is None:
             t = time.perf_counter()
-            pred_train = predict_band(cfg, cfg.train_region, "train_band")
+            sources = [(ckpt, reg, f"fold{k}") for k, (ckpt, reg) in enumerate(cfg.choose_on)] \
+                or [(None, cfg.train_region, "train_band")]
+            probs, trues = [], []
+            for ckpt, reg, name in sources:
+                pt = open_volume(predict_band(cfg, reg, name, checkpoint=ckpt))
+                probs.append(pt.read(pt.roi)[channel])
+                trues.append(fastremap.renumber(_read_region(f"{vol}/synapses", reg).astype(np.uint64))[0])
             times["predict_train_band_s"] = time.perf_counter() - t
-            pt = open_volume(pred_train)
-            prob_train = pt.read(pt.roi)[channel]
-            true_train = fastremap.renumber(_read_region(f"{vol}/synapses", cfg.train_region)
-                                            .astype(np.uint64))[0]
             ths = [threshold] if threshold is not None else list(cfg.thresholds)
             mss = [min_size] if min_size is not None else list(cfg.min_sizes)
-            threshold, min_size, grid = choose_postprocess(prob_train, true_train, ths, mss,
+            threshold, min_size, grid = choose_postprocess(probs, trues, ths, mss,
                                                            cfg.iou_threshold, cfg.strict_iou, cfg.connectivity)
-            log.info("chosen on the training band: threshold %.2f, min_size %d", threshold, min_size)
+            log.info("chosen on %s: threshold %.2f, min_size %d",
+                     "out-of-fold predictions" if cfg.choose_on else "the training band", threshold, min_size)
         # 2. held-out band through predict + blockwise segment
         t = time.perf_counter()
         pred_url = predict_band(cfg, cfg.heldout, "heldout")
@@ -397,7 +425,11 @@ def evaluate_real(cfg: RealEvalConfig) -> dict:
         "train_region_voxels": [list(cfg.train_region[0]), list(cfg.train_region[1])],
         "n_true_stack": n_true_stack, "n_true_heldout": int(len(tc)), "n_pred_heldout": int(len(pc)),
         "postprocess": {"threshold": threshold, "min_size": min_size, "connectivity": cfg.connectivity,
-                        "chosen_on": "chosen on the training band" if grid is not None else "fixed in advance",
+                        "chosen_on": ("fixed in advance" if grid is None else
+                                      "chosen on out-of-fold predictions of the training band" if cfg.choose_on
+                                      else "chosen on the training band"),
+                        "choose_on": [{"checkpoint": c, "sha256": weights_digest(c), "region_voxels": [list(r[0]), list(r[1])]}
+                                      for c, r in cfg.choose_on],
                         "grid": grid.to_dict(orient="records") if grid is not None else None},
         "instance_iou_headline": {**_inst(head), "iou_threshold": cfg.iou_threshold,
                                   "recall_ci95": _wilson(head.tp, head.tp + head.fn),
@@ -449,7 +481,8 @@ def target_line(r: dict) -> str:
     if pp.get("grid"):
         row = next((g for g in pp["grid"] if g["threshold"] == pp["threshold"] and g["min_size"] == pp["min_size"]), None)
         if row:
-            text += (f" On the training band the chosen settings gave F1 {_f(row['f1'])} (precision "
+            where = "out-of-fold predictions of the training band" if pp.get("choose_on") else "the training band"
+            text += (f" On {where} the chosen settings gave F1 {_f(row['f1'])} (precision "
                      f"{_f(row['precision'])}, recall {_f(row['recall'])}).")
     if pp["min_size"]:
         small = [s for s in r["per_true_synapse"] if s["voxels"] < pp["min_size"]]
@@ -501,6 +534,20 @@ def write_real_report(reports: list, out: str, montage=None, note: str = "") -> 
         + (" (grid in the JSON), never on the held-out band." if pp["grid"] else ".")
         + " The synapse DB stage is not run: it stores these instances and changes no metric.",
         "",
+    ]
+    if pp.get("choose_on"):
+        folds = "; ".join(f"`{c['checkpoint']}` (sha256 `{c['sha256'][:12]}…`) on voxels z {c['region_voxels'][0][0]}+"
+                          f"{c['region_voxels'][1][0]}, y {c['region_voxels'][0][1]}+{c['region_voxels'][1][1]}, "
+                          f"x {c['region_voxels'][0][2]}+{c['region_voxels'][1][2]}" for c in pp["choose_on"])
+        lines += [
+            "**Out-of-fold choice of the settings.** The evaluated model was trained on the whole training "
+            "band, so on that band it is more confident than on unseen tissue. The settings were therefore "
+            "chosen on out-of-fold predictions instead: the same recipe retrained on folds of the training band "
+            "(`train/cv_folds.py`), each fold model predicting only the part it never saw, detections counted "
+            f"over all parts together: {folds}.",
+            "",
+        ]
+    lines += [
         f"## Synapse instances, held-out band: {r['title']}",
         "",
         "| matching rule | true | predicted | TP | FP | FN | precision | recall | F1 |",
@@ -543,13 +590,13 @@ def write_real_report(reports: list, out: str, montage=None, note: str = "") -> 
               "true one. The instance rows are the measure of detection.", ""]
     if len(reports) > 1:
         lines += ["## Transfer check: same band, other models", "",
-                  "| model | channel | threshold / min_size (chosen on the training band) | "
+                  "| model | channel | threshold / min_size (how chosen) | "
                   f"F1 IoU ≥ {iou_h:g} | F1 IoU ≥ {iou_s:g} | F1 centroid | precision | recall | cleft F-score |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for x in reports:
             h = x["instance_iou_headline"]
             lines.append(f"| {x['title']} | {x['channel']} | {_f(x['postprocess']['threshold'], 2)} / "
-                         f"{x['postprocess']['min_size']} | {_f(h['f1'])} | {_f(x['instance_iou_strict']['f1'])} | "
+                         f"{x['postprocess']['min_size']} ({x['postprocess']['chosen_on'].replace('chosen on ', '')}) | {_f(h['f1'])} | {_f(x['instance_iou_strict']['f1'])} | "
                          f"{_f(x['instance_centroid']['f1'])} | {_f(h['precision'])} | {_f(h['recall'])} | "
                          f"{_f(x['cremi']['f1'])} |")
         lines += ["", "Every model sees the same pixels of the same band; a model trained at another voxel size "
@@ -675,6 +722,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", default=d.raw, help="raw dataset name inside --volume")
     p.add_argument("--heldout", type=int, nargs=6, metavar="N", help="z y x begin, z y x shape (voxels)")
     p.add_argument("--train-region", type=int, nargs=6, metavar="N", help="z y x begin, z y x shape (voxels)")
+    p.add_argument("--choose-on", nargs=7, action="append", metavar=("CHECKPOINT", "Z", "Y", "X", "DZ", "DY", "DX"),
+                   help="out-of-fold choice of threshold/min_size: a checkpoint trained without this region "
+                        "(voxels: begin, shape) predicts it; repeatable (see train/cv_folds.py)")
     p.add_argument("--threshold", type=float, help="fixed threshold (default: chosen on the training band)")
     p.add_argument("--min-size", type=int, help="fixed min_size (default: chosen on the training band)")
     p.add_argument("--work-dir", default=d.work_dir)
@@ -699,11 +749,13 @@ def main(argv: Optional[list] = None) -> int:
     training = training_info(args.run_dir)
     if args.hardware:
         training["hardware"] = args.hardware
+    choose_on = tuple((c[0], (tuple(int(v) for v in c[1:4]), tuple(int(v) for v in c[4:7])))
+                      for c in args.choose_on or [])
     base = dict(volume=args.volume, heldout=heldout, train_region=train_region, torch_threads=args.threads,
                 device=args.device, tta=args.tta)
     try:
         main_cfg = RealEvalConfig(checkpoint=args.checkpoint, raw=args.raw, threshold=args.threshold,
-                                  min_size=args.min_size, work_dir=args.work_dir, out=None,
+                                  min_size=args.min_size, work_dir=args.work_dir, out=None, choose_on=choose_on,
                                   title="real-data cleft model (vnc_cleft)", training=training, **base)
         reports = [evaluate_real(main_cfg)]
         for ckpt, raw, title in args.compare or []:
