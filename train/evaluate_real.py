@@ -736,6 +736,8 @@ def _parser() -> argparse.ArgumentParser:
                         "polarity model on a raw copy declared at its voxel size); repeatable")
     p.add_argument("--threads", type=int, default=d.torch_threads)
     p.add_argument("--device", default=d.device)
+    p.add_argument("--note-file", help="Markdown file whose text is appended to the report (e.g. how the "
+                   "shipped model was chosen)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: mean over the 8 flips")
     return p
 
@@ -768,7 +770,11 @@ def main(argv: Optional[list] = None) -> int:
             lv = open_volume(os.path.join(os.path.abspath(cfg.work_dir), "segment_heldout", "labels.zarr", "final"))
             raw = _read_region(f"{cfg.volume.rstrip('/')}/{cfg.raw}", cfg.heldout)
             true = _read_region(f"{cfg.volume.rstrip('/')}/synapses", cfg.heldout)
-            write_real_report(reports, args.out,
+            note = ""
+            if args.note_file:
+                with open(args.note_file) as f:
+                    note = f.read().strip()
+            write_real_report(reports, args.out, note=note,
                               montage=(raw, true, lv.read(lv.roi), pv.read(pv.roi)[reports[0]["channel"]]))
     except TrainError as e:
         log.error("%s", e)
