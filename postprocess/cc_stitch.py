@@ -273,22 +273,14 @@ def label_block_local(
     return local, records
 
 
-def label_block(
-    mask_block: np.ndarray,
-    block_begin: Sequence[int],
-    connectivity: int = 26,
-    id_offset: int = 0,
-    probs_block: np.ndarray | None = None,
-    id_stride: int | None = None,
-) -> tuple[np.ndarray, pd.DataFrame]:
-    """:func:`label_block_local` with the labels returned as uint64 provisional ids.
+def label_block(*args, **kwargs) -> tuple[np.ndarray, pd.DataFrame]:
+    """:func:`label_block_local` (same arguments) with the labels returned as uint64 provisional ids.
 
     Returns:
         ``(labels, records)``: labels is uint64 (z, y, x), 0 = background, else
         ``id_offset + local``; records as in :func:`label_block_local`.
     """
-    local, records = label_block_local(mask_block, block_begin, connectivity, id_offset,
-                                       probs_block, id_stride)
+    local, records = label_block_local(*args, **kwargs)
     lut = np.zeros(len(records) + 1, dtype=np.uint64)
     lut[1:] = records["id"].to_numpy(dtype=np.uint64)
     return np.take(lut, local), records
