@@ -240,11 +240,14 @@ def run_connectome(cfg: PipelineConfig) -> dict:
     out = os.path.join(cfg.output_dir, "graph")
     written = export_graph(syn, out, cfg.export_formats, signs, cfg.connectome)
     edges = nodes = None
-    if "parquet" in written:
-        import pandas as pd
+    import pandas as pd
 
+    if "parquet" in written:
         edges = pd.read_parquet(os.path.join(out, "edges.parquet"))
         nodes = pd.read_parquet(os.path.join(out, "nodes.parquet"))
+    elif "csv" in written:
+        edges = pd.read_csv(os.path.join(out, "edges.csv"))
+        nodes = pd.read_csv(os.path.join(out, "nodes.csv"))
     # signed_neurons counts the graph's nodes with a sign (as the demo's summary does);
     # signed_presynaptic also counts signed neurons none of whose synapses became an edge
     signed_nodes = None if nodes is None or "sign" not in nodes else int((nodes["sign"].fillna(0) != 0).sum())
