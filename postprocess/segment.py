@@ -105,7 +105,8 @@ class SegmentConfig:
     keeps them (flagged ``one_neuron`` above 0.9)"""
     partner_rule: str = "majority"
     """majority (per side, the neuron with most votes; PyTorch Connectomics) or contrast (the
-    neuron whose votes are most often pre vs the one least often pre; see postprocess.partners)"""
+    neuron with the largest surplus of pre over post votes vs the one with the largest surplus of
+    post over pre votes; see postprocess.partners)"""
 
     def __post_init__(self):
         if self.max_neuron_fraction is not None and not 0.0 < float(self.max_neuron_fraction) <= 1.0:

@@ -158,9 +158,17 @@ def test_contrast_rule_separates_a_blurry_pre_side_from_its_post_neuron():
     r = contrast.loc[1]
     assert (r["pre_neuron"], r["post_neuron"]) == (7, 9) and not r["autapse"]
     assert r["pre_confidence"] == pytest.approx(3 / 9) and r["post_confidence"] == pytest.approx(7 / 8)
-    # without the share threshold the 1-voxel stray neuron (all pre) would win the pre side
+    # the rule weighs vote surpluses, not fractions: even without the share threshold the
+    # 1-voxel stray neuron (all pre, surplus 1) does not beat the bouton (3 pre, 1 post, surplus 2)
     loose = merge_partner_votes(votes, rule="contrast", min_fraction=0.0).set_index("id")
-    assert loose.loc[1, "pre_neuron"] == 11
+    assert (loose.loc[1, "pre_neuron"], loose.loc[1, "post_neuron"]) == (7, 9)
+    # a sliver of a neighbour with a few all-post votes does not beat the post neuron that holds
+    # thousands of mostly-post votes (a fraction rule picked the sliver: post 1.0 vs 0.82)
+    sliver = pd.DataFrame({"id": [4] * 5, "side": [1, 2, 1, 2, 2],
+                           "neuron": [20, 20, 30, 30, 40], "count": [6645, 823, 2225, 10201, 1223]})
+    r = merge_partner_votes(sliver, rule="contrast").set_index("id").loc[4]
+    assert (r["pre_neuron"], r["post_neuron"]) == (20, 30)
+    assert r["post_confidence"] == pytest.approx(10201 / (823 + 10201 + 1223))
     assert contrast.loc[2, "autapse"] and contrast.loc[2, "pre_neuron"] == 5
     for col in ("pre_neuron", "post_neuron", "autapse"):
         assert contrast.loc[3, col] == major.loc[3, col]
