@@ -25,7 +25,8 @@ with the largest surplus of post over pre votes. Surpluses, not pre / (pre + pos
 a fraction lets a sliver of a neighbouring neuron with a few all-post votes beat the true
 post neuron holding thousands of mostly-post votes (on the validation volumes the fraction
 rule got 49 of 54 matched synapses' neurons right, the surplus rule 53). With fewer than two
-such neurons the majority rule decides. Confidences stay the vote fractions of the chosen neurons within each side.
+such neurons the majority rule decides. Confidences stay the vote fractions of the chosen
+neurons within each side.
 Where the side prediction is sharp both rules agree; where the pre side of a small bouton bleeds
 into a large postsynaptic neuron, the majority rule calls an autapse and the contrast rule
 still separates the two neurons.

@@ -237,7 +237,6 @@ def choose_postprocess(prob, true_labels, thresholds: Sequence[float],
         raise TrainError(f"choose_postprocess: {len(probs)} probability and {len(trues)} label regions")
     counts: dict = {}
     for pr, tr in zip(probs, trues):
-        n_true = int(np.count_nonzero(fastremap.unique(tr)))
         for th in thresholds:
             base = label_predictions(pr, th, 0, connectivity)
             ids, sizes = fastremap.unique(base, return_counts=True)
@@ -247,7 +246,7 @@ def choose_postprocess(prob, true_labels, thresholds: Sequence[float],
                 m = instance_f1(lab, tr, iou_threshold=iou_threshold)
                 st = instance_f1(lab, tr, iou_threshold=strict_iou)
                 c = counts.setdefault((float(th), int(ms)), np.zeros(4, np.int64))
-                c += (m.tp, m.tp + m.fp, n_true, st.tp)
+                c += (m.tp, m.tp + m.fp, m.tp + m.fn, st.tp)
     rows = []
     for (th, ms), (tp, n_pred, n_true, tp_strict) in counts.items():
         prf, strict = _prf(int(tp), int(n_pred), int(n_true)), _prf(int(tp_strict), int(n_pred), int(n_true))
