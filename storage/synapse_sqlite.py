@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - other pandas versions
 
 from . import sqlite_rtree
 from .errors import StorageError
+from .record_pack import PACKED_COLUMNS, PACKED_COUNT_COLUMNS, pack_records, unpack_records
 from .synapse_db import ONE_BATCH, SynapseStore
 from .synapse_schema import (
     COLUMNS,
@@ -67,11 +68,20 @@ _KIND = {c.name: c.kind for c in COLUMNS}
 _ROWS_PER_STATEMENT = 32  #: rows per multi-row INSERT (fewer sqlite3 steps than one per row)
 _PAGE_SIZE = 16384  #: page size of new database files (existing files keep theirs)
 _WAL_LIMIT = 64 << 20  #: bytes the WAL file is truncated to when SQLite resets it
+#: File layout of this backend (meta key ``sqlite_layout``; absent = 1). Layout 2 adds the
+#: ``packed`` column (:mod:`storage.record_pack`) and the trigger that voids it when a numeric
+#: column is changed by hand; a layout-1 file is upgraded when opened for writing.
+_LAYOUT = 2
+_PACKED = "packed"
+#: Queries asking for at least this many numeric columns decode ``packed`` instead
+#: (measured at 10k rows: all 29 numeric columns 2x faster; 6 columns about even).
+_PACKED_MIN_COLUMNS = 8
 
 
 def _ddl() -> list[str]:
     cols = ",\n  ".join(
         f"{c.name} {_SQL_TYPE[c.kind]}{' NOT NULL' if c.name in _NOT_NULL else ''}" for c in COLUMNS)
+    cols += f",\n  {_PACKED} BLOB"
     return [
         f"CREATE TABLE {_META} (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         f"CREATE TABLE synapses (\n  {cols}\n)",
@@ -79,7 +89,18 @@ def _ddl() -> list[str]:
         "CREATE INDEX synapses_pre_post ON synapses(pre_neuron, post_neuron)",
         "CREATE INDEX synapses_post ON synapses(post_neuron)",
         "CREATE INDEX synapses_block ON synapses(block_id)",
+        *_layout2_ddl(),
     ]
+
+
+def _layout2_ddl() -> list[str]:
+    """The ``packed`` column's trigger: a hand-made UPDATE that changes a numeric column but not
+    ``packed`` sets ``packed`` to NULL, so queries read that row's real columns."""
+    changed = " OR ".join(f"NEW.{c} IS NOT OLD.{c}" for c in PACKED_COLUMNS)
+    return [f"CREATE TRIGGER IF NOT EXISTS synapses_packed_void AFTER UPDATE OF "
+            f"{', '.join(PACKED_COLUMNS)} ON synapses "
+            f"WHEN OLD.{_PACKED} IS NOT NULL AND NEW.{_PACKED} IS OLD.{_PACKED} AND ({changed}) "
+            f"BEGIN UPDATE synapses SET {_PACKED} = NULL WHERE rowid = NEW.rowid; END"]
 
 
 def _is_busy(e: Exception) -> bool:
@@ -102,11 +123,15 @@ class SQLiteSynapseStore(SynapseStore):
                  timeout_s: float = 30.0, retries: int = 8, batch_size: int = 50_000,
                  cache_mb: int = 64, bulk_min_rows: int = 20_000):
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+        if self.path.startswith("//"):  # sqlite:////abs/path.db (four slashes): same file
+            self.path = "/" + self.path.lstrip("/")
         self.url = f"sqlite://{self.path}"
         self.retries = int(retries)
         self.batch_size = int(batch_size)
         self.bulk_min_rows = int(bulk_min_rows)
         self._conn: Optional[sqlite3.Connection] = None
+        self._packed = False
+        self._readonly = bool(readonly)
         if os.path.isdir(self.path):
             raise StorageError(f"synapse database {self.path} is a directory")
         exists = os.path.exists(self.path)
@@ -173,6 +198,7 @@ class SQLiteSynapseStore(SynapseStore):
                 cur.execute(stmt)
             cur.executemany(f"INSERT INTO {_META} VALUES (?, ?)",
                             [("kind", SCHEMA_KIND), ("schema_version", str(SCHEMA_VERSION)),
+                             ("sqlite_layout", str(_LAYOUT)),
                              ("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))])
             log.info("created synapse database %s (schema %d)", self.path, SCHEMA_VERSION)
 
@@ -192,6 +218,39 @@ class SQLiteSynapseStore(SynapseStore):
             r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if missing:
             raise StorageError(f"{self.path}: synapse database lacks tables {sorted(missing)}")
+        layout = int(meta.get("sqlite_layout", "1"))
+        if layout > _LAYOUT:
+            raise StorageError(f"{self.path}: SQLite layout {layout} is newer than this cleftwise "
+                               f"reads ({_LAYOUT}); update cleftwise")
+        if layout < _LAYOUT and not self._readonly:
+            self._transaction(self._upgrade_layout)
+            layout = _LAYOUT
+        self._packed = layout >= 2
+
+    def _upgrade_layout(self, cur: sqlite3.Cursor) -> None:
+        """Layout 1 -> 2 (one transaction; another process may have done it meanwhile): add
+        ``packed`` and its trigger, and fill ``packed`` for the stored records."""
+        meta = dict(cur.execute(f"SELECT key, value FROM {_META}").fetchall())
+        if int(meta.get("sqlite_layout", "1")) >= 2:
+            return
+        cur.execute(f"ALTER TABLE synapses ADD COLUMN {_PACKED} BLOB")
+        for stmt in _layout2_ddl():
+            cur.execute(stmt)
+        n = 0
+        last = None
+        while True:  # batches in id order, bounded memory
+            rows = cur.execute(
+                f"SELECT {', '.join(COLUMN_NAMES)} FROM synapses "
+                f"{'WHERE id > ? ' if last is not None else ''}ORDER BY id LIMIT ?",
+                ([last] if last is not None else []) + [self.batch_size]).fetchall()
+            if not rows:
+                break
+            frame = _frame_from_rows(rows, list(COLUMN_NAMES))
+            cur.executemany(f"UPDATE synapses SET {_PACKED} = ? WHERE id = ?",
+                            zip(pack_records(frame), frame["id"].tolist()))
+            last, n = int(frame["id"].iloc[-1]), n + len(frame)
+        cur.execute(f"INSERT OR REPLACE INTO {_META} VALUES ('sqlite_layout', ?)", (str(_LAYOUT),))
+        log.info("%s: upgraded to SQLite layout %d (%d records packed)", self.path, _LAYOUT, n)
 
     # ----------------------------------------------------------- transactions
     def _retry(self, fn: Callable[[], object]) -> object:
@@ -266,8 +325,12 @@ class SQLiteSynapseStore(SynapseStore):
         Several rows per statement pay only into a table without indexes (measured: ~30 %
         faster there, 15-30 % slower with the three indexes or into the R*Tree).
         """
-        _insert_many(cur, f"INSERT OR REPLACE INTO synapses ({', '.join(COLUMN_NAMES)})",
-                     _bind_matrix(frame, COLUMN_NAMES), self._max_params(), rows_per_statement)
+        names = [*COLUMN_NAMES, _PACKED] if self._packed else list(COLUMN_NAMES)
+        mat = _bind_matrix(frame, COLUMN_NAMES, extra=1 if self._packed else 0)
+        if self._packed:
+            mat[:, -1] = pack_records(frame)
+        _insert_many(cur, f"INSERT OR REPLACE INTO synapses ({', '.join(names)})",
+                     mat, self._max_params(), rows_per_statement)
         if rtree:
             ids, boxes = _rtree_boxes(frame)
             mat = np.empty((len(ids), 7), dtype=object)
@@ -334,13 +397,19 @@ class SQLiteSynapseStore(SynapseStore):
 
     def _update(self, frame: pd.DataFrame, fields: list[str]) -> int:
         conn = self._live()
-        sql = f"UPDATE synapses SET {', '.join(f'{f} = ?' for f in fields)} WHERE id = ?"
+        repack = self._packed and any(f in PACKED_COLUMNS for f in fields)
+        sets = [*fields, _PACKED] if repack else fields
+        sql = f"UPDATE synapses SET {', '.join(f'{f} = ?' for f in sets)} WHERE id = ?"
         matched = 0
         for start in range(0, len(frame), self.batch_size):
             part = frame.iloc[start:start + self.batch_size]
             def run(cur: sqlite3.Cursor, part=part) -> int:
                 before = conn.total_changes
-                cur.executemany(sql, map(np.ndarray.tolist, _bind_matrix(part, [*fields, "id"])))
+                mat = _bind_matrix(part, [*fields, "id"], extra=1 if repack else 0)
+                if repack:  # packed copies patched in the same transaction (read, modify, write)
+                    mat[:, -1] = _repacked(cur, part, fields)
+                    mat[:, [-2, -1]] = mat[:, [-1, -2]]  # id last
+                cur.executemany(sql, map(np.ndarray.tolist, mat))
                 return conn.total_changes - before
 
             matched += self._transaction(run)
@@ -422,7 +491,13 @@ class SQLiteSynapseStore(SynapseStore):
         conn = self._live()
         clause, params = self._where(filt)
         everything = batch_size >= ONE_BATCH and limit is None
-        sql = f"SELECT {', '.join('s.' + c for c in columns)} {clause}"
+        numeric = [c for c in columns if c in PACKED_COLUMNS]
+        packed = self._packed and len(numeric) >= _PACKED_MIN_COLUMNS
+        texts = [c for c in columns if c not in PACKED_COLUMNS]
+        # packed: one BLOB per row (the id where it is NULL) and the text columns
+        selected = [f"COALESCE(s.{_PACKED}, s.id)", *("s." + c for c in texts)] if packed \
+            else ["s." + c for c in columns]
+        sql = f"SELECT {', '.join(selected)} {clause}"
         if not everything:  # batches and limits need SQL's order; one whole result is sorted
             # in Python below (cheaper than SQLite's sorter)
             sql += " ORDER BY s.id"
@@ -434,11 +509,41 @@ class SQLiteSynapseStore(SynapseStore):
                 rows = cur.fetchall() if batch_size >= ONE_BATCH else cur.fetchmany(batch_size)
                 if not rows:
                     break
-                yield _frame_from_rows(rows, columns, sort=everything)
+                yield (self._frame_from_packed(rows, columns, numeric, texts, sort=everything)
+                       if packed else _frame_from_rows(rows, columns, sort=everything))
                 if batch_size >= ONE_BATCH:
                     break
         except sqlite3.Error as e:
             raise StorageError(f"{self.path}: query failed: {e}") from e
+
+    def _frame_from_packed(self, rows: list, columns: list[str], numeric: list[str],
+                           texts: list[str], sort: bool) -> pd.DataFrame:
+        """Typed frame from rows ``(packed BLOB or id, *texts)``; rows without a packed copy
+        (NULL: written by hand) are read from their real columns."""
+        cells = list(zip(*rows))
+        texts_cols = {name: np.array(col, dtype=object) for name, col in zip(texts, cells[1:])}
+        try:
+            arrays = unpack_records(cells[0], numeric)
+        except TypeError:  # some rows carry their id instead of a BLOB
+            arrays, keep = self._unpack_mixed(cells[0], numeric)
+            texts_cols = {name: col[keep] for name, col in texts_cols.items()}
+        return _typed_frame({**arrays, **texts_cols}, columns, sort)
+
+    def _unpack_mixed(self, blobs: tuple, numeric: list[str]) -> tuple[dict, np.ndarray]:
+        """Numeric columns of rows given as packed BLOBs or (stale rows) as ids, whose real
+        columns are read here; a row deleted in between is dropped (returned ``keep``)."""
+        is_blob = np.fromiter((isinstance(b, bytes) for b in blobs), bool, len(blobs))
+        at_good, at_stale = np.flatnonzero(is_blob), np.flatnonzero(~is_blob)
+        good = pd.DataFrame(unpack_records([blobs[i] for i in at_good], numeric), index=at_good)
+        where = {int(blobs[i]): int(i) for i in at_stale}
+        rows = self._live().execute(
+            f"SELECT {', '.join(numeric)} FROM synapses WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(where)),)).fetchall()
+        stale = _frame_from_rows(rows, numeric) if rows else empty_frame(numeric)
+        stale.index = [where[i] for i in stale["id"].tolist()]
+        both = pd.concat([good, stale]).sort_index() if len(stale) else good
+        return {name: both[name].array if name in PACKED_COUNT_COLUMNS else both[name].to_numpy()
+                for name in numeric}, both.index.to_numpy()
 
     def _scalar_query(self, sql: str, params: list) -> list:
         conn = self._live()
@@ -493,11 +598,33 @@ def _bind_values(series: pd.Series) -> np.ndarray:
     return series.to_numpy(dtype=object, na_value=np.nan)
 
 
-def _bind_matrix(frame: pd.DataFrame, names) -> np.ndarray:
-    """(rows, len(names)) object array of bindable values (see :func:`_bind_values`)."""
-    out = np.empty((len(frame), len(names)), dtype=object)
+def _bind_matrix(frame: pd.DataFrame, names, extra: int = 0) -> np.ndarray:
+    """(rows, len(names) + extra) object array of bindable values (see :func:`_bind_values`);
+    the ``extra`` last columns are left for the caller."""
+    out = np.empty((len(frame), len(names) + extra), dtype=object)
     for j, name in enumerate(names):
         out[:, j] = _bind_values(frame[name])  # numpy numbers become Python int / float
+    return out
+
+
+def _repacked(cur: sqlite3.Cursor, part: pd.DataFrame, fields: list[str]) -> list:
+    """``packed`` values for the rows of an update: the stored copies with ``fields`` replaced
+    (None where a row has no copy, which then stays NULL, or does not exist)."""
+    ids = part["id"].to_numpy(np.int64)
+    rows = [r for r in cur.execute(
+        f"SELECT id, {_PACKED} FROM synapses WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps(ids.tolist()),)) if r[1] is not None]
+    out: list = [None] * len(ids)
+    if not rows:
+        return out
+    stored = pd.DataFrame(unpack_records([r[1] for r in rows], PACKED_COLUMNS))
+    order = np.argsort(ids, kind="stable")
+    at = order[np.searchsorted(ids, np.array([r[0] for r in rows], np.int64), sorter=order)]
+    for f in fields:
+        if f in PACKED_COLUMNS:
+            stored[f] = part[f].iloc[at].reset_index(drop=True).array
+    for i, blob in zip(at.tolist(), pack_records(stored)):
+        out[i] = blob
     return out
 
 
@@ -565,8 +692,7 @@ def _frame_from_rows(rows: list, columns: list[str], sort: bool = False) -> pd.D
         return empty_frame(columns)
     obj = _object_rows(rows)
     kinds = [_KIND[c] for c in columns]
-    arrays: dict[str, np.ndarray] = {}
-    masks: dict[str, np.ndarray] = {}
+    arrays: dict[str, object] = {}
     for cast, wanted in ((np.int64, ("key", "neuron")), (np.float64, ("float",))):
         at = [j for j, k in enumerate(kinds) if k in wanted]
         if at:
@@ -575,24 +701,27 @@ def _frame_from_rows(rows: list, columns: list[str], sort: bool = False) -> pd.D
     for j, (name, kind) in enumerate(zip(columns, kinds)):
         if kind == "count":
             col = obj[:, j]
-            masks[name] = pd.isna(col)
+            mask = pd.isna(col)
             data = col.copy()
-            data[masks[name]] = 0
-            arrays[name] = data.astype(np.int64)
+            data[mask] = 0
+            arrays[name] = pd.arrays.IntegerArray(data.astype(np.int64), mask)
         elif kind == "text":
             arrays[name] = obj[:, j].copy()
+    return _typed_frame(arrays, columns, sort)
+
+
+def _typed_frame(arrays: dict, columns: list[str], sort: bool) -> pd.DataFrame:
+    """DataFrame of ``columns`` from numpy arrays (``Int64`` IntegerArrays for counts, object
+    arrays for text); with ``sort``, rows ordered by the first column (``id``)."""
     if sort:
-        ids = arrays[columns[0]]
+        ids = np.asarray(arrays[columns[0]])
         if not bool(np.all(ids[1:] > ids[:-1])):
             order = np.argsort(ids, kind="stable")
             arrays = {k: v[order] for k, v in arrays.items()}
-            masks = {k: v[order] for k, v in masks.items()}
     out = {}
-    for name, kind in zip(columns, kinds):
-        if kind == "count":
-            out[name] = pd.arrays.IntegerArray(arrays[name], masks[name])
-        elif kind == "text":
-            out[name] = arrays[name] if TEXT_DTYPE is object else pd.array(arrays[name], dtype=TEXT_DTYPE)
+    for name in columns:
+        if _KIND[name] == "text" and TEXT_DTYPE is not object:
+            out[name] = pd.array(arrays[name], dtype=TEXT_DTYPE)
         else:
             out[name] = arrays[name]
     return pd.DataFrame(out, columns=list(columns))

@@ -406,6 +406,100 @@ def test_sqlite_readonly_and_wal(tmp_path):
             r.upsert_many(make_records(2, id_start=100))
 
 
+def _real_columns(store) -> pd.DataFrame:
+    """Every record read from the real SQL columns (no packed copy), typed as queries are."""
+    from storage.synapse_sqlite import _frame_from_rows
+    rows = store._conn.execute(f"SELECT {', '.join(COLUMN_NAMES)} FROM synapses").fetchall()
+    return _frame_from_rows(rows, list(COLUMN_NAMES), sort=True)
+
+
+def test_sqlite_packed_copy_follows_writes_updates_and_hand_edits(tmp_path):
+    """Queries of many columns decode the packed copy; it must equal the real columns after
+    inserts, block rewrites and update_fields, and a hand-made UPDATE voids it (the query then
+    reads that row's real columns)."""
+    from storage.record_pack import PACKED_COLUMNS
+
+    df = make_records(300, seed=31, block=4)
+    with open_store(str(tmp_path / "p.db")) as s:
+        s.upsert_many(df, block_id=4)
+        packed = s._conn.execute("SELECT COUNT(*) FROM synapses WHERE packed IS NOT NULL").fetchone()[0]
+        assert packed == 300
+        assert_same_records(s.query(), df)
+        assert_same_records(s.query(), _real_columns(s))
+        # update numeric and text fields (some set missing): copy patched in the same statement
+        upd = df[["id"]].iloc[::3].copy()
+        upd["pre_neuron"] = np.uint64(77)
+        upd["size"] = pd.array([None, 5] * (len(upd) // 2) + [7] * (len(upd) % 2), dtype="Int64")
+        upd["ei_prob"] = np.linspace(0, 1, len(upd))
+        upd["ei_label"] = "I"
+        assert s.update_fields(upd) == len(upd)
+        want = df.set_index("id")
+        for col in ("pre_neuron", "size", "ei_prob", "ei_label"):
+            want.loc[upd["id"], col] = upd[col].to_numpy() if col != "size" else upd[col].array
+        want = want.reset_index()
+        assert_same_records(s.query(), want)
+        assert_same_records(_real_columns(s), want)
+        assert s._conn.execute("SELECT COUNT(*) FROM synapses WHERE packed IS NULL").fetchone()[0] == 0
+        # a hand-made UPDATE of a numeric column voids the copy of that row only
+        s._conn.execute("UPDATE synapses SET post_size = 4242, score_max = NULL WHERE id = 5")
+        s._conn.execute("UPDATE synapses SET flags = 'x' WHERE id = 6")  # text: copy stays
+        nulls = [r[0] for r in s._conn.execute("SELECT id FROM synapses WHERE packed IS NULL")]
+        assert nulls == [5]
+        got = s.query().set_index("id")
+        assert got.loc[5, "post_size"] == 4242 and np.isnan(got.loc[5, "score_max"])
+        assert got.loc[6, "flags"] == "x"
+        assert_same_records(s.query(), _real_columns(s))
+        roi = s.query(roi=((0, 0, 0), (2000, 4000, 4000)))  # stale rows also in ROI queries
+        assert 5 in set(roi["id"]) and len(roi) == 300
+        few = s.query(columns=["z", "size"])  # few columns: the real columns, as before
+        assert few.set_index("id").loc[5, "size"] == df.set_index("id").loc[5, "size"]
+        # the block rewrite writes fresh copies
+        s.upsert_many(df, block_id=4)
+        assert s._conn.execute("SELECT COUNT(*) FROM synapses WHERE packed IS NULL").fetchone()[0] == 0
+        assert_same_records(s.query(), df)
+        assert len(PACKED_COLUMNS) == sum(c.kind != "text" for c in COLUMNS)
+
+
+def test_sqlite_layout1_file_is_read_and_upgraded(tmp_path):
+    """A file written before the packed column (layout 1) reads as before when opened
+    read-only, and is upgraded in place (copies filled) when opened for writing."""
+    path = tmp_path / "old.db"
+    df = make_records(120, seed=32)
+    with open_store(str(path)) as s:
+        s.upsert_many(df)
+    con = sqlite3.connect(path)  # turn it into a layout-1 file
+    con.execute("DROP TRIGGER synapses_packed_void")
+    con.execute("ALTER TABLE synapses DROP COLUMN packed")
+    con.execute("DELETE FROM cleftwise_meta WHERE key = 'sqlite_layout'")
+    con.commit()
+    con.close()
+    with open_store(str(path), readonly=True) as r:
+        assert_same_records(r.query(), df)
+    with open_store(str(path)) as s:
+        assert s._conn.execute("SELECT value FROM cleftwise_meta WHERE key = 'sqlite_layout'"
+                               ).fetchone()[0] == "2"
+        assert s._conn.execute("SELECT COUNT(*) FROM synapses WHERE packed IS NULL").fetchone()[0] == 0
+        assert_same_records(s.query(), df)
+        s.upsert_many(make_records(3, seed=1, id_start=500))
+        assert s.count() == 123
+    con = sqlite3.connect(path)
+    con.execute("UPDATE cleftwise_meta SET value = '9' WHERE key = 'sqlite_layout'")
+    con.commit()
+    con.close()
+    with pytest.raises(StorageError, match="layout 9 is newer"):
+        open_store(str(path))
+
+
+def test_sqlite_url_with_absolute_path(tmp_path):
+    """``sqlite:///`` + an absolute path (four slashes) names the same file as three."""
+    path = tmp_path / "abs.db"
+    with open_store(f"sqlite:///{path}") as s:  # path starts with '/': four slashes
+        s.upsert_many(make_records(4))
+        assert s.path == str(path)
+    with open_store(f"sqlite://{path}", readonly=True) as r:
+        assert r.count() == 4
+
+
 def _sqlite_consistent(store):
     """The R*Tree passes SQLite's own check and holds exactly the stored records."""
     con = store._conn
