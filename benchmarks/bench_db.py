@@ -1,5 +1,10 @@
 """Benchmark: synapse database throughput (SQLite; mongomock for reference).
 
+SQLite runs twice per size: ``sqlite`` is the default file layout 2 (numeric fields also in
+one packed BLOB per record, decoded with numpy; see ``storage/synapse_sqlite.py``) and
+``sqlite-layout1`` the peer in the same run, layout 1 (one SQL column per field, as before
+layout 2 existed, and what ``open_store(url, layout=1)`` makes).
+
 Synthetic records with every schema field, at 1 synapse per µm³ in a volume 10 µm deep
 (z) and as wide in y and x as the record count needs (1e6 records: 10 x 100 x 100 µm). Ids are
 consecutive per block of 4 x 20 x 20 µm in raster order, as the pipeline's blockwise
@@ -15,8 +20,8 @@ connected components assign them. Each case runs in a fresh subprocess:
 - **ROI query**: ROIs of 1 % of the volume (each side scaled by 0.01^(1/3)) at random
   positions: ``query`` with all 33 columns and with 7 core columns, and ``count``; median and
   95th percentile ms over the repeats, rows returned. SQLite floors: the same R*Tree join
-  run with a plain ``sqlite3`` connection and ``fetchall()`` (no DataFrame), all columns
-  (``roi_fetch_floor``), and SQLite's own one-by-one R*Tree insertion of the records'
+  run with a plain ``sqlite3`` connection and ``fetchall()`` (no DataFrame) of every SQL
+  column of the file (``roi_fetch_floor``; layout 2: its 19 SQL columns and the BLOB), and SQLite's own one-by-one R*Tree insertion of the records'
   boxes (``rtree_insert_floor``, at most 100k boxes, the cost the ordinary write path pays).
 - **neuron query**: ``query(pre=id)`` for random neurons (20000 neurons, ~50 synapses each).
 - **update_fields**: E/I fields (``ei_prob``, ``ei_label``, ``classifier``) for 10 % of the
@@ -207,20 +212,23 @@ def run_case(backend: str, n: int, workdir: str, repeats: int) -> dict:
     res = {"backend": backend, "records": n, "blocks": len(blocks),
            "volume_nm": ext.round().tolist(), "roi_side_nm": side.round(1).tolist()}
 
+    sqlite = backend.startswith("sqlite")
+    opts = {"layout": 1 if backend == "sqlite-layout1" else 2} if sqlite else {}
+
     def url(name):
-        if backend == "sqlite":
+        if sqlite:
             return f"sqlite://{os.path.join(workdir, name + '.db')}"
         return f"mongomock://bench_{name}_{os.getpid()}"
 
     # bulk insert
-    db = open_store(url("bulk"))
+    db = open_store(url("bulk"), **opts)
     with PeakRSS() as mem:
         _, wall, cpu = timed(lambda: db.upsert_many(table))
     res["insert_bulk"] = {"per_s_wall": round(n / wall), "per_s_cpu": round(n / cpu),
                           "seconds": round(wall, 2), "peak_rss_delta_mib": mem.delta_mib}
     # block-wise insert (pipeline pattern)
-    if backend == "sqlite" or n <= 100_000:
-        db2 = open_store(url("blocks"))
+    if sqlite or n <= 100_000:
+        db2 = open_store(url("blocks"), **opts)
         with PeakRSS() as mem:
             _, wall, cpu = timed(lambda: [db2.upsert_many(b, block_id=k) for k, b in blocks])
         res["insert_blocks"] = {"per_s_wall": round(n / wall), "per_s_cpu": round(n / cpu),
@@ -230,17 +238,17 @@ def run_case(backend: str, n: int, workdir: str, repeats: int) -> dict:
     _check(db.count() == n, "bulk insert lost records")
     picks = [blocks[i] for i in rng.choice(len(blocks), size=min(5, len(blocks)), replace=False)]
     res["rewrite_block"] = latency(lambda k, b: db.upsert_many(b, block_id=k), picks)
-    q_repeats = rois if backend == "sqlite" else rois[:5]
+    q_repeats = rois if sqlite else rois[:5]
     db.query(roi=q_repeats[0])  # warm the page cache once
     res["roi_query_all_columns"] = latency(lambda r: db.query(roi=r), [(r,) for r in q_repeats])
     res["roi_query_core_columns"] = latency(lambda r: db.query(roi=r, columns=CORE_COLUMNS),
                                             [(r,) for r in q_repeats])
     res["roi_count"] = latency(lambda r: db.count(roi=r), [(r,) for r in q_repeats])
-    if backend == "sqlite":
+    if sqlite:
         res.update(sqlite_floors(db.path, q_repeats, table, workdir))
     neurons = rng.integers(1, N_NEURONS + 1, len(q_repeats))
     res["neuron_query"] = latency(lambda p: db.query(pre=int(p)), [(p,) for p in neurons])
-    if backend == "sqlite":
+    if sqlite:
         sel = table["id"].to_numpy()[:: 10]
         upd = pd.DataFrame({"id": sel, "ei_prob": rng.random(sel.size), "ei_label": "E",
                             "classifier": "bench"})
@@ -256,7 +264,7 @@ def run_case(backend: str, n: int, workdir: str, repeats: int) -> dict:
     res["export_parquet"] = {"rows": rows, "seconds": round(wall, 2), "per_s_wall": round(rows / wall),
                              "peak_rss_delta_mib": mem.delta_mib,
                              "file_mib": round(os.path.getsize(out) / 2 ** 20, 1)}
-    if backend == "sqlite":
+    if sqlite:
         res["db_file_mib"] = round(sum(os.path.getsize(p) for p in
                                        [db.path, db.path + "-wal"] if os.path.exists(p)) / 2 ** 20, 1)
     db.close()
@@ -278,10 +286,11 @@ def markdown(report: dict) -> str:
         "",
         "Synthetic records (all 33 fields), 1 synapse/µm³, ids consecutive per 4×20×20 µm block. "
         "ROI queries: 1 % of the volume, centroid match. Targets: ≥100k inserts/s (SQLite), "
-        "1 % ROI query < 50 ms.",
+        "1 % ROI query < 50 ms. `sqlite`: file layout 2 (the default); `sqlite-layout1`: layout 1, "
+        "one SQL column per field (the peer, same run).",
         "",
         "| backend | records | insert bulk /s (wall / CPU) | insert by block /s (wall / CPU) | "
-        "rewrite block ms | ROI query ms (all cols, median / p95) | rows | raw fetch floor ms (all cols) | "
+        "rewrite block ms | ROI query ms (all cols, median / p95) | rows | raw fetch floor ms (all SQL cols) | "
         "ROI query ms (7 cols) | ROI count ms | pre-neuron query ms | update_fields /s | "
         "export s (peak ΔRSS MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -327,28 +336,41 @@ def markdown(report: dict) -> str:
 def target_notes(cases: list) -> list[str]:
     """One line per SQLite case: each target met or not, with the floor that bounds it."""
     notes = []
+    peers = {r["records"]: r for r in cases if r.get("backend") == "sqlite-layout1" and "error" not in r}
     for r in cases:
-        if r.get("backend") != "sqlite" or "error" in r:
+        if not r.get("backend", "").startswith("sqlite") or "error" in r:
             continue
         ins, roi, core = r["insert_bulk"], r["roi_query_all_columns"], r["roi_query_core_columns"]
         floor = r["roi_fetch_floor"]["median_ms"]
         verdict = lambda ok: "met" if ok else "not met"
         notes.append(
-            f"{r['records']:,} records: bulk insert {ins['per_s_wall']:,}/s wall "
+            f"{r['backend']}, {r['records']:,} records: bulk insert {ins['per_s_wall']:,}/s wall "
             f"({verdict(ins['per_s_wall'] >= 100_000)}; {ins['per_s_cpu']:,}/s CPU); 1 % ROI query "
             f"{roi['median_ms']} ms with all 33 columns ({verdict(roi['median_ms'] < 50)}; plain sqlite3 "
             f"`fetchall()` of the same rows alone takes {floor} ms), {core['median_ms']} ms with 7 columns "
             f"({verdict(core['median_ms'] < 50)}).")
+        peer = peers.get(r["records"]) if r["backend"] == "sqlite" else None
+        if peer:
+            notes.append(
+                f"layout 2 / layout 1 at {r['records']:,} records (same run): all-columns ROI query "
+                f"{roi['median_ms'] / peer['roi_query_all_columns']['median_ms']:.2f}x the time, "
+                f"bulk insert {ins['per_s_wall'] / peer['insert_bulk']['per_s_wall']:.2f}x the rate, "
+                f"block insert {r['insert_blocks']['per_s_wall'] / peer['insert_blocks']['per_s_wall']:.2f}x, "
+                f"update_fields {r['update_fields']['per_s_wall'] / peer['update_fields']['per_s_wall']:.2f}x, "
+                f"export {r['export_parquet']['seconds'] / peer['export_parquet']['seconds']:.2f}x the time, "
+                f"file {r['db_file_mib'] / peer['db_file_mib']:.2f}x the size.")
     if notes:
-        notes.append("The all-columns floor is Python's sqlite3 row fetch: one Python object per value "
-                     "(~33 × rows), before any DataFrame is built; SQLite's R*Tree search and join are a "
-                     "few ms of it (see `ROI count ms`).")
+        notes.append("Layout 1's all-columns floor is Python's sqlite3 row fetch: one Python object per "
+                     "value (~33 × rows), before any DataFrame is built; layout 2 fetches one BLOB and the 4 "
+                     "text fields per record instead. SQLite's R*Tree search and join are `ROI count ms`.")
     return notes
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000], help="SQLite record counts")
+    p.add_argument("--layout1-sizes", type=int, nargs="*", default=None,
+                   help="record counts of the SQLite layout-1 peer (default: --sizes)")
     p.add_argument("--mongomock-sizes", type=int, nargs="*", default=[100_000])
     p.add_argument("--repeats", type=int, default=30, help="ROI / neuron queries per case")
     p.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
@@ -363,7 +385,9 @@ def main(argv=None) -> int:
             json.dump(res, f)
         return 0
 
-    cases = [("sqlite", n) for n in a.sizes] + [("mongomock", n) for n in a.mongomock_sizes]
+    peer_sizes = a.sizes if a.layout1_sizes is None else a.layout1_sizes
+    cases = ([("sqlite", n) for n in a.sizes] + [("sqlite-layout1", n) for n in peer_sizes]
+             + [("mongomock", n) for n in a.mongomock_sizes])
     report = {"environment": {
         "date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version, "pandas": pd.__version__,

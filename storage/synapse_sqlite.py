@@ -5,7 +5,19 @@ Layout: table ``synapses`` (one row per record, ``id`` is the rowid), R*Tree
 its centroid (so it answers centroid and bbox ROI queries; R*Tree stores float32 boxes
 rounded outwards, and the exact test runs on the float64 columns), indexes on
 ``(pre_neuron, post_neuron)``, ``post_neuron`` and ``block_id``, and table ``cleftwise_meta``
-with the schema kind and version.
+with the schema kind and version and the file layout.
+
+Layout 2 (files made since 2026-11): ``synapses`` has an SQL column for every field a query
+filters or indexes on, the E/I fields and the text fields (:data:`SQL_COLUMNS`), plus
+``packed``, a BLOB with all 29 numeric fields of the record (:mod:`storage.record_pack`).
+Python's :mod:`sqlite3` makes one object per fetched value, ~45 ms for 10,000 records of 33
+fields; one BLOB per record decodes in a single ``np.frombuffer``, so queries of many
+columns read ``packed`` (and the text columns). The fields of :data:`PACKED_ONLY` (sizes,
+secondary scores, pre/post sites, partner confidences) are kept only there: in SQL they are
+not columns; cleftwise's ``query``, the CLI and the exports return them. ``update_fields``
+patches ``packed`` in the same statement, and a trigger refuses hand-made UPDATEs of a numeric
+SQL column that would leave it stale. Layout 1 (one SQL column per field, no ``packed``) is
+still read and written as such.
 
 Concurrency: WAL journal (readers never block the writer), a busy timeout, every write in a
 short ``BEGIN IMMEDIATE`` transaction (the write lock is taken up front, so two writers never
@@ -42,7 +54,7 @@ except ImportError:  # pragma: no cover - other pandas versions
 
 from . import sqlite_rtree
 from .errors import StorageError
-from .record_pack import PACKED_COLUMNS, PACKED_COUNT_COLUMNS, pack_records, unpack_records
+from .record_pack import PACKED_COLUMNS, PACKED_DTYPE, pack_records, unpack_records
 from .synapse_db import ONE_BATCH, SynapseStore
 from .synapse_schema import (
     COLUMNS,
@@ -68,20 +80,39 @@ _KIND = {c.name: c.kind for c in COLUMNS}
 _ROWS_PER_STATEMENT = 32  #: rows per multi-row INSERT (fewer sqlite3 steps than one per row)
 _PAGE_SIZE = 16384  #: page size of new database files (existing files keep theirs)
 _WAL_LIMIT = 64 << 20  #: bytes the WAL file is truncated to when SQLite resets it
-#: File layout of this backend (meta key ``sqlite_layout``; absent = 1). Layout 2 adds the
-#: ``packed`` column (:mod:`storage.record_pack`) and the trigger that voids it when a numeric
-#: column is changed by hand; a layout-1 file is upgraded when opened for writing.
+#: File layout of this backend (meta key ``sqlite_layout``; absent = 1). Layout 1: one SQL
+#: column per schema field. Layout 2 (new files): the SQL columns of :data:`SQL_COLUMNS` plus
+#: ``packed``, every numeric field of the record in one BLOB (:mod:`storage.record_pack`); the
+#: fields of :data:`PACKED_ONLY` live only there. Files of either layout are read and written.
 _LAYOUT = 2
 _PACKED = "packed"
-#: Queries asking for at least this many numeric columns decode ``packed`` instead
-#: (measured at 10k rows: all 29 numeric columns 2x faster; 6 columns about even).
+#: Fields kept only in ``packed`` (layout 2): never filtered or indexed in SQL; read them
+#: through cleftwise (``query``, the CLI, exports).
+PACKED_ONLY = ("size", "score_pre", "score_post", "score_max", "pre_z", "pre_y", "pre_x",
+               "post_z", "post_y", "post_x", "pre_size", "post_size", "pre_conf", "post_conf")
+#: SQL columns of a layout-2 table besides ``packed`` (in schema order).
+SQL_COLUMNS = tuple(c for c in COLUMN_NAMES if c not in PACKED_ONLY)
+#: Layout-2 queries asking for at least this many numeric columns decode ``packed`` (at 10k
+#: rows all 29 numeric fields come ~2x faster than as SQL columns; 6 columns about even).
 _PACKED_MIN_COLUMNS = 8
 
 
-def _ddl() -> list[str]:
+def _ddl(layout: int = _LAYOUT) -> list[str]:
+    names = SQL_COLUMNS if layout == 2 else COLUMN_NAMES
     cols = ",\n  ".join(
-        f"{c.name} {_SQL_TYPE[c.kind]}{' NOT NULL' if c.name in _NOT_NULL else ''}" for c in COLUMNS)
-    cols += f",\n  {_PACKED} BLOB"
+        f"{c.name} {_SQL_TYPE[c.kind]}{' NOT NULL' if c.name in _NOT_NULL else ''}"
+        for c in COLUMNS if c.name in names)
+    if layout == 2:
+        cols += f",\n  {_PACKED} BLOB NOT NULL CHECK (length({_PACKED}) = {PACKED_DTYPE.itemsize})"
+    both = [c for c in PACKED_COLUMNS if c in SQL_COLUMNS]  # fields held twice
+    changed = " OR ".join(f"NEW.{c} IS NOT OLD.{c}" for c in both)
+    stale_guard = [
+        # a hand-made UPDATE of a numeric SQL column would leave the packed copy stale
+        f"CREATE TRIGGER synapses_packed_in_step BEFORE UPDATE OF {', '.join(both)} ON synapses "
+        f"WHEN NEW.{_PACKED} IS OLD.{_PACKED} AND ({changed}) BEGIN SELECT RAISE(ABORT, "
+        f"'numeric fields of synapse records are changed through cleftwise "
+        f"(SynapseStore.update_fields), which keeps the packed copy in step'); END",
+    ]
     return [
         f"CREATE TABLE {_META} (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         f"CREATE TABLE synapses (\n  {cols}\n)",
@@ -89,18 +120,8 @@ def _ddl() -> list[str]:
         "CREATE INDEX synapses_pre_post ON synapses(pre_neuron, post_neuron)",
         "CREATE INDEX synapses_post ON synapses(post_neuron)",
         "CREATE INDEX synapses_block ON synapses(block_id)",
-        *_layout2_ddl(),
+        *(stale_guard if layout == 2 else []),
     ]
-
-
-def _layout2_ddl() -> list[str]:
-    """The ``packed`` column's trigger: a hand-made UPDATE that changes a numeric column but not
-    ``packed`` sets ``packed`` to NULL, so queries read that row's real columns."""
-    changed = " OR ".join(f"NEW.{c} IS NOT OLD.{c}" for c in PACKED_COLUMNS)
-    return [f"CREATE TRIGGER IF NOT EXISTS synapses_packed_void AFTER UPDATE OF "
-            f"{', '.join(PACKED_COLUMNS)} ON synapses "
-            f"WHEN OLD.{_PACKED} IS NOT NULL AND NEW.{_PACKED} IS OLD.{_PACKED} AND ({changed}) "
-            f"BEGIN UPDATE synapses SET {_PACKED} = NULL WHERE rowid = NEW.rowid; END"]
 
 
 def _is_busy(e: Exception) -> bool:
@@ -115,13 +136,14 @@ class SQLiteSynapseStore(SynapseStore):
     """Synapse records in one SQLite file; see :class:`storage.synapse_db.SynapseStore`.
 
     Options beyond :func:`storage.synapse_db.open_store`'s: ``cache_mb`` (SQLite page cache
-    per connection) and ``bulk_min_rows`` (writes of at least this many records into a table
+    per connection), ``layout`` (of a new file: 2, default, or 1, every field an SQL column; see
+    the module docstring; an existing file keeps its own) and ``bulk_min_rows`` (writes of at least this many records into a table
     holding at most as many are bulk loads, see the module docstring; 0 disables them).
     """
 
     def __init__(self, path: str, create: bool = True, readonly: bool = False,
                  timeout_s: float = 30.0, retries: int = 8, batch_size: int = 50_000,
-                 cache_mb: int = 64, bulk_min_rows: int = 20_000):
+                 cache_mb: int = 64, bulk_min_rows: int = 20_000, layout: int = _LAYOUT):
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
         if self.path.startswith("//"):  # sqlite:////abs/path.db (four slashes): same file
             self.path = "/" + self.path.lstrip("/")
@@ -130,7 +152,10 @@ class SQLiteSynapseStore(SynapseStore):
         self.batch_size = int(batch_size)
         self.bulk_min_rows = int(bulk_min_rows)
         self._conn: Optional[sqlite3.Connection] = None
-        self._packed = False
+        self._packed = False  # layout 2 (set when the schema is checked)
+        if layout not in (1, 2):
+            raise StorageError(f"SQLite layout must be 1 or 2, got {layout!r}")
+        self._new_layout = int(layout)
         self._readonly = bool(readonly)
         if os.path.isdir(self.path):
             raise StorageError(f"synapse database {self.path} is a directory")
@@ -194,13 +219,14 @@ class SQLiteSynapseStore(SynapseStore):
                                    f"database (tables: {sorted(tables)[:8]})")
             if not create:
                 raise StorageError(f"no synapse database at {self.path} (empty file)")
-            for stmt in _ddl():
+            for stmt in _ddl(self._new_layout):
                 cur.execute(stmt)
             cur.executemany(f"INSERT INTO {_META} VALUES (?, ?)",
                             [("kind", SCHEMA_KIND), ("schema_version", str(SCHEMA_VERSION)),
-                             ("sqlite_layout", str(_LAYOUT)),
+                             ("sqlite_layout", str(self._new_layout)),
                              ("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))])
-            log.info("created synapse database %s (schema %d)", self.path, SCHEMA_VERSION)
+            log.info("created synapse database %s (schema %d, SQLite layout %d)", self.path,
+                     SCHEMA_VERSION, self._new_layout)
 
         # An existing database is checked without taking the write lock.
         if _META not in self._retry(self._tables):
@@ -219,38 +245,11 @@ class SQLiteSynapseStore(SynapseStore):
         if missing:
             raise StorageError(f"{self.path}: synapse database lacks tables {sorted(missing)}")
         layout = int(meta.get("sqlite_layout", "1"))
-        if layout > _LAYOUT:
-            raise StorageError(f"{self.path}: SQLite layout {layout} is newer than this cleftwise "
-                               f"reads ({_LAYOUT}); update cleftwise")
-        if layout < _LAYOUT and not self._readonly:
-            self._transaction(self._upgrade_layout)
-            layout = _LAYOUT
-        self._packed = layout >= 2
-
-    def _upgrade_layout(self, cur: sqlite3.Cursor) -> None:
-        """Layout 1 -> 2 (one transaction; another process may have done it meanwhile): add
-        ``packed`` and its trigger, and fill ``packed`` for the stored records."""
-        meta = dict(cur.execute(f"SELECT key, value FROM {_META}").fetchall())
-        if int(meta.get("sqlite_layout", "1")) >= 2:
-            return
-        cur.execute(f"ALTER TABLE synapses ADD COLUMN {_PACKED} BLOB")
-        for stmt in _layout2_ddl():
-            cur.execute(stmt)
-        n = 0
-        last = None
-        while True:  # batches in id order, bounded memory
-            rows = cur.execute(
-                f"SELECT {', '.join(COLUMN_NAMES)} FROM synapses "
-                f"{'WHERE id > ? ' if last is not None else ''}ORDER BY id LIMIT ?",
-                ([last] if last is not None else []) + [self.batch_size]).fetchall()
-            if not rows:
-                break
-            frame = _frame_from_rows(rows, list(COLUMN_NAMES))
-            cur.executemany(f"UPDATE synapses SET {_PACKED} = ? WHERE id = ?",
-                            zip(pack_records(frame), frame["id"].tolist()))
-            last, n = int(frame["id"].iloc[-1]), n + len(frame)
-        cur.execute(f"INSERT OR REPLACE INTO {_META} VALUES ('sqlite_layout', ?)", (str(_LAYOUT),))
-        log.info("%s: upgraded to SQLite layout %d (%d records packed)", self.path, _LAYOUT, n)
+        if layout not in (1, _LAYOUT):
+            raise StorageError(f"{self.path}: SQLite layout {layout} is not one this cleftwise "
+                               f"reads (1, {_LAYOUT}); update cleftwise")
+        self._packed = layout == 2
+        self._sql_columns = SQL_COLUMNS if self._packed else COLUMN_NAMES
 
     # ----------------------------------------------------------- transactions
     def _retry(self, fn: Callable[[], object]) -> object:
@@ -325,8 +324,8 @@ class SQLiteSynapseStore(SynapseStore):
         Several rows per statement pay only into a table without indexes (measured: ~30 %
         faster there, 15-30 % slower with the three indexes or into the R*Tree).
         """
-        names = [*COLUMN_NAMES, _PACKED] if self._packed else list(COLUMN_NAMES)
-        mat = _bind_matrix(frame, COLUMN_NAMES, extra=1 if self._packed else 0)
+        names = [*self._sql_columns, _PACKED] if self._packed else list(self._sql_columns)
+        mat = _bind_matrix(frame, self._sql_columns, extra=1 if self._packed else 0)
         if self._packed:
             mat[:, -1] = pack_records(frame)
         _insert_many(cur, f"INSERT OR REPLACE INTO synapses ({', '.join(names)})",
@@ -398,14 +397,15 @@ class SQLiteSynapseStore(SynapseStore):
     def _update(self, frame: pd.DataFrame, fields: list[str]) -> int:
         conn = self._live()
         repack = self._packed and any(f in PACKED_COLUMNS for f in fields)
-        sets = [*fields, _PACKED] if repack else fields
+        in_sql = [f for f in fields if f in self._sql_columns]
+        sets = [*in_sql, _PACKED] if repack else in_sql
         sql = f"UPDATE synapses SET {', '.join(f'{f} = ?' for f in sets)} WHERE id = ?"
         matched = 0
         for start in range(0, len(frame), self.batch_size):
             part = frame.iloc[start:start + self.batch_size]
             def run(cur: sqlite3.Cursor, part=part) -> int:
                 before = conn.total_changes
-                mat = _bind_matrix(part, [*fields, "id"], extra=1 if repack else 0)
+                mat = _bind_matrix(part, [*in_sql, "id"], extra=1 if repack else 0)
                 if repack:  # packed copies patched in the same transaction (read, modify, write)
                     mat[:, -1] = _repacked(cur, part, fields)
                     mat[:, [-2, -1]] = mat[:, [-1, -2]]  # id last
@@ -492,10 +492,11 @@ class SQLiteSynapseStore(SynapseStore):
         clause, params = self._where(filt)
         everything = batch_size >= ONE_BATCH and limit is None
         numeric = [c for c in columns if c in PACKED_COLUMNS]
-        packed = self._packed and len(numeric) >= _PACKED_MIN_COLUMNS
+        packed = self._packed and (len(numeric) >= _PACKED_MIN_COLUMNS
+                                   or any(c not in self._sql_columns for c in columns))
         texts = [c for c in columns if c not in PACKED_COLUMNS]
-        # packed: one BLOB per row (the id where it is NULL) and the text columns
-        selected = [f"COALESCE(s.{_PACKED}, s.id)", *("s." + c for c in texts)] if packed \
+        # packed: one BLOB per row and the text columns
+        selected = [f"s.{_PACKED}", *("s." + c for c in texts)] if packed \
             else ["s." + c for c in columns]
         sql = f"SELECT {', '.join(selected)} {clause}"
         if not everything:  # batches and limits need SQL's order; one whole result is sorted
@@ -516,34 +517,14 @@ class SQLiteSynapseStore(SynapseStore):
         except sqlite3.Error as e:
             raise StorageError(f"{self.path}: query failed: {e}") from e
 
-    def _frame_from_packed(self, rows: list, columns: list[str], numeric: list[str],
+    @staticmethod
+    def _frame_from_packed(rows: list, columns: list[str], numeric: list[str],
                            texts: list[str], sort: bool) -> pd.DataFrame:
-        """Typed frame from rows ``(packed BLOB or id, *texts)``; rows without a packed copy
-        (NULL: written by hand) are read from their real columns."""
+        """Typed frame from rows ``(packed BLOB, *texts)``."""
         cells = list(zip(*rows))
-        texts_cols = {name: np.array(col, dtype=object) for name, col in zip(texts, cells[1:])}
-        try:
-            arrays = unpack_records(cells[0], numeric)
-        except TypeError:  # some rows carry their id instead of a BLOB
-            arrays, keep = self._unpack_mixed(cells[0], numeric)
-            texts_cols = {name: col[keep] for name, col in texts_cols.items()}
-        return _typed_frame({**arrays, **texts_cols}, columns, sort)
-
-    def _unpack_mixed(self, blobs: tuple, numeric: list[str]) -> tuple[dict, np.ndarray]:
-        """Numeric columns of rows given as packed BLOBs or (stale rows) as ids, whose real
-        columns are read here; a row deleted in between is dropped (returned ``keep``)."""
-        is_blob = np.fromiter((isinstance(b, bytes) for b in blobs), bool, len(blobs))
-        at_good, at_stale = np.flatnonzero(is_blob), np.flatnonzero(~is_blob)
-        good = pd.DataFrame(unpack_records([blobs[i] for i in at_good], numeric), index=at_good)
-        where = {int(blobs[i]): int(i) for i in at_stale}
-        rows = self._live().execute(
-            f"SELECT {', '.join(numeric)} FROM synapses WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(list(where)),)).fetchall()
-        stale = _frame_from_rows(rows, numeric) if rows else empty_frame(numeric)
-        stale.index = [where[i] for i in stale["id"].tolist()]
-        both = pd.concat([good, stale]).sort_index() if len(stale) else good
-        return {name: both[name].array if name in PACKED_COUNT_COLUMNS else both[name].to_numpy()
-                for name in numeric}, both.index.to_numpy()
+        arrays = unpack_records(cells[0], numeric)
+        arrays.update((name, np.array(col, dtype=object)) for name, col in zip(texts, cells[1:]))
+        return _typed_frame(arrays, columns, sort)
 
     def _scalar_query(self, sql: str, params: list) -> list:
         conn = self._live()
@@ -609,11 +590,11 @@ def _bind_matrix(frame: pd.DataFrame, names, extra: int = 0) -> np.ndarray:
 
 def _repacked(cur: sqlite3.Cursor, part: pd.DataFrame, fields: list[str]) -> list:
     """``packed`` values for the rows of an update: the stored copies with ``fields`` replaced
-    (None where a row has no copy, which then stays NULL, or does not exist)."""
+    (None for ids not stored; their UPDATE changes nothing)."""
     ids = part["id"].to_numpy(np.int64)
-    rows = [r for r in cur.execute(
+    rows = cur.execute(
         f"SELECT id, {_PACKED} FROM synapses WHERE id IN (SELECT value FROM json_each(?))",
-        (json.dumps(ids.tolist()),)) if r[1] is not None]
+        (json.dumps(ids.tolist()),)).fetchall()
     out: list = [None] * len(ids)
     if not rows:
         return out

@@ -122,7 +122,9 @@ class Backend:
     def __init__(self, kind, tmp_path):
         self.kind = kind
         self.name = f"t{uuid.uuid4().hex[:10]}"
-        if kind == "sqlite":
+        self.opts = {"layout": 1} if kind == "sqlite-layout1" else {}
+        if kind.startswith("sqlite"):
+            self.kind = "sqlite"
             self.path = str(tmp_path / "syn.db")
             self.url = f"sqlite://{self.path}"
         elif kind == "mongomock":
@@ -138,7 +140,7 @@ class Backend:
 
     def open(self, **opts) -> SynapseStore:
         if self.kind == "sqlite":
-            return open_store(self.url, **opts)
+            return open_store(self.url, **self.opts, **opts)
         return open_store(self.url, client=self.client, collection=self.name, **opts)
 
     def set_version(self, version):
@@ -159,7 +161,7 @@ class Backend:
             self.client.close()
 
 
-@pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
+@pytest.fixture(params=["sqlite", "sqlite-layout1", "mongomock", "mongodb"])
 def backend(request, tmp_path):
     if request.param == "mongodb" and not MONGO_URI:
         pytest.skip("set CLEFTWISE_TEST_MONGODB_URI to test a real MongoDB server")
@@ -406,87 +408,96 @@ def test_sqlite_readonly_and_wal(tmp_path):
             r.upsert_many(make_records(2, id_start=100))
 
 
-def _real_columns(store) -> pd.DataFrame:
-    """Every record read from the real SQL columns (no packed copy), typed as queries are."""
-    from storage.synapse_sqlite import _frame_from_rows
-    rows = store._conn.execute(f"SELECT {', '.join(COLUMN_NAMES)} FROM synapses").fetchall()
-    return _frame_from_rows(rows, list(COLUMN_NAMES), sort=True)
+def test_sqlite_packed_copy_follows_writes_and_updates(tmp_path):
+    """Layout 2: the packed BLOB (all numeric fields) equals the records after inserts, block
+    rewrites and update_fields of SQL and packed-only fields; hand-made UPDATEs that would
+    leave it stale are refused, other hand edits pass."""
+    from storage.record_pack import PACKED_COLUMNS, unpack_records
+    from storage.synapse_sqlite import PACKED_ONLY
 
-
-def test_sqlite_packed_copy_follows_writes_updates_and_hand_edits(tmp_path):
-    """Queries of many columns decode the packed copy; it must equal the real columns after
-    inserts, block rewrites and update_fields, and a hand-made UPDATE voids it (the query then
-    reads that row's real columns)."""
-    from storage.record_pack import PACKED_COLUMNS
+    def packed_frame(s):
+        rows = s._conn.execute("SELECT packed FROM synapses ORDER BY id").fetchall()
+        return pd.DataFrame(unpack_records([r[0] for r in rows], PACKED_COLUMNS))
 
     df = make_records(300, seed=31, block=4)
     with open_store(str(tmp_path / "p.db")) as s:
         s.upsert_many(df, block_id=4)
-        packed = s._conn.execute("SELECT COUNT(*) FROM synapses WHERE packed IS NOT NULL").fetchone()[0]
-        assert packed == 300
+        sql_cols = {r[1] for r in s._conn.execute("PRAGMA table_info(synapses)")}
+        assert not sql_cols & set(PACKED_ONLY) and "packed" in sql_cols and "ei_prob" in sql_cols
         assert_same_records(s.query(), df)
-        assert_same_records(s.query(), _real_columns(s))
-        # update numeric and text fields (some set missing): copy patched in the same statement
+        for col in PACKED_COLUMNS:  # the BLOB itself
+            assert packed_frame(s)[col].equals(s.query()[col].reset_index(drop=True)), col
+        # few SQL columns (SQL path) and a packed-only one (BLOB path)
+        few = s.query(columns=["z", "pre_neuron"])
+        assert list(few.columns) == ["id", "z", "pre_neuron"] and few["pre_neuron"].dtype == np.int64
+        assert np.array_equal(few["z"], df.sort_values("id")["z"])
+        assert np.array_equal(few["pre_neuron"].to_numpy().view(np.uint64),
+                              df.sort_values("id")["pre_neuron"].to_numpy(np.uint64))
+        one = s.query(columns=["pre_size"])
+        assert list(one.columns) == ["id", "pre_size"]
+        assert one["pre_size"].equals(df.sort_values("id")["pre_size"].reset_index(drop=True))
+        # update SQL, packed-only and text fields (some set missing)
         upd = df[["id"]].iloc[::3].copy()
         upd["pre_neuron"] = np.uint64(77)
         upd["size"] = pd.array([None, 5] * (len(upd) // 2) + [7] * (len(upd) % 2), dtype="Int64")
         upd["ei_prob"] = np.linspace(0, 1, len(upd))
         upd["ei_label"] = "I"
         assert s.update_fields(upd) == len(upd)
+        assert s.update_fields(upd[["id"]].assign(post_conf=0.25)) == len(upd)
         want = df.set_index("id")
         for col in ("pre_neuron", "size", "ei_prob", "ei_label"):
             want.loc[upd["id"], col] = upd[col].to_numpy() if col != "size" else upd[col].array
+        want.loc[upd["id"], "post_conf"] = 0.25
         want = want.reset_index()
         assert_same_records(s.query(), want)
-        assert_same_records(_real_columns(s), want)
-        assert s._conn.execute("SELECT COUNT(*) FROM synapses WHERE packed IS NULL").fetchone()[0] == 0
-        # a hand-made UPDATE of a numeric column voids the copy of that row only
-        s._conn.execute("UPDATE synapses SET post_size = 4242, score_max = NULL WHERE id = 5")
-        s._conn.execute("UPDATE synapses SET flags = 'x' WHERE id = 6")  # text: copy stays
-        nulls = [r[0] for r in s._conn.execute("SELECT id FROM synapses WHERE packed IS NULL")]
-        assert nulls == [5]
-        got = s.query().set_index("id")
-        assert got.loc[5, "post_size"] == 4242 and np.isnan(got.loc[5, "score_max"])
-        assert got.loc[6, "flags"] == "x"
-        assert_same_records(s.query(), _real_columns(s))
-        roi = s.query(roi=((0, 0, 0), (2000, 4000, 4000)))  # stale rows also in ROI queries
-        assert 5 in set(roi["id"]) and len(roi) == 300
-        few = s.query(columns=["z", "size"])  # few columns: the real columns, as before
-        assert few.set_index("id").loc[5, "size"] == df.set_index("id").loc[5, "size"]
-        # the block rewrite writes fresh copies
+        assert_same_records(s.query(min_score=0.0, roi=((0, 0, 0), (2000, 4000, 4000))),
+                            want[want.score_union >= 0])
+        got = s._conn.execute("SELECT pre_neuron, ei_prob FROM synapses WHERE id = ?",
+                              (int(upd["id"].iloc[1]),)).fetchone()
+        assert got == (77, upd["ei_prob"].iloc[1])
+        # hand-made UPDATEs: numeric SQL column refused, text and same-value accepted
+        with pytest.raises(sqlite3.IntegrityError, match="update_fields"):
+            s._conn.execute("UPDATE synapses SET pre_neuron = 5 WHERE id = 3")
+        s._conn.execute("UPDATE synapses SET flags = 'x', pre_neuron = pre_neuron WHERE id = 6")
+        with pytest.raises(sqlite3.IntegrityError):  # a row without its BLOB
+            s._conn.execute("INSERT INTO synapses (id, z, y, x) VALUES (99999, 1, 1, 1)")
+        assert s.query().set_index("id").loc[6, "flags"] == "x"
+        # a block rewrite replaces everything
         s.upsert_many(df, block_id=4)
-        assert s._conn.execute("SELECT COUNT(*) FROM synapses WHERE packed IS NULL").fetchone()[0] == 0
         assert_same_records(s.query(), df)
-        assert len(PACKED_COLUMNS) == sum(c.kind != "text" for c in COLUMNS)
 
 
-def test_sqlite_layout1_file_is_read_and_upgraded(tmp_path):
-    """A file written before the packed column (layout 1) reads as before when opened
-    read-only, and is upgraded in place (copies filled) when opened for writing."""
+def test_sqlite_layout1_file_is_read_and_written(tmp_path):
+    """A file of layout 1 (every field an SQL column, no packed column: the files made before
+    layout 2, or asked for) works as layout 1 for every operation."""
     path = tmp_path / "old.db"
-    df = make_records(120, seed=32)
-    with open_store(str(path)) as s:
-        s.upsert_many(df)
-    con = sqlite3.connect(path)  # turn it into a layout-1 file
-    con.execute("DROP TRIGGER synapses_packed_void")
-    con.execute("ALTER TABLE synapses DROP COLUMN packed")
+    with open_store(str(path), layout=1) as s:
+        s.upsert_many(make_records(3, seed=1, id_start=6000))
+    con = sqlite3.connect(path)  # files made before layout 2 have no layout key
     con.execute("DELETE FROM cleftwise_meta WHERE key = 'sqlite_layout'")
     con.commit()
     con.close()
+    df = make_records(1500, seed=32, block=2)
+    with open_store(str(path), layout=2) as s:
+        assert not s._packed
+        assert "size" in {r[1] for r in s._conn.execute("PRAGMA table_info(synapses)")}
+        s.upsert_many(df, block_id=2)  # bulk path
+        s.upsert_many(make_records(3, seed=1, id_start=5000))
+        upd = df[["id"]].iloc[:10].assign(size=pd.array([3] * 10, dtype="Int64"), ei_prob=0.5)
+        assert s.update_fields(upd) == 10
+        want = df.set_index("id")
+        want.loc[upd["id"], "size"] = 3
+        want.loc[upd["id"], "ei_prob"] = 0.5
+        assert_same_records(s.query(block_id=2), want.reset_index())
+        _sqlite_consistent(s)
     with open_store(str(path), readonly=True) as r:
-        assert_same_records(r.query(), df)
-    with open_store(str(path)) as s:
-        assert s._conn.execute("SELECT value FROM cleftwise_meta WHERE key = 'sqlite_layout'"
-                               ).fetchone()[0] == "2"
-        assert s._conn.execute("SELECT COUNT(*) FROM synapses WHERE packed IS NULL").fetchone()[0] == 0
-        assert_same_records(s.query(), df)
-        s.upsert_many(make_records(3, seed=1, id_start=500))
-        assert s.count() == 123
+        assert r.count() == 1506
+        assert_same_records(r.query(block_id=2), want.reset_index())
     con = sqlite3.connect(path)
-    con.execute("UPDATE cleftwise_meta SET value = '9' WHERE key = 'sqlite_layout'")
+    con.execute("INSERT INTO cleftwise_meta VALUES ('sqlite_layout', '9')")
     con.commit()
     con.close()
-    with pytest.raises(StorageError, match="layout 9 is newer"):
+    with pytest.raises(StorageError, match="layout 9"):
         open_store(str(path))
 
 
@@ -538,7 +549,7 @@ def test_sqlite_bulk_load_matches_the_row_by_row_path(tmp_path, caplog):
         assert bulk._conn.execute("SELECT COUNT(*) FROM synapses_rtree_node").fetchone()[0] > 1
         _assert_roi_queries(bulk, df, seed=1)
         # missing values are stored as SQL NULL (bound as NaN), not as NaN or text
-        for col in ("ei_prob", "size", "ei_label"):
+        for col in ("ei_prob", "score_union", "ei_label"):
             nulls = bulk._conn.execute(f"SELECT COUNT(*) FROM synapses WHERE typeof({col}) = 'null'").fetchone()[0]
             assert nulls == int(df[col].isna().sum()) > 0, col
         # a second load, as large as the table, replacing half of it: bulk again
