@@ -139,8 +139,9 @@ class SQLiteSynapseStore(SynapseStore):
 
     Options beyond :func:`storage.synapse_db.open_store`'s: ``cache_mb`` (SQLite page cache
     per connection), ``layout`` (of a new file: 2, default, or 1, every field an SQL column; see
-    the module docstring; an existing file keeps its own) and ``bulk_min_rows`` (writes of at least this many records into a table
-    holding at most as many are bulk loads, see the module docstring; 0 disables them).
+    the module docstring; an existing file keeps its own) and ``bulk_min_rows`` (writes of at
+    least this many records into a table holding at most as many are bulk loads, see the module
+    docstring; 0 disables them).
     """
 
     def __init__(self, path: str, create: bool = True, readonly: bool = False,
@@ -158,7 +159,6 @@ class SQLiteSynapseStore(SynapseStore):
         if layout not in (1, 2):
             raise StorageError(f"SQLite layout must be 1 or 2, got {layout!r}")
         self._new_layout = int(layout)
-        self._readonly = bool(readonly)
         if os.path.isdir(self.path):
             raise StorageError(f"synapse database {self.path} is a directory")
         exists = os.path.exists(self.path)
