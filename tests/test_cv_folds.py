@@ -34,3 +34,14 @@ def test_fold_config_replaces_train_val_run_dir_and_init():
     assert parse_train_config(cfg).data.val[0].roi is not None
     with pytest.raises(TrainError, match="exactly one data.train"):
         fold_config(dict(stage, data=dict(stage["data"], train=[spec, spec])), "a", 2120, "r", None)
+
+
+def test_cli_refuses_a_missing_init_and_a_bad_first_stage(tmp_path, capsys):
+    from train.cv_folds import main
+    base = ["--fold", "a", "--cut-y-nm", "2120", "--run-root", str(tmp_path), "--stage", "x.yaml"]
+    with pytest.raises(SystemExit):
+        main(base + ["--first-stage", "3", "--init", str(tmp_path / "missing.pt")])
+    assert "missing.pt: no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(base + ["--first-stage", "0"])
+    assert "--first-stage must be >= 1" in capsys.readouterr().err

@@ -44,6 +44,14 @@ def test_round_trip_each_format(tmp_path, fmt, template, num_channels, dtype):
     np.testing.assert_array_equal(again.read(sub), data[lead + (slice(1, 3), slice(1, 6), slice(1, 13))])
 
 
+@pytest.mark.parametrize("dtype,shuffle", [("uint64", 0), ("int32", 0), ("float32", 1), ("uint8", 1)])
+def test_zarr_blosc_shuffle_follows_dtype(tmp_path, dtype, shuffle):
+    """Label (multi-byte integer) volumes are written without byte shuffle, floats with it."""
+    create_volume(f"{tmp_path}/s.zarr/v", shape=(4, 8, 8), voxel_size=(40, 4, 4), dtype=dtype)
+    meta = json.load(open(tmp_path / "s.zarr" / "v" / ".zarray"))
+    assert meta["compressor"]["cname"] == "zstd" and meta["compressor"]["shuffle"] == shuffle
+
+
 def test_funlib_and_zarr_read_same_metadata(tmp_path):
     import funlib.persistence as fp
 

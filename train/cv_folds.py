@@ -18,6 +18,9 @@ entry gives the volume and the band (its ``roi``); the fold's held-out part beco
     python train/cv_folds.py --fold a --cut-y-nm 2120 --run-root runs/vnc_cv \\
         --stage train/configs/vnc_cleft.yaml --stage-steps 700 --schedule-steps 2000 \\
         --stage train/configs/vnc_cleft_ft.yaml
+
+A later stage can be added to existing folds: ``--first-stage 3 --init runs/vnc_cv/a/stage2.pt
+--stage train/configs/vnc_cleft_ft2.yaml`` trains only that stage, from the given weights.
 """
 
 from __future__ import annotations
@@ -83,22 +86,31 @@ def main(argv=None) -> int:
                    help="max_steps of the stages, in order (default: each YAML's)")
     p.add_argument("--schedule-steps", type=int, action="append", default=[],
                    help="lr schedule length of the stages, in order (default: their max_steps)")
+    p.add_argument("--first-stage", type=int, default=1,
+                   help="number of the first --stage (its outputs: stage<K>/, stage<K>.pt)")
+    p.add_argument("--init", help="weights the first --stage starts from (default: its YAML's "
+                                  "init_weights); e.g. the fold's stage<K-1>.pt")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    init = None
+    if args.first_stage < 1:
+        p.error("--first-stage must be >= 1")
+    if args.init is not None and not os.path.isfile(args.init):
+        p.error(f"--init {args.init}: no such file")
+    init = args.init
     out = {}
     try:
-        for k, path in enumerate(args.stage, start=1):
+        for i, path in enumerate(args.stage):
+            k = args.first_stage + i
             with open(path) as f:
                 stage = yaml.safe_load(f)
             run_dir = os.path.join(args.run_root, args.fold, f"stage{k}")
             cfg = fold_config(stage, args.fold, args.cut_y_nm, run_dir, init)
             cfg["threads"] = args.threads
-            if len(args.stage_steps) >= k:
-                cfg["max_steps"] = args.stage_steps[k - 1]
-            if len(args.schedule_steps) >= k:
-                cfg.setdefault("optim", {})["schedule_steps"] = args.schedule_steps[k - 1]
+            if len(args.stage_steps) > i:
+                cfg["max_steps"] = args.stage_steps[i]
+            if len(args.schedule_steps) > i:
+                cfg.setdefault("optim", {})["schedule_steps"] = args.schedule_steps[i]
             os.makedirs(run_dir, exist_ok=True)
             with open(os.path.join(run_dir, "fold_config.yaml"), "w") as f:
                 yaml.safe_dump(cfg, f, sort_keys=False)
