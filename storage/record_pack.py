@@ -9,8 +9,8 @@ Layout of one BLOB (:data:`PACKED_DTYPE`, 8-byte little-endian values, no paddin
 of :data:`PACKED_COLUMNS` in schema order -- ``int64`` for ``key``/``neuron``/``count`` kinds,
 ``float64`` for ``float`` kinds (a missing float is NaN) -- then ``nulls``, a ``uint64`` bit mask
 of the missing ``count`` fields (bit ``i`` = the ``i``-th of :data:`PACKED_COUNT_COLUMNS`; the
-stored ``int64`` is 0 there). The real columns stay the record of truth; the BLOB is a copy
-the backend keeps in step (and ignores when it is NULL).
+stored ``int64`` is 0 there). The layout follows ``COLUMNS``, whose every change bumps
+``SCHEMA_VERSION``: a file whose BLOBs have another layout is refused when opened.
 """
 
 from __future__ import annotations
