@@ -513,7 +513,7 @@ class SQLiteSynapseStore(SynapseStore):
                     rows = cur.fetchall() if batch_size >= ONE_BATCH else cur.fetchmany(batch_size)
                     if not rows:
                         break
-                    frame = (self._frame_from_packed(rows, columns, numeric, texts, sort=everything)
+                    frame = (_frame_from_packed(rows, columns, numeric, texts, sort=everything)
                              if packed else _frame_from_rows(rows, columns, sort=everything))
                     del rows
                 yield frame
@@ -521,15 +521,6 @@ class SQLiteSynapseStore(SynapseStore):
                     break
         except sqlite3.Error as e:
             raise StorageError(f"{self.path}: query failed: {e}") from e
-
-    @staticmethod
-    def _frame_from_packed(rows: list, columns: list[str], numeric: list[str],
-                           texts: list[str], sort: bool) -> pd.DataFrame:
-        """Typed frame from rows ``(packed BLOB, *texts)``."""
-        cells = list(zip(*rows))
-        arrays = unpack_records(cells[0], numeric)
-        arrays.update((name, np.array(col, dtype=object)) for name, col in zip(texts, cells[1:]))
-        return _typed_frame(arrays, columns, sort)
 
     def _scalar_query(self, sql: str, params: list) -> list:
         conn = self._live()
@@ -708,6 +699,15 @@ def _frame_from_rows(rows: list, columns: list[str], sort: bool = False) -> pd.D
             arrays[name] = pd.arrays.IntegerArray(data.astype(np.int64), mask)
         elif kind == "text":
             arrays[name] = obj[:, j].copy()
+    return _typed_frame(arrays, columns, sort)
+
+
+def _frame_from_packed(rows: list, columns: list[str], numeric: list[str], texts: list[str],
+                       sort: bool) -> pd.DataFrame:
+    """Typed DataFrame from fetched rows ``(packed BLOB, *texts)`` (layout 2)."""
+    cells = list(zip(*rows))
+    arrays = unpack_records(cells[0], numeric)
+    arrays.update((name, np.array(col, dtype=object)) for name, col in zip(texts, cells[1:]))
     return _typed_frame(arrays, columns, sort)
 
 
