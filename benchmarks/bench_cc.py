@@ -19,7 +19,9 @@ Compared, each in a fresh subprocess (so peak memory is clean), repeated and the
   start-up included).
 
 Per-core throughput = voxels / (seconds x workers); the ratio divides it by the global
-throughput. Memory: the RSS of the subprocess and all its children is sampled from outside
+throughput. CPU seconds (user + system of the measured section: every thread of the process,
+TensorStore's I/O threads included, plus its reaped worker processes) give a second, load-free
+measure: throughput per CPU second, as a ratio to the global call's. Memory: the RSS of the subprocess and all its children is sampled from outside
 every 10 ms (sum over the tree, the driver, and the largest worker); getrusage/wait4 maxima are
 not used because a forked child inherits the parent's high-water mark. Every blockwise output is compared voxel by voxel with the global labelling after
 the same size filter. Results: ``benchmarks/results/bench_cc.{json,md}``.
@@ -127,6 +129,14 @@ def _busy_seconds(ledger_dir: str) -> float:
     return total
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) and its reaped children."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def child(mode: str, work: str, block: tuple, out_name: str, profile: bool = False,
           pred_url: str | None = None) -> dict:
     """One measured mode, run in its own process; returns timings (s) and RSS (bytes)."""
@@ -142,18 +152,19 @@ def child(mode: str, work: str, block: tuple, out_name: str, profile: bool = Fal
     res: dict = {"mode": mode, "rss_before": rss_before}
     if mode == "global":
         timings: dict = {}
-        t0 = time.perf_counter()
+        c0, t0 = _cpu_seconds(), time.perf_counter()
         union = open_volume(pred_url).read()[0]
         t1 = time.perf_counter()
         labels = global_labels(union, timings)
-        t2 = time.perf_counter()
-        res.update(seconds=t2 - t0, read_s=t1 - t0, **timings, n_labels=int(labels.max()),
-                   label_dtype=str(labels.dtype))
+        t2, c2 = time.perf_counter(), _cpu_seconds()
+        res.update(seconds=t2 - t0, cpu_s=c2 - c0, read_s=t1 - t0, **timings,
+                   n_labels=int(labels.max()), label_dtype=str(labels.dtype))
         out = create_volume(os.path.join(work, out_name, "labels"), shape=labels.shape,
                             voxel_size=VOXEL_SIZE, dtype="uint64", chunk_shape=block, overwrite=True)
-        t3 = time.perf_counter()
+        c3, t3 = _cpu_seconds(), time.perf_counter()
         out.write(out.roi, labels.astype(np.uint64))
         res["global_write_s"] = time.perf_counter() - t3
+        res["global_write_cpu_s"] = _cpu_seconds() - c3
         return res
 
     backend = BackendConfig("local", progress=False) if mode == "local" else \
@@ -169,13 +180,14 @@ def child(mode: str, work: str, block: tuple, out_name: str, profile: bool = Fal
         prof = cProfile.Profile()
         prof.enable()
     stages = {}
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_seconds(), time.perf_counter()
     for task in segment_tasks(cfg):
         ts = time.perf_counter()
         rep = run_task(task, backend, overwrite=True)
         stages[task.name] = {"wall_s": time.perf_counter() - ts, "blocks_s": rep.seconds,
                              "blocks": rep.total, "busy_s": _busy_seconds(task.ledger_path())}
     res["seconds"] = time.perf_counter() - t0
+    res["cpu_s"] = _cpu_seconds() - c0
     if prof is not None:
         import pstats
 
@@ -264,15 +276,16 @@ def write_markdown(res: dict, path: str) -> None:
         f"Blocks {tuple(s['block'])} ({s['blocks']} blocks). Min of {s['repeats']} repeats, each in a "
         "fresh process.",
         "",
-        "| mode | workers | time s | voxels/s | per-core voxels/s | per-core ratio to global | per-core ratio to global + write | peak RSS, process tree MiB | largest process MiB | RSS after imports MiB | labels equal global |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| mode | workers | time s | voxels/s | per-core voxels/s | per-core ratio to global | per-core ratio to global + write | CPU s | per-CPU-second ratio to global / global + write | peak RSS, process tree MiB | largest process MiB | RSS after imports MiB | labels equal global |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for key in ("global", "local", "daisy2"):
         e = r[key]
         lines.append(
             f"| {e['label']} | {e['workers']} | {e['seconds']:.3f} | {e['voxels_per_s']:,.0f} | "
             f"{e['per_core_voxels_per_s']:,.0f} | **{e['per_core_ratio_to_global']:.3f}** | "
-            f"{e['per_core_ratio_to_global_with_write']:.3f} | "
+            f"{e['per_core_ratio_to_global_with_write']:.3f} | {e['cpu_s']:.3f} | "
+            f"{e['per_cpu_s_ratio_to_global']:.3f} / {e['per_cpu_s_ratio_to_global_with_write']:.3f} | "
             f"{e['peak_tree_rss_mib']} | {e['largest_process_rss_mib']} | {e['rss_after_imports_mib']} | "
             f"{e.get('labels_equal_global', '—')} |")
     lines += [
@@ -416,6 +429,8 @@ def main(argv=None) -> dict:
 
         g_best = min(r["seconds"] for r in runs["global"])
         g_write = min(r["global_write_s"] for r in runs["global"])
+        g_cpu = min(r["cpu_s"] for r in runs["global"])
+        g_write_cpu = min(r["global_write_cpu_s"] for r in runs["global"])
         results = {}
         for key, (mode, label, workers) in modes.items():
             best = min(runs[key], key=lambda r: r["seconds"])
@@ -426,6 +441,9 @@ def main(argv=None) -> dict:
                  "voxels_per_s": round(voxels / sec, 1), "per_core_voxels_per_s": round(per_core, 1),
                  "per_core_ratio_to_global": round(per_core / (voxels / g_best), 4),
                  "per_core_ratio_to_global_with_write": round(per_core / (voxels / (g_best + g_write)), 4),
+                 "cpu_s": round(best["cpu_s"], 4),
+                 "per_cpu_s_ratio_to_global": round(g_cpu / best["cpu_s"], 4),
+                 "per_cpu_s_ratio_to_global_with_write": round((g_cpu + g_write_cpu) / best["cpu_s"], 4),
                  "peak_tree_rss_mib": mib(max(r["peak_tree_rss"] for r in runs[key])),
                  "largest_process_rss_mib": mib(max(max(r["peak_driver_rss"], r["peak_worker_rss"])
                                                     for r in runs[key])),
