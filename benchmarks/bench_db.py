@@ -21,7 +21,8 @@ connected components assign them. Each case runs in a fresh subprocess:
   positions: ``query`` with all 33 columns and with 7 core columns, and ``count``; median and
   95th percentile ms over the repeats, rows returned. SQLite floors: the same R*Tree join
   run with a plain ``sqlite3`` connection and ``fetchall()`` (no DataFrame) of every SQL
-  column of the file (``roi_fetch_floor``; layout 2: its 19 SQL columns and the BLOB), and SQLite's own one-by-one R*Tree insertion of the records'
+  column of the file (``roi_fetch_floor``; layout 2: its 19 SQL columns and the BLOB), and
+  SQLite's own one-by-one R*Tree insertion of the records'
   boxes (``rtree_insert_floor``, at most 100k boxes, the cost the ordinary write path pays).
 - **neuron query**: ``query(pre=id)`` for random neurons (20000 neurons, ~50 synapses each).
 - **update_fields**: E/I fields (``ei_prob``, ``ei_label``, ``classifier``) for 10 % of the

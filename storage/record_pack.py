@@ -1,9 +1,10 @@
 """Packed copy of a synapse record's numeric fields: one BLOB per row, decoded with numpy.
 
 Reading a query result column by column through :mod:`sqlite3` creates one Python object per
-value (33 per record); at 10,000 records that alone costs ~45 ms. The SQLite backend therefore
-also stores, per record, every non-text field of :data:`storage.synapse_schema.COLUMNS` in one
-BLOB (column ``packed``) and decodes a whole result with one ``np.frombuffer``.
+value (33 per record); at 10,000 records that alone costs ~45 ms. The SQLite backend (file
+layout 2) therefore stores, per record, every non-text field of
+:data:`storage.synapse_schema.COLUMNS` in one BLOB (column ``packed``; some fields live only
+there) and decodes a whole result with one ``np.frombuffer``.
 
 Layout of one BLOB (:data:`PACKED_DTYPE`, 8-byte little-endian values, no padding): the fields
 of :data:`PACKED_COLUMNS` in schema order -- ``int64`` for ``key``/``neuron``/``count`` kinds,
