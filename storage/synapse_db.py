@@ -27,6 +27,7 @@ The record schema lives in :mod:`storage.synapse_schema` (``COLUMNS``); see
 from __future__ import annotations
 
 import abc
+import inspect
 import logging
 import os
 from typing import Any, Iterator, Optional, Sequence
@@ -266,6 +267,16 @@ def _concat(frames: list[pd.DataFrame], cols: list[str]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def _known_options(cls, backend: str, opts: dict) -> dict:
+    """``opts`` unchanged, or a :class:`StorageError` naming options ``cls`` does not take."""
+    params = list(inspect.signature(cls.__init__).parameters)[2:]  # after self and the URL/path
+    unknown = sorted(set(opts) - set(params))
+    if unknown:
+        raise StorageError(f"unknown option(s) {unknown} for the {backend} synapse database; "
+                           f"it takes {params}")
+    return opts
+
+
 def open_store(url: str, **opts) -> SynapseStore:
     """Open (creating if allowed) the synapse database named by ``url``.
 
@@ -284,10 +295,10 @@ def open_store(url: str, **opts) -> SynapseStore:
         from .synapse_sqlite import SQLiteSynapseStore
 
         path = url.split("://", 1)[1] if scheme else url
-        return SQLiteSynapseStore(path, **opts)
+        return SQLiteSynapseStore(path, **_known_options(SQLiteSynapseStore, "SQLite", opts))
     if scheme in ("mongodb", "mongodb+srv", "mongomock"):
         from .synapse_mongo import MongoSynapseStore
 
-        return MongoSynapseStore(url, **opts)
+        return MongoSynapseStore(url, **_known_options(MongoSynapseStore, "MongoDB", opts))
     raise StorageError(f"unknown synapse database URL {url!r}: use sqlite:///path.db, "
                        f"mongodb://host:port/db or mongomock://db")

@@ -501,6 +501,16 @@ def test_sqlite_layout1_file_is_read_and_written(tmp_path):
         open_store(str(path))
 
 
+def test_unknown_open_options_are_named(tmp_path):
+    with pytest.raises(StorageError, match=r"unknown option\(s\) \['layout'\] for the MongoDB"):
+        open_store("mongomock://db", layout=2)
+    with pytest.raises(StorageError, match=r"\['bogus'\] for the SQLite synapse database; it takes"):
+        open_store(str(tmp_path / "x.db"), bogus=1)
+    assert not (tmp_path / "x.db").exists()
+    with pytest.raises(StorageError, match="layout must be 1 or 2"):
+        open_store(str(tmp_path / "x.db"), layout=3)
+
+
 def test_sqlite_url_with_absolute_path(tmp_path):
     """``sqlite:///`` + an absolute path (four slashes) names the same file as three."""
     path = tmp_path / "abs.db"
