@@ -55,8 +55,6 @@ import cc3d
 import fastremap
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from postprocess.errors import PostprocessError
 
@@ -626,6 +624,11 @@ def resolve(
                 f"equivalence pairs name provisional ids without a record: "
                 f"{np.unique(pairs[bad])[:5].tolist()}"
             )
+        # imported here: only the driver resolves, and block workers (fresh processes under
+        # daisy) then start ~0.1 s sooner
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
         graph = coo_matrix(
             (np.ones(len(idx), dtype=np.int8), (idx[:, 0], idx[:, 1])), shape=(n, n)
         )

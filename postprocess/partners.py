@@ -44,7 +44,6 @@ from typing import Iterable, Sequence
 import fastremap
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from postprocess.errors import PostprocessError
 
@@ -160,6 +159,8 @@ def _dilated_votes(instance_labels, sides, neurons, voxel_size, dilate_nm, radiu
     core_lo = np.array([s.start for s in core])
     core_hi = np.array([s.stop for s in core])
     vs = tuple(float(v) for v in voxel_size)
+    from scipy import ndimage  # here: workers of the other segment passes start sooner without it
+
     frames = []
     for bit, _ in _SIDES:
         side_labels = np.where((sides & bit) != 0, instance_labels, 0).astype(np.uint64)
