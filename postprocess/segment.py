@@ -48,8 +48,8 @@ from blockwise.grid import Block, plan_blocks
 from blockwise.task import BlockTask
 from storage.volume import create_volume, open_volume
 
-from .cc_stitch import (block_faces, block_id_offset, face_equivalences, label_block_local,
-                        label_components, local_lut, resolve, union_mask)
+from .cc_stitch import (apply_lut, block_faces, block_id_offset, face_equivalences,
+                        label_block_local, label_components, local_lut, resolve, union_mask)
 from .errors import PostprocessError
 from .partners import dilation_radius_voxels, merge_partner_votes, partner_votes_block
 from .polarity import assign_sides, merge_polarity_stats, polarity_stats_block
@@ -330,11 +330,12 @@ class SegmentRelabelTask(_SegmentStep):
             # The local labels of pass 1 are recomputed (cc3d is deterministic) and mapped to
             # the final ids; local_lut checks that the block still has as many labels.
             union = pred.read(block.write_roi)[c.union_channel]
-            local, n = label_components(union_mask(union, c.threshold), c.connectivity)
+            mask = union_mask(union, c.threshold)
+            local, n = label_components(mask, c.connectivity)
             lut = local_lut(prov, final, self.id_offset(block), n)
             if buffers.get(local.shape) is None:  # reused: no page faults on every block
                 buffers[local.shape] = np.empty(local.shape, dtype=np.uint64)
-            out.write(block.write_roi, np.take(lut, local, out=buffers[local.shape]))
+            out.write(block.write_roi, apply_lut(lut, local, mask, out=buffers[local.shape]))
 
         yield process
 

@@ -428,8 +428,9 @@ def create_volume(
         overwrite: delete an existing dataset at ``url`` first; otherwise an existing one raises.
         axis_names: defaults to ["c^", "z", "y", "x"] / ["z", "y", "x"].
         attrs: extra user attributes stored with the metadata.
-        compression: "zstd" (blosc zstd level 3; byte shuffle for all but multi-byte integer
-            dtypes, where it costs time and space), "gzip" or "raw".
+        compression: "zstd" (zarr v2: blosc zstd level 3 with byte shuffle, but plain zstd
+            level 3 for multi-byte integer dtypes, where shuffle and blosc cost time and space),
+            "gzip" or "raw".
     """
     loc = parse_volume_url(url, format)
     shape = _as_coord(shape, "shape", url)
@@ -473,11 +474,13 @@ def create_volume(
     full_chunks = ([int(num_channels)] if num_channels is not None else []) + list(chunk_shape)
     spec: dict[str, Any] = {"kvstore": loc.kvstore}
     if fmt == "zarr":
-        # Byte shuffle helps floats but not integer labels: on uint64 synapse and neuron label
-        # blocks, no shuffle wrote 35 % faster and 2-3x smaller (measured, 64 x 256 x 256).
-        shuffle = 0 if dtype.kind in "iu" and dtype.itemsize > 1 else 1
-        comp = {"zstd": {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": shuffle},
-                "gzip": {"id": "zlib", "level": 5}, "raw": None}[compression]
+        # Byte shuffle helps floats but not integer labels. On uint64 synapse and neuron label
+        # blocks (64 x 256 x 256) plain zstd wrote ~25 % faster than blosc-zstd without shuffle
+        # (which was 35 % faster and 2-3x smaller than with it) and the files are as small.
+        labels = dtype.kind in "iu" and dtype.itemsize > 1
+        zstd = {"id": "zstd", "level": 3} if labels else \
+            {"id": "blosc", "cname": "zstd", "clevel": 3, "shuffle": 1}
+        comp = {"zstd": zstd, "gzip": {"id": "zlib", "level": 5}, "raw": None}[compression]
         spec.update(driver="zarr", metadata={
             "shape": full_shape, "chunks": full_chunks, "dtype": _ts_dtype_zarr2(dtype),
             "compressor": comp, "fill_value": 0, "order": "C"})

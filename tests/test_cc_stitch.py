@@ -316,6 +316,27 @@ def test_recomputed_labels_must_match_the_resolution():
             local_lut(res.provisional_ids, res.final_ids, 100, n)
 
 
+@pytest.mark.parametrize("fraction", [0.02, 0.6])
+def test_apply_lut_equals_full_gather_sparse_and_dense(fraction):
+    """The foreground-only gather of pass 2 equals ``lut[local]``, also into a reused buffer
+    that still holds the previous block's labels."""
+    import cc3d
+
+    from postprocess.cc_stitch import apply_lut
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((6, 20, 24)) < fraction
+    local, n = cc3d.connected_components(mask, connectivity=6, return_N=True)
+    lut = np.zeros(n + 1, np.uint64)
+    lut[1:] = rng.permutation(n).astype(np.uint64) + np.uint64(2**40)
+    lut[1::3] = 0  # filtered instances
+    stale = np.full(local.shape, 7, np.uint64)
+    got = apply_lut(lut, local, mask, out=stale)
+    assert got is stale
+    np.testing.assert_array_equal(got, lut[local])
+    np.testing.assert_array_equal(apply_lut(lut, local), lut[local])
+
+
 @pytest.mark.parametrize("threshold", [0.0, 0.25, 0.4, 0.5, 0.5019607843137255, 0.999, 1.0])
 def test_union_mask_on_uint8_is_value_above_threshold_times_255(threshold):
     from postprocess.cc_stitch import union_mask

@@ -44,12 +44,24 @@ def test_round_trip_each_format(tmp_path, fmt, template, num_channels, dtype):
     np.testing.assert_array_equal(again.read(sub), data[lead + (slice(1, 3), slice(1, 6), slice(1, 13))])
 
 
-@pytest.mark.parametrize("dtype,shuffle", [("uint64", 0), ("int32", 0), ("float32", 1), ("uint8", 1)])
-def test_zarr_blosc_shuffle_follows_dtype(tmp_path, dtype, shuffle):
-    """Label (multi-byte integer) volumes are written without byte shuffle, floats with it."""
-    create_volume(f"{tmp_path}/s.zarr/v", shape=(4, 8, 8), voxel_size=(40, 4, 4), dtype=dtype)
+@pytest.mark.parametrize("dtype,codec", [("uint64", "zstd"), ("int32", "zstd"), ("float32", "blosc"),
+                                         ("uint8", "blosc")])
+def test_zarr_codec_follows_dtype(tmp_path, dtype, codec):
+    """Label (multi-byte integer) volumes are written with plain zstd, the others with blosc zstd
+    and byte shuffle; both read back exactly, also through zarr-python."""
+    url = f"{tmp_path}/s.zarr/v"
+    create_volume(url, shape=(4, 8, 8), voxel_size=(40, 4, 4), dtype=dtype)
     meta = json.load(open(tmp_path / "s.zarr" / "v" / ".zarray"))
-    assert meta["compressor"]["cname"] == "zstd" and meta["compressor"]["shuffle"] == shuffle
+    assert meta["compressor"]["id"] == codec
+    if codec == "blosc":
+        assert meta["compressor"]["cname"] == "zstd" and meta["compressor"]["shuffle"] == 1
+    else:
+        assert meta["compressor"]["level"] == 3
+    vol = open_volume(url, mode="r+")
+    data = (np.arange(256) * 7 % 251).reshape(4, 8, 8).astype(dtype)
+    vol.write(vol.roi, data)
+    np.testing.assert_array_equal(open_volume(url).read(vol.roi), data)
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "s.zarr" / "v"), mode="r")[:], data)
 
 
 def test_funlib_and_zarr_read_same_metadata(tmp_path):
