@@ -316,6 +316,27 @@ def test_recomputed_labels_must_match_the_resolution():
             local_lut(res.provisional_ids, res.final_ids, 100, n)
 
 
+@pytest.mark.parametrize("n,k,seed", [(0, 0, 0), (1, 0, 0), (5, 0, 1), (50, 30, 2), (2000, 1500, 3),
+                                        (2000, 4000, 4)])
+def test_pair_components_equals_scipy(n, k, seed):
+    """The array union-find of resolve gives scipy's components, numbered the same way."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from postprocess.cc_stitch import pair_components
+
+    rng = np.random.default_rng(seed)
+    pairs = rng.integers(0, max(n, 1), size=(k, 2)) if n else np.zeros((0, 2), np.int64)
+    if n > 100:  # plus a long chain in scrambled order (deep merges)
+        chain = rng.permutation(n)[:400]
+        pairs = np.concatenate([pairs, np.stack([chain[:-1], chain[1:]], 1)])
+    n_comp, comp = pair_components(n, pairs)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    ref_n, ref = connected_components(graph, directed=False) if n else (0, np.zeros(0, int))
+    assert n_comp == ref_n
+    np.testing.assert_array_equal(comp, ref)
+
+
 @pytest.mark.parametrize("fraction", [0.02, 0.6])
 def test_apply_lut_equals_full_gather_sparse_and_dense(fraction):
     """The foreground-only gather of pass 2 equals ``lut[local]``, also into a reused buffer
