@@ -13,8 +13,8 @@ Compared, each in a fresh subprocess (so peak memory is clean), repeated and the
   ``fastremap.renumber``; in memory, nothing written. The time of writing the labels to zarr
   is measured separately (``global_write_s``) for context.
 - **blockwise, local x1**: ``segment_tasks`` (label → stitch + resolve → relabel) on the local
-  backend, everything (per-block reads, per-instance statistics, provisional + final uint64
-  label volumes, parquet/npy records, ledgers) included.
+  backend, everything (per-block reads, per-instance statistics, face labels, the final uint64
+  label volume, parquet/npz records, ledgers) included.
 - **blockwise, daisy x2**: the same on the daisy backend with 2 worker processes (worker
   start-up included).
 
