@@ -512,7 +512,7 @@ def local_lut(provisional_ids: np.ndarray, final_ids: np.ndarray, id_offset: int
         n_labels: number of local labels the block has now.
 
     Returns:
-        uint64 (n_labels + 1,) with ``lut[0] = 0``; apply as ``np.take(lut, local)``. Raises
+        uint64 (n_labels + 1,) with ``lut[0] = 0``; apply with :func:`apply_lut`. Raises
         :class:`PostprocessError` when the resolution holds another number of labels for this
         block (its input changed after pass 1).
     """
@@ -550,11 +550,13 @@ def apply_lut(lut: np.ndarray, local: np.ndarray, foreground: np.ndarray | None 
     """
     if out is None:
         out = np.empty(local.shape, dtype=lut.dtype)
-    if foreground is None or foreground.dtype != bool or foreground.shape != local.shape:
+    elif out.shape != local.shape or out.dtype != lut.dtype or not out.flags.c_contiguous:
+        raise PostprocessError(f"apply_lut: out must be a C-contiguous {lut.dtype} array of shape "
+                               f"{local.shape}, got {out.dtype} {out.shape}")
+    if foreground is None or foreground.dtype != bool or foreground.shape != local.shape \
+            or np.count_nonzero(foreground) * 4 > local.size:  # dense: the full gather is cheaper
         return np.take(lut, local, out=out)
     fg = np.flatnonzero(foreground)
-    if fg.size * 4 > local.size:  # dense foreground: the full gather is cheaper
-        return np.take(lut, local, out=out)
     out.fill(0)
     flat = out.reshape(-1)
     flat[fg] = lut[local.reshape(-1)[fg]]
@@ -612,20 +614,31 @@ def _as_pairs(pairs: np.ndarray | Iterable[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.uint64, copy=False)
 
 
+#: above this many provisional ids :func:`resolve` uses scipy's connected components (faster on
+#: large graphs) instead of :func:`pair_components` (no 0.2 s import)
+SCIPY_RESOLVE_NODES = 1 << 20
+
+
 def pair_components(n: int, pairs: np.ndarray) -> tuple[int, np.ndarray]:
     """Connected components of the graph on nodes 0..n-1 with the (k, 2) edge list ``pairs``.
 
     Union-find in array form: every round hooks the larger root of each edge whose ends have
     different roots onto the smallest root it meets, then compresses the paths of the nodes on
     an edge by pointer jumping, until no edge joins two roots. A root is always the smallest
-    node of its tree. The result is ``scipy.sparse.csgraph.connected_components``'s, without
-    its 0.2 s import in the driver; measured against it on 10^7 nodes: 1.3x its time for 10^6
-    small components of 2-8 pieces, 4x for a few giant chains (both about a second).
+    node of its tree. The result equals ``scipy.sparse.csgraph.connected_components``'s; it
+    saves scipy's 0.2 s import for the small graphs of most runs, but is 1.3-1.9x slower than
+    scipy at 10^7 nodes, so :func:`resolve` uses scipy above :data:`SCIPY_RESOLVE_NODES`.
 
     Returns:
         ``(n_comp, comp)``: comp is (n,) intp, components numbered 0.. in the order of their
-        smallest node.
+        smallest node. Raises :class:`PostprocessError` for pairs that are not (k, 2) node
+        indices in [0, n).
     """
+    raw = np.asarray(pairs)
+    if raw.size and (raw.ndim != 2 or raw.shape[1] != 2):
+        raise PostprocessError(f"pair_components: pairs must be a (k, 2) array, got shape {raw.shape}")
+    if raw.size and (raw.dtype.kind not in "iu" or raw.min() < 0 or raw.max() >= n):
+        raise PostprocessError(f"pair_components: pairs must be integer node indices in [0, {n})")
     edges = np.asarray(pairs, dtype=np.intp).reshape(-1, 2)
     parent = np.arange(n, dtype=np.intp)
     on_edge = np.zeros(n, dtype=bool)
@@ -639,11 +652,12 @@ def pair_components(n: int, pairs: np.ndarray) -> tuple[int, np.ndarray]:
             break
         a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]  # joined edges stay joined
         np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
+        here = parent[nodes]
         while True:
-            up = parent[parent[nodes]]
-            if np.array_equal(up, parent[nodes]):
+            up = parent[here]
+            if np.array_equal(up, here):
                 break
-            parent[nodes] = up
+            parent[nodes] = here = up
     is_root = parent == np.arange(n, dtype=np.intp)
     rank = np.cumsum(is_root, dtype=np.intp) - 1
     return int(is_root.sum()), rank[parent]
@@ -692,7 +706,14 @@ def resolve(
                 f"equivalence pairs name provisional ids without a record: "
                 f"{np.unique(pairs[bad])[:5].tolist()}"
             )
-        n_comp, comp = pair_components(n, idx)
+        if n <= SCIPY_RESOLVE_NODES:
+            n_comp, comp = pair_components(n, idx)
+        else:  # imported here: block workers (fresh processes under daisy) never need it
+            from scipy.sparse import coo_matrix
+            from scipy.sparse.csgraph import connected_components
+
+            graph = coo_matrix((np.ones(len(idx), dtype=np.int8), (idx[:, 0], idx[:, 1])), shape=(n, n))
+            n_comp, comp = connected_components(graph, directed=False)
     else:
         n_comp, comp = n, np.arange(n)
     comp = comp.astype(np.intp)

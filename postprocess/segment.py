@@ -36,6 +36,7 @@ import glob
 import itertools
 import logging
 import os
+import threading
 import zipfile
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -324,7 +325,7 @@ class SegmentRelabelTask(_SegmentStep):
         pred = open_volume(self.cfg.predictions)
         out = open_volume(self.cfg.output, mode="r+")
         c = self.cfg
-        buffers: dict = {}
+        per_thread = threading.local()  # a dask worker may run blocks in several threads
 
         def process(block: Block) -> None:
             # The local labels of pass 1 are recomputed (cc3d is deterministic) and mapped to
@@ -333,8 +334,10 @@ class SegmentRelabelTask(_SegmentStep):
             mask = union_mask(union, c.threshold)
             local, n = label_components(mask, c.connectivity)
             lut = local_lut(prov, final, self.id_offset(block), n)
+            buffers = per_thread.__dict__.setdefault("buffers", {})
             if buffers.get(local.shape) is None:  # reused: no page faults on every block
                 buffers[local.shape] = np.empty(local.shape, dtype=np.uint64)
+            # the write returns once committed, so the buffer is free for the next block
             out.write(block.write_roi, apply_lut(lut, local, mask, out=buffers[local.shape]))
 
         yield process

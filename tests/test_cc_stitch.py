@@ -337,6 +337,37 @@ def test_pair_components_equals_scipy(n, k, seed):
     np.testing.assert_array_equal(comp, ref)
 
 
+def test_resolve_large_graph_path_gives_the_same_labels(monkeypatch):
+    """Above SCIPY_RESOLVE_NODES ids resolve uses scipy's components: same labels as cc3d."""
+    import postprocess.cc_stitch as cs
+
+    mask = np.random.default_rng(11).random(SHAPE) < 0.2
+    expected = cc3d.connected_components(mask, connectivity=26).astype(np.uint64)
+    monkeypatch.setattr(cs, "SCIPY_RESOLVE_NODES", 0)
+    out, _ = blockwise_cc_reference(mask, BLOCK_SHAPES[0], 26)
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("pairs", [np.array([[0, 5]]), np.array([[-1, 0]]), np.array([[2**64 - 1, 0]], np.uint64),
+                                   np.zeros((2, 3), np.int64), np.array([[0.0, 1.0]])])
+def test_pair_components_refuses_bad_pairs(pairs):
+    from postprocess.cc_stitch import pair_components
+
+    with pytest.raises(PostprocessError, match="pair_components"):
+        pair_components(5, pairs)
+
+
+def test_apply_lut_refuses_a_bad_out_buffer():
+    from postprocess.cc_stitch import apply_lut
+
+    local = np.zeros((2, 3, 4), np.uint32)
+    lut = np.zeros(1, np.uint64)
+    for out in (np.zeros((2, 3, 4), np.uint64, order="F"), np.zeros((2, 3, 4), np.int64),
+                np.zeros((2, 3, 5), np.uint64)):
+        with pytest.raises(PostprocessError, match="apply_lut"):
+            apply_lut(lut, local, local != 0, out=out)
+
+
 @pytest.mark.parametrize("fraction", [0.02, 0.6])
 def test_apply_lut_equals_full_gather_sparse_and_dense(fraction):
     """The foreground-only gather of pass 2 equals ``lut[local]``, also into a reused buffer

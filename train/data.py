@@ -17,7 +17,10 @@ or process that computes it; a loader that starts at index ``step * batch_size``
 
 Raw is scaled to float32 [0, 1] (uint8 / 255; float volumes used as they are). Targets:
 ``polarity`` float32 (3, z, y, x) 0/1 (pre, post, union); ``exclusive`` int64 (z, y, x) classes
-0/1/2 (background, pre, post); ``cleft`` float32 (1, z, y, x) 0/1.
+0/1/2 (background, pre, post); ``cleft`` float32 (1, z, y, x) 0/1. Auxiliary masks
+(``DataConfig.aux``, e.g. membranes and mitochondria drawn on the same sections) add one 0/1
+channel each after those of a sigmoid target; they take no part in rejection sampling or in the
+validation metrics.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ class VolumeSpec:
     instances: synapse (or cleft) ids, with per-voxel side codes in 'sides' for polarity targets"""
     sides: Optional[str] = None
     """volume of per-voxel side codes (1 pre, 2 post, 3 both) for label_format instances"""
+    aux: dict = field(default_factory=dict)
+    """auxiliary mask volumes, ``{name: URL}`` of (z, y, x) volumes (non-zero = 1) on the same
+    voxel grid; must name every entry of ``DataConfig.aux``"""
     roi: Optional[tuple] = None
     """[[z, y, x] begin nm, [z, y, x] shape nm]: sample only inside this region (e.g. a training
     band of a volume whose other band is held out for validation); nothing outside it is read.
@@ -94,6 +100,9 @@ class DataConfig:
     """network input patch, voxels"""
     target: str = "polarity"
     """polarity (3 sigmoids pre/post/union), exclusive (softmax bg/pre/post) or cleft (1 sigmoid)"""
+    aux: list = field(default_factory=list)
+    """names of auxiliary sigmoid outputs (one channel each, after the target's), taken from each
+    volume's ``aux`` masks; not for the exclusive target"""
     cleft_dilation_nm: float = 0.0
     """cleft target only: grow the label mask by this distance"""
     both: str = "pre"
@@ -129,11 +138,23 @@ class DataConfig:
             raise TrainError(f"data.both must be 'pre' or 'post', got {self.both!r}")
         if self.cleft_dilation_nm < 0:
             raise TrainError(f"data.cleft_dilation_nm must be >= 0, got {self.cleft_dilation_nm}")
+        self.aux = [str(a) for a in self.aux]
+        if len(set(self.aux)) != len(self.aux):
+            raise TrainError(f"data.aux names must be unique, got {self.aux}")
+        if self.aux and self.target == "exclusive":
+            raise TrainError("data.aux (auxiliary sigmoid channels) cannot be combined with the "
+                             "exclusive (softmax) target")
+        for spec in list(self.train) + list(self.val):
+            missing = [a for a in self.aux if a not in (spec.aux or {})]
+            if missing:
+                raise TrainError(f"volume {spec.raw}: data.aux names {missing} but its 'aux' has "
+                                 f"only {sorted(spec.aux or {})}")
 
 
-def target_channels(target: str) -> int:
-    """Network output channels a target needs: 3 (polarity, exclusive) or 1 (cleft)."""
-    return 1 if target == "cleft" else 3
+def target_channels(target: str, n_aux: int = 0) -> int:
+    """Network output channels a target needs: 3 (polarity, exclusive) or 1 (cleft), plus one
+    per auxiliary mask."""
+    return (1 if target == "cleft" else 3) + int(n_aux)
 
 
 def _open(url: str, what: str, role: str) -> Volume:
@@ -188,6 +209,7 @@ class VolumeSource:
     def __init__(self, spec: VolumeSpec, cfg: DataConfig, role: str):
         self.spec = spec
         self.target = cfg.target
+        self.aux = list(cfg.aux)
         self.cache = cfg.cache
         self.both = cfg.both
         self.dilation_nm = cfg.cleft_dilation_nm
@@ -218,6 +240,12 @@ class VolumeSource:
                                  "needs a 'sides' volume (per-voxel side codes)")
         if spec.sides:
             vols["sides"] = _open(spec.sides, "sides", role)
+        for name in self.aux:
+            vol = _open(spec.aux[name], f"aux {name}", role)
+            if vol.num_channels is not None or len(vol.shape) != 3:
+                raise TrainError(f"{spec.aux[name]}: aux mask {name!r} must be a (z, y, x) volume, "
+                                 f"got shape {vol.shape}")
+            vols[f"aux:{name}"] = vol
         for key, vol in vols.items():
             if vol.voxel_size != raw.voxel_size:
                 raise TrainError(
@@ -262,6 +290,8 @@ class VolumeSource:
             self._vols = {"raw": open_volume(spec.raw), "labels": open_volume(spec.labels)}
             if spec.sides:
                 self._vols["sides"] = open_volume(spec.sides)
+            for name in self.aux:
+                self._vols[f"aux:{name}"] = open_volume(spec.aux[name])
         return self._vols
 
     def load(self) -> None:
@@ -294,6 +324,10 @@ class VolumeSource:
         if self._raw_scale != 1.0:
             raw *= np.float32(1.0 / self._raw_scale)
         return raw
+
+    def read_aux(self, begin: tuple, shape: tuple) -> np.ndarray:
+        """uint8 (n_aux, z, y, x) 0/1 auxiliary masks over [begin, begin + shape), in ``aux`` order."""
+        return np.stack([self.read(f"aux:{name}", begin, shape) != 0 for name in self.aux]).astype(np.uint8)
 
     def read_target(self, begin: tuple, shape: tuple) -> np.ndarray:
         """The target over [begin, begin + shape): uint8 (3, z, y, x), (z, y, x) or (1, z, y, x)."""
@@ -389,6 +423,8 @@ class PatchDataset(torch.utils.data.Dataset):
             fg = foreground_count(core, exclusive)
             if fg >= rej.min_foreground or rej.probability == 0 or rng.random() >= rej.probability:
                 break
+        if src.aux:
+            target = np.concatenate([target, src.read_aux(read_begin, read_shape)])
         raw = src.read_raw(read_begin, read_shape)
         raw, target = augment_patch(raw, target, rng, self.augment, self.patch[1:], m)
         if exclusive:

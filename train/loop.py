@@ -134,10 +134,11 @@ class TrainConfig:
             raise TrainError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.best_metric not in ("val_score", "val_f1", "val_loss"):
             raise TrainError(f"best_metric must be val_score, val_f1 or val_loss, got {self.best_metric!r}")
-        need = target_channels(self.data.target)
+        need = target_channels(self.data.target, len(self.data.aux))
         if self.model.out_channels != need:
+            extra = f" with aux channels {self.data.aux}" if self.data.aux else ""
             raise TrainError(f"model.out_channels is {self.model.out_channels} but target "
-                             f"{self.data.target!r} needs {need}")
+                             f"{self.data.target!r}{extra} needs {need}")
         want_act = "softmax" if self.data.target == "exclusive" else "sigmoid"
         if self.model.output_activation != want_act:
             raise TrainError(f"model.output_activation is {self.model.output_activation!r} but target "
@@ -149,19 +150,33 @@ class TrainConfig:
 
 
 def _init_from(model: nn.Module, cfg: TrainConfig, voxel_size: tuple) -> None:
-    """Copy the weights of ``cfg.init_weights`` into ``model`` (same architecture and voxel size)."""
+    """Copy the weights of ``cfg.init_weights`` into ``model`` (same architecture and voxel size).
+
+    The number of output channels may grow (e.g. auxiliary channels added to a shipped model):
+    the output layer's first rows are copied, the new rows keep their fresh initialisation.
+    """
     try:
         src, meta = load_model(cfg.init_weights, device="cpu")
     except ModelError as e:
         raise TrainError(f"init_weights: {e}") from e
-    if to_dict(meta.config) != to_dict(cfg.model):
+    mine, theirs = to_dict(cfg.model), to_dict(meta.config)
+    n_old, n_new = int(theirs.pop("out_channels")), int(mine.pop("out_channels"))
+    if theirs != mine or n_new < n_old:
         raise TrainError(f"init_weights {cfg.init_weights}: its architecture {to_dict(meta.config)} differs "
-                         f"from the config's model {to_dict(cfg.model)}")
+                         f"from the config's model {to_dict(cfg.model)} (only more output channels are "
+                         f"allowed)")
     if tuple(int(v) for v in meta.voxel_size) != tuple(voxel_size):
         raise TrainError(f"init_weights {cfg.init_weights}: trained at voxel size {tuple(meta.voxel_size)} nm "
                          f"but the training volumes are {tuple(voxel_size)} nm")
-    model.load_state_dict(src.state_dict())
-    log.info("initialised from %s (sha256 %s)", cfg.init_weights, meta.weights_sha256[:12])
+    state = model.state_dict()
+    for key, value in src.state_dict().items():
+        if state[key].shape == value.shape:
+            state[key] = value
+        else:  # the output layer: (channels, ...) weights and bias
+            state[key][:n_old] = value
+    model.load_state_dict(state)
+    log.info("initialised from %s (sha256 %s)%s", cfg.init_weights, meta.weights_sha256[:12],
+             f"; output channels {n_old} -> {n_new}, new ones freshly initialised" if n_new > n_old else "")
 
 
 def parse_train_config(data: dict, where: str = "train config") -> TrainConfig:
@@ -288,6 +303,7 @@ def validate(model: nn.Module, batches: list[dict], cfg: TrainConfig, device: to
     alone for a cleft target).
     """
     exclusive = cfg.data.target == "exclusive"
+    n_aux = len(cfg.data.aux)
     model.eval()
     tp = fp = fn = 0
     side_ok = side_n = 0
@@ -296,8 +312,10 @@ def validate(model: nn.Module, batches: list[dict], cfg: TrainConfig, device: to
         raw, target = b["raw"].to(device), b["target"].to(device)
         with _autocast(device, cfg.amp):
             logits = model(raw)
-        loss, _ = compute_loss(logits, target, cfg.loss, exclusive)
+        loss, _ = compute_loss(logits, target, cfg.loss, exclusive, n_aux)
         losses.append(float(loss))
+        if n_aux:  # the metrics are the target's; auxiliary channels only train
+            logits, target = logits[:, :-n_aux], target[:, :-n_aux]
         fg_score, side_score = _side_logits(logits.float(), exclusive)
         pred = fg_score > 0
         if exclusive:
@@ -514,7 +532,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
         net.train()
         with _autocast(device, cfg.amp):
             logits = net(raw)
-        loss, parts = compute_loss(logits, target, cfg.loss, exclusive)
+        loss, parts = compute_loss(logits, target, cfg.loss, exclusive, len(data.aux))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip > 0:

@@ -36,6 +36,8 @@ class LossConfig:
     side_weight: float = 0.0
     """weight of an added side loss: on true voxels that are pre xor post, BCE of
     (pre logit − post logit) against "is pre" (0 = none); a direct signal for the polarity"""
+    aux_weight: float = 0.5
+    """weight of the unweighted BCE of the auxiliary mask channels (``data.aux``), if any"""
 
     def __post_init__(self) -> None:
         for name in ("pos_weight", "class_weight"):
@@ -44,9 +46,9 @@ class LossConfig:
                 raise TrainError(f"loss.{name} must be 'balanced', a list of numbers or null, got {v!r}")
         if self.max_pos_weight < 1:
             raise TrainError(f"loss.max_pos_weight must be >= 1, got {self.max_pos_weight}")
-        if self.dice_weight < 0 or self.side_weight < 0:
-            raise TrainError(f"loss.dice_weight and loss.side_weight must be >= 0, got "
-                             f"{self.dice_weight}, {self.side_weight}")
+        if self.dice_weight < 0 or self.side_weight < 0 or self.aux_weight < 0:
+            raise TrainError(f"loss.dice_weight, loss.side_weight and loss.aux_weight must be >= 0, "
+                             f"got {self.dice_weight}, {self.side_weight}, {self.aux_weight}")
 
 
 def balanced_pos_weight(target: torch.Tensor, max_weight: float) -> torch.Tensor:
@@ -126,9 +128,17 @@ def side_loss(logits: torch.Tensor, target: torch.Tensor, exclusive: bool) -> to
 
 
 def compute_loss(logits: torch.Tensor, target: torch.Tensor, cfg: LossConfig,
-                 exclusive: bool) -> tuple[torch.Tensor, dict]:
-    """Total loss and its parts ``{"main": …, "dice": …, "side": …}`` (floats) for one batch."""
+                 exclusive: bool, n_aux: int = 0) -> tuple[torch.Tensor, dict]:
+    """Total loss and its parts ``{"main": …, "dice": …, "side": …, "aux": …}`` (floats) for one
+    batch. The last ``n_aux`` channels of logits and target are auxiliary masks: plain BCE,
+    weighted by ``cfg.aux_weight``; every other term sees the target's own channels only."""
     logits = logits.float()
+    aux = None
+    if n_aux:
+        main_c = logits.shape[1] - int(n_aux)
+        aux_logits, aux_target = logits[:, main_c:], target[:, main_c:]
+        logits, target = logits[:, :main_c], target[:, :main_c]
+        aux = F.binary_cross_entropy_with_logits(aux_logits, aux_target.to(aux_logits.dtype))
     if exclusive:
         main = weighted_ce_loss(logits, target, cfg.class_weight, cfg.max_pos_weight)
     else:
@@ -152,5 +162,8 @@ def compute_loss(logits: torch.Tensor, target: torch.Tensor, cfg: LossConfig,
         parts["side"] = float(side.detach())
     else:
         parts["side"] = float("nan")
+    if aux is not None:
+        total = total + cfg.aux_weight * aux
+        parts["aux"] = float(aux.detach())
     return total, parts
 
