@@ -213,3 +213,81 @@ def test_init_weights_starts_from_an_exported_model(volumes, tmp_path):
         train(parse_train_config(other))
     with pytest.raises(TrainError, match="init_weights"):
         train(parse_train_config(dict(cfg, run_dir=str(tmp_path / "d"), init_weights=str(tmp_path / "none.pt"))))
+
+
+def test_auxiliary_mask_channels(volumes, tmp_path):
+    """data.aux adds one 0/1 target channel per mask after the target's; the loss adds their BCE;
+    validation scores the target's channels only; init_weights may grow the output layer."""
+    from train.losses import LossConfig, compute_loss
+
+    d = volumes["dir"]
+    raw = open_volume(volumes["train"]["raw"])
+    dark = raw.read(raw.roi) < 60
+    masks = {}
+    for name, m in (("dark", dark), ("left", np.zeros(SHAPE, bool))):
+        if name == "left":
+            m[:, :, :40] = True
+        v = create_volume(str(d / f"aux_{name}.zarr/m"), shape=SHAPE, voxel_size=(40, 4, 4), dtype="uint8",
+                          overwrite=True)
+        v.write(v.roi, m.astype(np.uint8) * 255)
+        masks[name] = (v.url, m)
+    aux = {name: url for name, (url, _) in masks.items()}
+    vols = {"train": dict(volumes["train"], aux=aux), "val": dict(volumes["val"], aux=aux)}
+    model = dict(filters=[4, 8], anisotropic_levels=1, norm="group", out_channels=3)
+    cfg = parse_train_config(_cfg(vols, tmp_path / "aux", model=model,
+                                  data=dict(train=[vols["train"]], val=[vols["train"]], target="cleft",
+                                            aux=["dark", "left"])))
+    ds = PatchDataset(open_sources(cfg.data.val, cfg.data, "val"), cfg.data, seed=0, augment=False)
+    for i in range(3):
+        item = ds.sample(i)
+        assert item["target"].shape == (3, *PATCH)
+        z, y, x = (int(v) for v in item["begin"])
+        for c, name in ((1, "dark"), (2, "left")):
+            want = masks[name][1][z:z + PATCH[0], y:y + PATCH[1], x:x + PATCH[2]]
+            np.testing.assert_array_equal(item["target"][c], want.astype(np.float32))
+
+    # the loss: the target's terms on channel 0 plus aux_weight x BCE of the mask channels
+    logits = torch.randn(2, 3, 4, 6, 6)
+    target = (torch.rand(2, 3, 4, 6, 6) > 0.7).float()
+    lc = LossConfig(dice_weight=0.5, aux_weight=0.25)
+    total, parts = compute_loss(logits, target, lc, False, n_aux=2)
+    main, _ = compute_loss(logits[:, :1], target[:, :1], lc, False)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 1:], target[:, 1:])
+    torch.testing.assert_close(total, main + 0.25 * bce)
+    assert parts["aux"] == pytest.approx(float(bce))
+
+    # fine-tuning a 1-channel cleft model into a 3-channel one keeps its cleft head row
+    one = _cfg(volumes, tmp_path / "one", max_steps=2,
+               model=dict(filters=[4, 8], anisotropic_levels=1, norm="group", out_channels=1),
+               data=dict(train=[vols["train"]], val=[vols["val"]], target="cleft"))
+    train(parse_train_config(one))
+    out = str(tmp_path / "w1" / "m.pt")
+    export_weights(str(tmp_path / "one"), out)
+    src, _ = load_model(out, device="cpu")
+    three = _cfg(vols, tmp_path / "three", max_steps=1, init_weights=out, ema_decay=0.0, model=model,
+                 optim=dict(lr=1e-12, warmup_steps=0, weight_decay=0.0),
+                 data=dict(train=[vols["train"]], val=[vols["val"]], target="cleft", aux=["dark", "left"]))
+    result = train(parse_train_config(three))
+    tuned = result["model"].state_dict()
+    for k, v in src.state_dict().items():
+        got = tuned[k][:1] if k.startswith("conv_out") else tuned[k]  # the source has one row
+        torch.testing.assert_close(got, v, rtol=0, atol=1e-6)
+    val = validate(result["model"], [{"raw": b["raw"], "target": b["target"]}
+                                     for b in make_loader(ds, batch_size=2, count=2)],
+                   parse_train_config(three), torch.device("cpu"))
+    assert np.isfinite(val["val_loss"]) and 0 <= val["val_f1"] <= 1
+    # ... but a model cannot lose output channels
+    back = dict(one, run_dir=str(tmp_path / "back"))
+    three_out = str(tmp_path / "w3" / "m.pt")
+    export_weights(str(tmp_path / "three"), three_out)
+    with pytest.raises(TrainError, match="only more output channels"):
+        train(parse_train_config(dict(back, init_weights=three_out)))
+
+    # bad configs: a volume without a named mask; aux with the softmax target; channel count
+    with pytest.raises(TrainError, match=r"data.aux names \['left'\]"):
+        parse_train_config(_cfg(volumes, tmp_path / "x", model=model, data=dict(
+            train=[dict(volumes["train"], aux={"dark": aux["dark"]})], target="cleft", aux=["dark", "left"])))
+    with pytest.raises(TrainError, match="exclusive"):
+        parse_train_config(_cfg(vols, tmp_path / "x", data=dict(target="exclusive", aux=["dark"])))
+    with pytest.raises(TrainError, match=r"out_channels is 3 but target 'cleft' with aux channels \['dark'\] needs 2"):
+        parse_train_config(_cfg(vols, tmp_path / "x", data=dict(target="cleft", aux=["dark"])))
