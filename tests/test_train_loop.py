@@ -280,6 +280,7 @@ def test_auxiliary_mask_channels(volumes, tmp_path):
     back = dict(one, run_dir=str(tmp_path / "back"))
     three_out = str(tmp_path / "w3" / "m.pt")
     export_weights(str(tmp_path / "three"), three_out)
+    assert read_checkpoint_meta(three_out).extra["channels"] == ["cleft", "dark", "left"]
     with pytest.raises(TrainError, match="only more output channels"):
         train(parse_train_config(dict(back, init_weights=three_out)))
 

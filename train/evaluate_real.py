@@ -94,7 +94,8 @@ class RealEvalConfig:
     ``train/cv_folds.py``) predicts that region, and the grid is scored on all of them together.
     Empty: the evaluated model itself on ``train_region`` (optimistic: it was trained there)"""
     channel: Optional[int] = None
-    """probability channel segmented; default 0 for a 1-channel model, 2 (union) for 3 channels"""
+    """probability channel segmented; default the checkpoint's ``cleft`` (else ``union``) channel,
+    else 0 for a 1-channel model and 2 (union) for 3 channels"""
     threshold: Optional[float] = None
     """probability threshold; None = chosen on the training band"""
     min_size: Optional[int] = None
@@ -321,7 +322,10 @@ def evaluate_real(cfg: RealEvalConfig) -> dict:
     except ModelError as e:
         raise TrainError(f"evaluate_real: {e}") from e
     n_ch = int(meta.config.out_channels)
-    channel = cfg.channel if cfg.channel is not None else (0 if n_ch == 1 else 2)
+    names = list((meta.extra or {}).get("channels") or [])
+    default = names.index("cleft") if "cleft" in names else names.index("union") if "union" in names \
+        else (0 if n_ch == 1 else 2)
+    channel = cfg.channel if cfg.channel is not None else default
     if not 0 <= channel < n_ch:
         raise TrainError(f"evaluate_real: channel {channel} does not exist in {cfg.checkpoint} ({n_ch} channels)")
     vol = cfg.volume.rstrip("/")

@@ -622,7 +622,7 @@ def export_weights(run_dir: str, out_path: str, which: str = "best", use_ema: bo
         weights = weights["model"]
     model.load_state_dict(weights)
     channels = {"polarity": ["pre", "post", "union"], "exclusive": ["background", "pre", "post"],
-                "cleft": ["cleft"]}[cfg.data.target]
+                "cleft": ["cleft"]}[cfg.data.target] + list(cfg.data.aux)
     info = {"patch_shape": list(cfg.data.patch_shape), "target": cfg.data.target, "channels": channels,
             "step": int(state["step"]), "ema": bool(use_ema and state.get("ema") is not None),
             "validation": state.get("metrics")}
