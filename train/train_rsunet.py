@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
                    "unless optim.schedule_steps is set)")
     p.add_argument("--max-minutes", type=float, help="override max_minutes (stop with a checkpoint)")
     p.add_argument("--run-dir", help="override run_dir")
+    p.add_argument("--threads", type=int, help="override threads (torch CPU threads)")
     p.add_argument("--export", metavar="PATH", help="after training, write the best EMA weights to "
                    "PATH (.pt + .json), e.g. models/weights/rsunet_polarity.pt")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -55,6 +56,8 @@ def main(argv=None) -> int:
             cfg.max_minutes = args.max_minutes
         if args.run_dir:
             cfg.run_dir = args.run_dir
+        if args.threads is not None:
+            cfg.threads = args.threads
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
         summary = {k: v for k, v in summary.items() if k not in ("model", "ema_model")}
         if args.export:
