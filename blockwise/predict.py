@@ -150,6 +150,13 @@ class PredictTask(BlockTask):
     def ledger_path(self) -> str:
         return os.path.join(self.cfg.output.rstrip("/") + ".ledger", self.name)
 
+    def _channel_names(self) -> list:
+        """The checkpoint's channel names (training writes them), else pre/post/union or cleft."""
+        names = list((self.meta.extra or {}).get("channels") or [])
+        if len(names) == self.out_channels:
+            return names
+        return ["pre", "post", "union"] if self.out_channels == 3 else ["cleft"]
+
     def prepare(self, fresh: bool) -> None:
         if fresh:
             create_volume(self.cfg.output, shape=self.roi.shape / self.voxel_size,
@@ -157,9 +164,7 @@ class PredictTask(BlockTask):
                           dtype=self.cfg.output_dtype, chunk_shape=self.chunk,
                           num_channels=self.out_channels, overwrite=True,
                           attrs={"cleftwise_step": "predict", "weights_sha256": self._digest,
-                                 "channels": list(getattr(self.meta.config, "channel_names", None)
-                                                  or (["pre", "post", "union"] if self.out_channels == 3
-                                                      else ["cleft"]))})
+                                 "channels": self._channel_names()})
         else:
             try:
                 out = open_volume(self.cfg.output)

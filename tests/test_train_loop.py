@@ -279,8 +279,19 @@ def test_auxiliary_mask_channels(volumes, tmp_path):
     # ... but a model cannot lose output channels
     back = dict(one, run_dir=str(tmp_path / "back"))
     three_out = str(tmp_path / "w3" / "m.pt")
-    export_weights(str(tmp_path / "three"), three_out)
+    export_weights(str(tmp_path / "three"), three_out, keep_aux=True)
     assert read_checkpoint_meta(three_out).extra["channels"] == ["cleft", "dark", "left"]
+    # by default the auxiliary channels are cut: the cleft channel computes exactly what it did
+    cut = str(tmp_path / "w3" / "cut.pt")
+    export_weights(str(tmp_path / "three"), cut)
+    cut_meta = read_checkpoint_meta(cut)
+    assert cut_meta.config.out_channels == 1 and cut_meta.extra["channels"] == ["cleft"]
+    assert cut_meta.extra["aux_channels_trained"] == ["dark", "left"]
+    full_model, _ = load_model(three_out, device="cpu")
+    cut_model, _ = load_model(cut, device="cpu")
+    x = torch.rand(1, 1, *PATCH)
+    with torch.no_grad():
+        torch.testing.assert_close(cut_model(x), full_model(x)[:, :1])
     with pytest.raises(TrainError, match="only more output channels"):
         train(parse_train_config(dict(back, init_weights=three_out)))
 

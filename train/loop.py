@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import glob
 import logging
 import math
@@ -598,13 +599,16 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: Optional[int] = None,
 
 
 def export_weights(run_dir: str, out_path: str, which: str = "best", use_ema: bool = True,
-                   extra: Optional[dict] = None) -> str:
+                   extra: Optional[dict] = None, keep_aux: bool = False) -> str:
     """Write a run's weights as a cleftwise checkpoint (``.pt`` + ``.json``) at ``out_path``.
 
     ``which`` is ``best`` (``best.pt``) or ``latest`` (newest resumable checkpoint);
-    ``use_ema`` picks the EMA weights when the run kept them. ``extra`` is merged into the
-    checkpoint JSON's ``extra`` (which always holds ``patch_shape``, ``target``, ``channels``,
-    ``step`` and the validation metrics when known). Returns the ``.pt`` path.
+    ``use_ema`` picks the EMA weights when the run kept them. Auxiliary output channels
+    (``data.aux``) only help training: they are cut from the exported model (its output layer
+    keeps the target's rows, which compute exactly what they computed before) unless
+    ``keep_aux``. ``extra`` is merged into the checkpoint JSON's ``extra`` (which always holds
+    ``patch_shape``, ``target``, ``channels``, ``step``, the auxiliary channels trained and the
+    validation metrics when known). Returns the ``.pt`` path.
     """
     if which == "best":
         path = os.path.join(run_dir, "best.pt")
@@ -616,16 +620,24 @@ def export_weights(run_dir: str, out_path: str, which: str = "best", use_ema: bo
         raise TrainError(f"export_weights: no {which} checkpoint in {run_dir}")
     state = _load(path)
     cfg = parse_train_config(state["config"], where=f"{path}:config")
-    model = build_rsunet(cfg.model)
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
     if isinstance(weights, dict) and "model" in weights and "updates" in weights:
         weights = weights["model"]
-    model.load_state_dict(weights)
     channels = {"polarity": ["pre", "post", "union"], "exclusive": ["background", "pre", "post"],
-                "cleft": ["cleft"]}[cfg.data.target] + list(cfg.data.aux)
+                "cleft": ["cleft"]}[cfg.data.target]
+    model_cfg = cfg.model
+    if cfg.data.aux and keep_aux:
+        channels = channels + list(cfg.data.aux)
+    elif cfg.data.aux:
+        model_cfg = dataclasses.replace(cfg.model, out_channels=len(channels))
+        weights = {k: (v[:len(channels)] if k.startswith("conv_out.") else v) for k, v in weights.items()}
+    model = build_rsunet(model_cfg)
+    model.load_state_dict(weights)
     info = {"patch_shape": list(cfg.data.patch_shape), "target": cfg.data.target, "channels": channels,
             "step": int(state["step"]), "ema": bool(use_ema and state.get("ema") is not None),
             "validation": state.get("metrics")}
+    if cfg.data.aux:
+        info["aux_channels_trained"] = list(cfg.data.aux)
     info.update(extra or {})
-    meta = save_checkpoint(out_path, model, cfg.model, state["voxel_size"], extra=info)
+    meta = save_checkpoint(out_path, model, model_cfg, state["voxel_size"], extra=info)
     return str(meta.weights_path)

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="override threads (torch CPU threads)")
     p.add_argument("--export", metavar="PATH", help="after training, write the best EMA weights to "
                    "PATH (.pt + .json), e.g. models/weights/rsunet_polarity.pt")
+    p.add_argument("--export-aux", action="store_true",
+                   help="keep the auxiliary output channels (data.aux) in the exported model")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -61,7 +63,7 @@ def main(argv=None) -> int:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
         summary = {k: v for k, v in summary.items() if k not in ("model", "ema_model")}
         if args.export:
-            summary["exported"] = export_weights(cfg.run_dir, args.export)
+            summary["exported"] = export_weights(cfg.run_dir, args.export, keep_aux=args.export_aux)
     except TrainError as e:
         logging.getLogger("train_rsunet").error("%s", e)
         return 2
