@@ -639,7 +639,7 @@ def pair_components(n: int, pairs: np.ndarray) -> tuple[int, np.ndarray]:
         raise PostprocessError(f"pair_components: pairs must be a (k, 2) array, got shape {raw.shape}")
     if raw.size and (raw.dtype.kind not in "iu" or raw.min() < 0 or raw.max() >= n):
         raise PostprocessError(f"pair_components: pairs must be integer node indices in [0, {n})")
-    edges = np.asarray(pairs, dtype=np.intp).reshape(-1, 2)
+    edges = raw.astype(np.intp, copy=False).reshape(-1, 2)
     parent = np.arange(n, dtype=np.intp)
     on_edge = np.zeros(n, dtype=bool)
     on_edge[edges.reshape(-1)] = True

@@ -43,11 +43,15 @@ from .targets import (cleft_target, dilation_context, foreground_count, polarity
                       seg_to_polarity)
 
 __all__ = ["VolumeSpec", "RejectConfig", "DataConfig", "TARGETS", "LABEL_FORMATS",
-           "VolumeSource", "open_sources", "PatchDataset", "make_loader", "target_channels"]
+           "VolumeSource", "open_sources", "PatchDataset", "make_loader", "target_channels",
+           "TARGET_CHANNEL_NAMES"]
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("polarity", "exclusive", "cleft")
+#: Output channel names of each target, in network order.
+TARGET_CHANNEL_NAMES = {"polarity": ("pre", "post", "union"), "exclusive": ("background", "pre", "post"),
+                        "cleft": ("cleft",)}
+TARGETS = tuple(TARGET_CHANNEL_NAMES)
 LABEL_FORMATS = ("polarity", "prepost", "instances")
 
 
@@ -154,7 +158,7 @@ class DataConfig:
 def target_channels(target: str, n_aux: int = 0) -> int:
     """Network output channels a target needs: 3 (polarity, exclusive) or 1 (cleft), plus one
     per auxiliary mask."""
-    return (1 if target == "cleft" else 3) + int(n_aux)
+    return len(TARGET_CHANNEL_NAMES[target]) + int(n_aux)
 
 
 def _open(url: str, what: str, role: str) -> Volume:

@@ -44,7 +44,8 @@ from models.errors import ModelError
 from models.rsunet import RSUNetConfig, build_rsunet, check_patch_shape
 from storage.config_io import to_dict
 
-from .data import DataConfig, PatchDataset, make_loader, open_sources, target_channels
+from .data import (TARGET_CHANNEL_NAMES, DataConfig, PatchDataset, make_loader, open_sources,
+                   target_channels)
 from .errors import TrainError, load_as, parse_as
 from .losses import LossConfig, compute_loss
 
@@ -623,8 +624,7 @@ def export_weights(run_dir: str, out_path: str, which: str = "best", use_ema: bo
     weights = state["ema"] if use_ema and state.get("ema") is not None else state["model"]
     if isinstance(weights, dict) and "model" in weights and "updates" in weights:
         weights = weights["model"]
-    channels = {"polarity": ["pre", "post", "union"], "exclusive": ["background", "pre", "post"],
-                "cleft": ["cleft"]}[cfg.data.target]
+    channels = list(TARGET_CHANNEL_NAMES[cfg.data.target])
     model_cfg = cfg.model
     if cfg.data.aux and keep_aux:
         channels = channels + list(cfg.data.aux)
