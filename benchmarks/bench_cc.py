@@ -142,11 +142,11 @@ def child(mode: str, work: str, block: tuple, out_name: str, profile: bool = Fal
     """One measured mode, run in its own process; returns timings (s) and RSS (bytes)."""
     import psutil
 
-    from storage.volume import create_volume, open_volume
+    from cleftwise.storage.volume import create_volume, open_volume
 
     if mode != "global":  # import everything the mode needs before the RSS baseline
-        from blockwise.runner import BackendConfig, run_task
-        from postprocess.segment import SegmentConfig, segment_tasks
+        from cleftwise.blockwise.runner import BackendConfig, run_task
+        from cleftwise.postprocess.segment import SegmentConfig, segment_tasks
     pred_url = pred_url or os.path.join(work, "pred.zarr", "pred")
     rss_before = psutil.Process().memory_info().rss
     res: dict = {"mode": mode, "rss_before": rss_before}
@@ -376,7 +376,7 @@ def main(argv=None) -> dict:
     import cc3d
     import psutil
 
-    from storage.volume import create_volume, open_volume
+    from cleftwise.storage.volume import create_volume, open_volume
 
     setup = QUICK if args.quick else LARGE if args.large else FULL
     repeats = max(2, args.repeats or setup.repeats)

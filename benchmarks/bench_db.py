@@ -1,7 +1,7 @@
 """Benchmark: synapse database throughput (SQLite; mongomock for reference).
 
 SQLite runs twice per size: ``sqlite`` is the default file layout 2 (numeric fields also in
-one packed BLOB per record, decoded with numpy; see ``storage/synapse_sqlite.py``) and
+one packed BLOB per record, decoded with numpy; see ``storage/db/sqlite.py``) and
 ``sqlite-layout1`` the peer in the same run, layout 1 (one SQL column per field, as before
 layout 2 existed, and what ``open_store(url, layout=1)`` makes).
 
@@ -12,7 +12,7 @@ connected components assign them. Each case runs in a fresh subprocess:
 
 - **insert (bulk)**: one ``upsert_many`` of the whole table into a new database. SQLite takes
   its bulk-load path (one transaction, secondary indexes built after the rows, R*Tree packed
-  by ``storage.sqlite_rtree``); MongoDB writes batches of 10k.
+  by ``cleftwise.storage.db.sqlite_rtree``); MongoDB writes batches of 10k.
 - **insert (blocks)**: a second new database written block by block with
   ``upsert_many(block, block_id=b)`` (delete-by-block + insert, one transaction each), as
   pipeline workers do. Not run for the largest mongomock size.
@@ -202,7 +202,7 @@ def _check(ok: bool, what: str) -> None:
 
 
 def run_case(backend: str, n: int, workdir: str, repeats: int) -> dict:
-    from storage.synapse_db import open_store
+    from cleftwise.storage.db import open_store
 
     rng = np.random.default_rng(1)
     blocks = synthetic_blocks(n)

@@ -44,13 +44,13 @@ if REPO not in sys.path:
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from blockwise.predict import PredictConfig, PredictTask  # noqa: E402
-from blockwise.runner import BackendConfig, run_task  # noqa: E402
-from blockwise.sliding_window import (TorchPredictor, blend_window, grid_origins,  # noqa: E402
+from cleftwise.postprocess.predict import PredictConfig, PredictTask  # noqa: E402
+from cleftwise.blockwise.runner import BackendConfig, run_task  # noqa: E402
+from cleftwise.blockwise.sliding_window import (TorchPredictor, blend_window, grid_origins,  # noqa: E402
                                       patch_origins, predict_region, to_uint8)
-from models.checkpoint import load_model, save_checkpoint  # noqa: E402
-from models.rsunet import RSUNetConfig, build_rsunet  # noqa: E402
-from storage.volume import create_volume, open_volume  # noqa: E402
+from cleftwise.models.checkpoint import load_model, save_checkpoint  # noqa: E402
+from cleftwise.models.rsunet import RSUNetConfig, build_rsunet  # noqa: E402
+from cleftwise.storage.volume import create_volume, open_volume  # noqa: E402
 
 VOXEL_SIZE = (40, 4, 4)
 THREADS = 2
@@ -128,7 +128,7 @@ class ForwardClock:
         self.calls = 0
 
     def __enter__(self):
-        from models import rsunet
+        from cleftwise.models import rsunet
 
         self._cls = rsunet.RSUNet
         self._orig = self._cls.forward
@@ -154,8 +154,8 @@ def make_raw(shape: tuple, seed: int, source: str) -> tuple[np.ndarray, str]:
     rendering is slow), else uniform random bytes. Returns (array, description)."""
     if source in ("auto", "synthetic"):
         try:
-            from storage.synthetic_geometry import SyntheticConfig
-            from storage.synthetic_render import render_block
+            from cleftwise.storage.synthetic.geometry import SyntheticConfig
+            from cleftwise.storage.synthetic.render import render_block
         except ImportError as e:
             if source == "synthetic":
                 raise
@@ -164,14 +164,14 @@ def make_raw(shape: tuple, seed: int, source: str) -> tuple[np.ndarray, str]:
             cache = os.path.join(tempfile.gettempdir(), "cleftwise_bench_cache",
                                  f"synthetic_raw_{'x'.join(map(str, shape))}_seed{seed}.npy")
             if os.path.exists(cache):
-                return np.load(cache), f"synthetic EM (storage.synthetic_render, seed {seed}; cached)"
+                return np.load(cache), f"synthetic EM (cleftwise.storage.synthetic.render, seed {seed}; cached)"
             t0 = time.perf_counter()
             cfg = SyntheticConfig(shape=tuple(shape), voxel_size=VOXEL_SIZE, seed=seed)
             raw = render_block(cfg, (0, 0, 0), shape)["raw"]
             print(f"rendered synthetic EM {shape} in {time.perf_counter() - t0:.1f} s")
             os.makedirs(os.path.dirname(cache), exist_ok=True)
             np.save(cache, raw)
-            return raw, f"synthetic EM (storage.synthetic_render, seed {seed})"
+            return raw, f"synthetic EM (cleftwise.storage.synthetic.render, seed {seed})"
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, shape, dtype=np.uint8), f"uniform random uint8 (seed {seed})"
 

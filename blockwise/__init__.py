@@ -4,10 +4,10 @@ Public surface: :class:`~blockwise.task.BlockTask`, :func:`~blockwise.runner.run
 :class:`~blockwise.runner.BackendConfig`, :func:`~blockwise.grid.plan_blocks`.
 """
 
-from .errors import BlockwiseError
-from .grid import Block, plan_blocks
-from .runner import BackendConfig, run_task, task_status
-from .task import BlockTask
+from cleftwise.blockwise.errors import BlockwiseError
+from cleftwise.blockwise.grid import Block, plan_blocks
+from cleftwise.blockwise.runner import BackendConfig, run_task, task_status
+from cleftwise.blockwise.task import BlockTask
 
 __all__ = ["BlockwiseError", "Block", "plan_blocks", "BackendConfig", "run_task", "task_status",
            "BlockTask"]

@@ -17,11 +17,11 @@ import numpy as np
 from funlib.geometry import Coordinate, Roi
 from scipy import ndimage
 
-from storage.volume import create_volume, open_volume
+from cleftwise.storage.volume import create_volume, open_volume
 
-from .errors import BlockwiseError
-from .grid import Block, plan_blocks
-from .task import BlockTask
+from cleftwise.blockwise.errors import BlockwiseError
+from cleftwise.blockwise.grid import Block, plan_blocks
+from cleftwise.blockwise.task import BlockTask
 
 
 @dataclass

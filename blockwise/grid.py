@@ -15,7 +15,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from .errors import BlockwiseError
+from cleftwise.blockwise.errors import BlockwiseError
 
 __all__ = ["Block", "plan_blocks", "grid_shape", "block_at", "neighbours"]
 

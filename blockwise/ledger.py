@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from .errors import BlockwiseError
+from cleftwise.blockwise.errors import BlockwiseError
 
 __all__ = ["Ledger", "job_identity", "LedgerStatus"]
 

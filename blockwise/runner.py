@@ -37,10 +37,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
-from .errors import BlockwiseError
-from .grid import Block
-from .ledger import Ledger, LedgerStatus
-from .task import BlockTask
+from cleftwise.blockwise.errors import BlockwiseError
+from cleftwise.blockwise.grid import Block
+from cleftwise.blockwise.ledger import Ledger, LedgerStatus
+from cleftwise.blockwise.task import BlockTask
 
 __all__ = ["BackendConfig", "RunReport", "run_task", "task_status", "BACKENDS"]
 
@@ -172,7 +172,7 @@ class _DaisyWorker:
 
     def __call__(self):
         if self.worker_command:
-            command = f"{shlex.quote(sys.executable)} -m blockwise.daisy_worker {shlex.quote(self.payload_path)}"
+            command = f"{shlex.quote(sys.executable)} -m cleftwise.blockwise.daisy_worker {shlex.quote(self.payload_path)}"
             full = self.worker_command.format(command=command)
             proc = subprocess.run(full, shell=True, env=os.environ.copy())
             if proc.returncode != 0:

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import BlockwiseError
+from cleftwise.blockwise.errors import BlockwiseError
 
 __all__ = [
     "blend_window",

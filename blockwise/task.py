@@ -3,7 +3,7 @@
 A step is one class deriving from :class:`BlockTask`. It declares its blocks, the settings
 that define its output (the job identity), how to create its outputs, and — as a context
 manager — how a worker opens its resources once (a model, volumes, a DB connection) and
-processes blocks with them. The runner (:mod:`blockwise.runner`) does everything else:
+processes blocks with them. The runner (:mod:`cleftwise.blockwise.runner`) does everything else:
 ledger, resume, retries, backends, progress.
 
 Tasks are pickled to worker processes (daisy, dask, ray), so they hold only plain settings;
@@ -16,7 +16,7 @@ import abc
 import contextlib
 from typing import Callable, Iterator
 
-from .grid import Block
+from cleftwise.blockwise.grid import Block
 
 __all__ = ["BlockTask"]
 

@@ -11,8 +11,8 @@ import dataclasses
 import sys
 import typing
 
-from postprocess.pipeline import PipelineConfig
-from storage.config_io import field_docs
+from cleftwise.postprocess.pipeline import PipelineConfig
+from cleftwise.storage.config_io import field_docs
 
 
 def _default(f: dataclasses.Field):

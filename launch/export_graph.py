@@ -19,10 +19,10 @@ import argparse
 import json
 import sys
 
-from postprocess.connectome import SignConfig
-from postprocess.errors import PostprocessError
-from postprocess.export import FORMATS, SignTableConfig, export_graph, signs_for, table_signs
-from storage.errors import StorageError
+from cleftwise.postprocess.connectome import SignConfig
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.postprocess.export import FORMATS, SignTableConfig, export_graph, signs_for, table_signs
+from cleftwise.storage.errors import StorageError
 
 
 def main(argv=None) -> int:
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
                      drop_autapses=not a.keep_autapses, drop_background=not a.keep_background,
                      drop_weak_neurons=a.drop_weak_neurons)
     try:
-        from storage.synapse_db import open_store
+        from cleftwise.storage.db import open_store
 
         sources = []
         if a.sign_table:

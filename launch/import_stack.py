@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from storage.errors import StorageError
-from storage.stack_import import StackImportConfig, import_stack
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.importers.stack import StackImportConfig, import_stack
 
 
 def main(argv=None) -> int:

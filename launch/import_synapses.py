@@ -13,7 +13,7 @@ records instead of duplicating them. Examples:
         --map post_z=qz --map post_y=qy --map post_x=qx
 Fields for --map: pre_neuron, post_neuron, pre_z/pre_y/pre_x, post_z/…, or packed pre_position,
 post_position, position; z/y/x (centroid), bbox_z0 … bbox_x1, size, score_union, ei_prob,
-ei_label, id, … (see storage/table_import.py).
+ei_label, id, … (see storage/importers/tables.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import json
 import logging
 import sys
 
-from storage.errors import StorageError
-from storage.table_import import PRESETS, TableImportConfig, import_tables, parse_mapping
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.importers.tables import PRESETS, TableImportConfig, import_tables, parse_mapping
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,9 +13,9 @@ import sys
 
 import numpy as np
 
-from storage.errors import StorageError
-from storage.synthetic import SyntheticConfig, generate_volume
-from storage.volume import open_volume
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.synthetic import SyntheticConfig, generate_volume
+from cleftwise.storage.volume import open_volume
 
 log = logging.getLogger("make_synthetic")
 

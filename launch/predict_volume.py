@@ -2,8 +2,8 @@
 """Run the cleftwise pipeline on a volume: ``python launch/predict_volume.py --config C.yaml``.
 
 ``python launch/predict_volume.py --demo`` instead generates a synthetic volume and runs every
-stage with the shipped weights (:mod:`postprocess.demo`). Thin CLI: parse → build the config
-dataclasses → call :mod:`postprocess.pipeline`.
+stage with the shipped weights (:mod:`cleftwise.postprocess.demo`). Thin CLI: parse → build the config
+dataclasses → call :mod:`cleftwise.postprocess.pipeline`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import json
 import logging
 import sys
 
-from blockwise.errors import BlockwiseError
-from models.errors import ModelError
-from postprocess.errors import PostprocessError
-from postprocess.pipeline import STAGES, parse_config, pipeline_status, run_pipeline
-from storage.errors import StorageError
+from cleftwise.blockwise.errors import BlockwiseError
+from cleftwise.models.errors import ModelError
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.postprocess.pipeline import STAGES, parse_config, pipeline_status, run_pipeline
+from cleftwise.storage.errors import StorageError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
 
 def _demo(args) -> int:
-    from postprocess.demo import DemoConfig, format_summary, run_demo
+    from cleftwise.postprocess.demo import DemoConfig, format_summary, run_demo
 
     try:
         cfg = DemoConfig(out_dir=args.demo_dir, shape=tuple(args.demo_shape), seed=args.demo_seed,

@@ -15,8 +15,8 @@ import argparse
 import logging
 import sys
 
-from storage.errors import StorageError
-from storage.synapse_db import open_store
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.db import open_store
 
 _FORMATS = ("table", "csv", "parquet", "json")
 

@@ -28,8 +28,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 import torch
 from torch import nn
 
-from .errors import ModelError
-from .rsunet import RSUNetConfig, build_rsunet
+from cleftwise.models.errors import ModelError
+from cleftwise.models.rsunet import RSUNetConfig, build_rsunet
 
 __all__ = [
     "ModelSpec",

@@ -15,7 +15,7 @@ the (z, y, x) voxels it expects, ``model.num_classes``), all written here (no to
   centre slice, three = 2.5D).
 
 Every family has a config dataclass with ``to_dict``/``from_dict`` and is registered with
-:func:`models.checkpoint.register_model` (``"vgg3d"``, ``"resnet3d"``, ``"resnet2d"``), so a
+:func:`cleftwise.models.checkpoint.register_model` (``"vgg3d"``, ``"resnet3d"``, ``"resnet2d"``), so a
 checkpoint loads by its ``model_type``. ``norm`` is "batch", "group" (GroupNorm, independent of
 batch statistics) or "none".
 
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import register_model
-from .errors import ModelError
+from cleftwise.models.checkpoint import register_model
+from cleftwise.models.errors import ModelError
 
 __all__ = [
     "VGG3DConfig", "ResNet3DConfig", "ResNet2DConfig", "VGG3D", "ResNet3D", "ResNet2D",

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ModelError
+from cleftwise.models.errors import ModelError
 
 __all__ = ["RSUNetConfig", "RSUNet", "build_rsunet", "input_divisibility", "check_patch_shape"]
 

@@ -1,5 +1,5 @@
 """Post-processing: exact stitched connected components, polarity, partners, metrics, pipeline."""
 
-from .errors import PostprocessError
+from cleftwise.postprocess.errors import PostprocessError
 
 __all__ = ["PostprocessError"]

@@ -56,7 +56,7 @@ import fastremap
 import numpy as np
 import pandas as pd
 
-from postprocess.errors import PostprocessError
+from cleftwise.postprocess.errors import PostprocessError
 
 __all__ = [
     "RECORD_COLUMNS",

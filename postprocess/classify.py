@@ -1,6 +1,6 @@
 """The ``classify`` stage: transmitter class (E/I) of every synapse in the DB, blockwise.
 
-Cubes of raw EM centred on each synapse go through a classifier (:mod:`models.classifiers`);
+Cubes of raw EM centred on each synapse go through a classifier (:mod:`cleftwise.models.classifiers`);
 the stage writes ``ei_prob`` (probability that the synapse is excitatory: the summed
 probability of the classes whose sign is +1), ``ei_label`` (the predicted class name) and
 ``classifier`` (which checkpoint said so) back to each synapse record.
@@ -39,16 +39,16 @@ import pandas as pd
 import torch
 from funlib.geometry import Coordinate, Roi
 
-from blockwise.grid import Block, plan_blocks
-from blockwise.task import BlockTask
-from models import classifiers as _classifiers  # noqa: F401  (registers the classifier families)
-from models.checkpoint import CheckpointMeta, load_model, read_checkpoint_meta, resolve_device
-from models.classifiers import prepare_input, use_fast_memory_format
-from models.errors import ModelError
-from storage.errors import StorageError
-from storage.volume import Volume, open_volume
+from cleftwise.blockwise.grid import Block, plan_blocks
+from cleftwise.blockwise.task import BlockTask
+from cleftwise.models import classifiers as _classifiers  # noqa: F401  (registers the classifier families)
+from cleftwise.models.checkpoint import CheckpointMeta, load_model, read_checkpoint_meta, resolve_device
+from cleftwise.models.classifiers import prepare_input, use_fast_memory_format
+from cleftwise.models.errors import ModelError
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.volume import Volume, open_volume
 
-from .errors import PostprocessError
+from cleftwise.postprocess.errors import PostprocessError
 
 __all__ = ["ClassifyConfig", "ClassifyTask", "ClassifierInfo", "classifier_info",
            "positions_to_voxels", "check_inside", "cube_box", "cut_cubes", "read_cubes",
@@ -270,7 +270,7 @@ def classifier_info(meta: CheckpointMeta, name: Optional[str] = None) -> Classif
 
 def _open_db(url: str):
     try:
-        from storage.synapse_db import open_store
+        from cleftwise.storage.db import open_store
     except ImportError as e:  # pragma: no cover - the DB module ships with cleftwise
         raise PostprocessError(f"synapse DB support is unavailable: {e}") from e
     try:

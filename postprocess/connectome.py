@@ -46,7 +46,7 @@ from typing import Iterable, Mapping, Optional
 import numpy as np
 import pandas as pd
 
-from .errors import PostprocessError
+from cleftwise.postprocess.errors import PostprocessError
 
 __all__ = ["SignConfig", "SIGN_PRESETS", "resolve_sign_map", "neuron_signs_from_synapses",
            "signs_from_table", "signs_from_class_probs", "combine_signs", "filter_synapses",

@@ -3,18 +3,18 @@
 ``python launch/predict_volume.py --demo`` calls :func:`run_demo`:
 
 1. a synthetic volume with full ground truth (raw EM, neuron segmentation, synapse instances,
-   pre/post polarity, E/I labels; :mod:`storage.synthetic`) is generated in
+   pre/post polarity, E/I labels; :mod:`cleftwise.storage.synthetic`) is generated in
    ``<out_dir>/synthetic.zarr`` (kept and reused when it exists with the same shape and seed);
 2. a pipeline config (written to ``<out_dir>/pipeline.yaml``, a real config the user can edit
    and run with ``--config``) names the shipped weights ``models/weights/rsunet_polarity.pt``
    (predict) and ``models/weights/ei_vgg3d.pt`` (classify) and the embedded defaults (local
    backend, SQLite DB in the output folder);
-3. :func:`postprocess.pipeline.run_pipeline` runs predict → segment → partners → classify →
+3. :func:`cleftwise.postprocess.pipeline.run_pipeline` runs predict → segment → partners → classify →
    connectome, each resumable;
 4. the result is scored against the ground truth: instance precision/recall/F1 (IoU ≥ 0.5),
    pre/post and partner accuracy of matched synapses, E/I accuracy of matched synapses, and the
    neuron signs of the signed graph vs the true E/I type of each presynaptic neuron;
-5. figures (:mod:`postprocess.figures`): a montage of detected synapses over the EM with
+5. figures (:mod:`cleftwise.postprocess.figures`): a montage of detected synapses over the EM with
    their pre/post sides, and the signed adjacency matrix, in ``<out_dir>/figures``.
 
 The summary is printed and written to ``<out_dir>/demo_summary.json``. The demo volume's seed
@@ -33,9 +33,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from postprocess.errors import PostprocessError
-from postprocess.metrics import assignment_metrics, instance_f1, table_labels, true_partners
-from postprocess.pipeline import parse_config, run_pipeline
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.postprocess.metrics import assignment_metrics, instance_f1, table_labels, true_partners
+from cleftwise.postprocess.pipeline import parse_config, run_pipeline
 
 __all__ = ["DemoConfig", "run_demo", "score_demo", "format_summary", "WEIGHTS_DIR"]
 
@@ -80,7 +80,7 @@ class DemoConfig:
 
 
 def _volume_matches(path: str, cfg: DemoConfig) -> bool:
-    from storage.volume import open_volume
+    from cleftwise.storage.volume import open_volume
 
     try:
         raw = open_volume(os.path.join(path, "raw"))
@@ -95,7 +95,7 @@ def _volume_matches(path: str, cfg: DemoConfig) -> bool:
 
 def make_volume(cfg: DemoConfig) -> str:
     """The demo's synthetic volume (generated once, reused while shape and seed agree)."""
-    from storage.synthetic import SyntheticConfig, generate_volume
+    from cleftwise.storage.synthetic import SyntheticConfig, generate_volume
 
     path = os.path.join(os.path.abspath(cfg.out_dir), "synthetic.zarr")
     if not _volume_matches(path, cfg):
@@ -144,7 +144,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     run = run_pipeline(pcfg, overwrite=cfg.overwrite)
     t_run = time.perf_counter() - t1
     summary = score_demo(volume, pcfg.output_dir, pcfg.db_url)
-    from postprocess.figures import run_figures
+    from cleftwise.postprocess.figures import run_figures
 
     summary["figures"] = run_figures(pcfg.output_dir, pcfg.raw, pcfg.db_url,
                                      os.path.join(os.path.abspath(cfg.out_dir), "figures"))
@@ -170,8 +170,8 @@ def _true_neuron_types(volume: str) -> dict:
 
 def score_demo(volume: str, output_dir: str, db_url: str, iou_threshold: float = 0.5) -> dict:
     """Detected synapses, E/I calls and neuron signs against the synthetic ground truth."""
-    from storage.synapse_db import open_store
-    from storage.volume import open_volume
+    from cleftwise.storage.db import open_store
+    from cleftwise.storage.volume import open_volume
 
     raw = open_volume(os.path.join(volume, "raw"))
     roi = raw.roi

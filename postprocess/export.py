@@ -2,7 +2,7 @@
 and neuroglancer annotations of the synapses.
 
 Input is a synapse table (as the synapse DB returns it); signs come from
-:mod:`postprocess.connectome`. Files written under ``out`` (a folder):
+:mod:`cleftwise.postprocess.connectome`. Files written under ``out`` (a folder):
 
 - ``edges.{csv,parquet}``: pre, post, n_synapses, total_size, mean scores, sign, weight;
 - ``nodes.{csv,parquet}``: neuron, degrees, synapse counts, sign, p_excitatory, flags;
@@ -20,11 +20,11 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from storage.ng_annotations import write_synapse_annotations
+from cleftwise.storage.ng_annotations import write_synapse_annotations
 
-from .connectome import (SignConfig, build_edges, combine_signs, neuron_signs_from_synapses, node_table,
+from cleftwise.postprocess.connectome import (SignConfig, build_edges, combine_signs, neuron_signs_from_synapses, node_table,
                          signed_adjacency, signs_from_class_probs, signs_from_table)
-from .errors import PostprocessError
+from cleftwise.postprocess.errors import PostprocessError
 
 __all__ = ["FORMATS", "SignTableConfig", "export_graph", "signs_for", "table_signs"]
 
@@ -58,9 +58,9 @@ class SignTableConfig:
 
 
 def table_signs(cfg: SignTableConfig) -> pd.DataFrame:
-    """Read ``cfg.path`` and return its per-neuron sign frame (see :mod:`postprocess.connectome`)."""
-    from storage.errors import StorageError
-    from storage.table_import import read_table
+    """Read ``cfg.path`` and return its per-neuron sign frame (see :mod:`cleftwise.postprocess.connectome`)."""
+    from cleftwise.storage.errors import StorageError
+    from cleftwise.storage.importers.tables import read_table
 
     try:
         table = read_table(cfg.path)
@@ -84,7 +84,7 @@ def signs_for(syn: pd.DataFrame, cfg: SignConfig = SignConfig(),
     or None when no synapse is classified. Otherwise the sources — table signs
     (:func:`table_signs`), classifier signs, … — and, when ``use_synapses`` and the synapses
     carry ``ei_prob``, the synapse signs last, are merged by
-    :func:`postprocess.connectome.combine_signs` (priority rule, ``disagree`` flags).
+    :func:`cleftwise.postprocess.connectome.combine_signs` (priority rule, ``disagree`` flags).
     """
     syn_signs = None
     if use_synapses and "ei_prob" in syn and syn["ei_prob"].notna().sum() > 0:

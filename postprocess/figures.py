@@ -105,8 +105,8 @@ def adjacency_plot(edges: pd.DataFrame, nodes: pd.DataFrame, path: str, title: O
 
 def run_figures(output_dir: str, raw_url: str, db_url: str, out_dir: Optional[str] = None) -> dict:
     """Both figures of a finished pipeline run into ``out_dir`` (default ``<output_dir>/figures``)."""
-    from storage.synapse_db import open_store
-    from storage.volume import open_volume
+    from cleftwise.storage.db import open_store
+    from cleftwise.storage.volume import open_volume
 
     out_dir = out_dir or os.path.join(output_dir, "figures")
     with open_store(db_url) as store:

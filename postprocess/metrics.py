@@ -36,7 +36,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from postprocess.errors import PostprocessError
+from cleftwise.postprocess.errors import PostprocessError
 
 __all__ = ["InstanceMatch", "instance_overlaps", "instance_f1", "cremi_cleft_metrics", "true_partners",
            "assignment_metrics", "table_labels"]

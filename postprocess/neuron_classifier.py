@@ -32,8 +32,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import PostprocessError
-from .neuron_features import FeatureTable
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.postprocess.neuron_features import FeatureTable
 
 __all__ = ["NeuronClassifierConfig", "NeuronClassifier", "CVResult", "neuron_folds", "cross_validate",
            "ablation", "labels_from_signs", "binary_metrics"]
@@ -162,7 +162,7 @@ class NeuronClassifier:
 
     def signs(self, features) -> pd.DataFrame:
         """A sign source (neuron, sign, p_excitatory, confidence, weak, mixed, source) for
-        :func:`postprocess.connectome.combine_signs`; ``features`` is a :class:`FeatureTable`
+        :func:`cleftwise.postprocess.connectome.combine_signs`; ``features`` is a :class:`FeatureTable`
         or a frame indexed by neuron with the training columns."""
         frame = features.frame[self.columns_] if isinstance(features, FeatureTable) else features
         if self.columns_ is not None:

@@ -39,7 +39,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import PostprocessError
+from cleftwise.postprocess.errors import PostprocessError
 
 __all__ = ["FeatureTable", "MICRONS_GROUPS", "MICRONS_EXCLUDED", "features_from_table",
            "features_from_synapses", "join_features"]

@@ -1,7 +1,7 @@
 """Synaptic partner assignment: majority neuron under each side of each synapse instance.
 
 Inputs share one (z, y, x) voxel grid: ``instance_labels`` (synapse ids), ``sides`` (the
-uint8 side code of :func:`postprocess.polarity.assign_sides`: bit 1 pre, bit 2 post) and
+uint8 side code of :func:`cleftwise.postprocess.polarity.assign_sides`: bit 1 pre, bit 2 post) and
 ``neurons`` (uint64 neuron segmentation, 0 = background / unassigned).
 
 Rule, per instance and side:
@@ -45,7 +45,7 @@ import fastremap
 import numpy as np
 import pandas as pd
 
-from postprocess.errors import PostprocessError
+from cleftwise.postprocess.errors import PostprocessError
 
 __all__ = [
     "VOTE_COLUMNS",

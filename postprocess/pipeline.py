@@ -4,7 +4,7 @@ Stages (run any subset, in this order): ``predict`` (blockwise CNN → probabili
 ``segment`` (exact stitched connected components → synapse label volume), ``partners``
 (pre/post voting and partner neurons → one record per synapse in ``synapses.parquet``,
 written to the synapse DB), ``classify`` (E/I of every synapse in the DB, from EM cubes around
-it), ``connectome`` (DB → neuron signs → signed edges → exports). Each blockwise stage is a :class:`blockwise.task.BlockTask` run by :func:`blockwise.runner.run_task`,
+it), ``connectome`` (DB → neuron signs → signed edges → exports). Each blockwise stage is a :class:`blockwise.task.BlockTask` run by :func:`cleftwise.blockwise.runner.run_task`,
 so every stage resumes through its ledger and can run on any backend.
 
 Config layout (YAML; every key optional unless noted)::
@@ -33,13 +33,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from blockwise.predict import PredictConfig, PredictTask
-from blockwise.runner import BackendConfig, run_task, task_status
-from blockwise.task import BlockTask
-from postprocess.classify import ClassifyConfig, ClassifyTask
-from postprocess.connectome import SignConfig
-from postprocess.segment import PartnersTask, SegmentConfig, segment_tasks
-from storage.config_io import ConfigError, from_dict, to_dict
+from cleftwise.postprocess.predict import PredictConfig, PredictTask
+from cleftwise.blockwise.runner import BackendConfig, run_task, task_status
+from cleftwise.blockwise.task import BlockTask
+from cleftwise.postprocess.classify import ClassifyConfig, ClassifyTask
+from cleftwise.postprocess.connectome import SignConfig
+from cleftwise.postprocess.segment import PartnersTask, SegmentConfig, segment_tasks
+from cleftwise.storage.config_io import ConfigError, from_dict, to_dict
 
 __all__ = ["PipelineConfig", "STAGES", "build_task", "run_pipeline", "pipeline_status"]
 
@@ -161,7 +161,7 @@ def run_pipeline(cfg: PipelineConfig, stages: tuple = STAGES, overwrite: bool = 
         for task in _lazy_tasks(cfg, stage):
             reports.append(run_task(task, cfg.backend, overwrite=overwrite).to_dict())
         if stage == "partners":
-            from postprocess.segment import store_synapses
+            from cleftwise.postprocess.segment import store_synapses
 
             n, written = store_synapses(PartnersTask(segment_config(cfg)), cfg.db_url)
             reports[0]["synapses_in_db"] = n
@@ -181,10 +181,10 @@ def preflight(cfg: PipelineConfig, stages: tuple = STAGES) -> None:
     """Check what ``stages`` need before any work starts; one :class:`ConfigError` naming the
     problem: raw volume, checkpoints (present, readable, same voxel size as the raw volume),
     neuron segmentation on the raw voxel grid, a reachable synapse DB."""
-    from models.checkpoint import read_checkpoint_meta
-    from models.errors import ModelError
-    from storage.errors import StorageError
-    from storage.volume import check_same_voxel_size, open_volume
+    from cleftwise.models.checkpoint import read_checkpoint_meta
+    from cleftwise.models.errors import ModelError
+    from cleftwise.storage.errors import StorageError
+    from cleftwise.storage.volume import check_same_voxel_size, open_volume
 
     def fail(msg: str, e: Exception) -> None:
         raise ConfigError(f"{msg}: {e}") from e
@@ -221,7 +221,7 @@ def preflight(cfg: PipelineConfig, stages: tuple = STAGES) -> None:
         except StorageError as e:
             fail("neuron segmentation and raw volume", e)
     if any(s in stages for s in ("partners", "classify", "connectome")) and not cfg.db_url.startswith("sqlite"):
-        from storage.synapse_db import open_store
+        from cleftwise.storage.db import open_store
 
         try:
             open_store(cfg.db_url).close()
@@ -231,8 +231,8 @@ def preflight(cfg: PipelineConfig, stages: tuple = STAGES) -> None:
 
 def run_connectome(cfg: PipelineConfig) -> dict:
     """Synapse DB → neuron signs → edges/nodes → exports in ``<output_dir>/graph``."""
-    from postprocess.export import export_graph, signs_for
-    from storage.synapse_db import open_store
+    from cleftwise.postprocess.export import export_graph, signs_for
+    from cleftwise.storage.db import open_store
 
     with open_store(cfg.db_url) as store:
         syn = store.query()
@@ -266,7 +266,7 @@ def _drop_classify_ledger(cfg: PipelineConfig) -> None:
 def _lazy_tasks(cfg: PipelineConfig, stage: str):
     """Build each pass only when the previous one finished (later passes read its outputs)."""
     if stage == "segment":
-        from postprocess.segment import SegmentLabelTask, SegmentRelabelTask, SegmentStitchTask
+        from cleftwise.postprocess.segment import SegmentLabelTask, SegmentRelabelTask, SegmentStitchTask
 
         sc = segment_config(cfg)
         for cls in (SegmentLabelTask, SegmentStitchTask, SegmentRelabelTask):
@@ -294,7 +294,7 @@ def pipeline_status(cfg: PipelineConfig) -> dict:
 
 def _db_status(url: str) -> dict:
     """Records in the synapse DB and how many carry an E/I call (or why it cannot be read)."""
-    from storage.synapse_db import open_store
+    from cleftwise.storage.db import open_store
 
     if url.startswith("sqlite:///") and not os.path.exists(url[len("sqlite:///"):]):
         return {"url": url, "synapses": 0}

@@ -37,7 +37,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from postprocess.errors import PostprocessError
+from cleftwise.postprocess.errors import PostprocessError
 
 __all__ = [
     "SIDE_PRE",

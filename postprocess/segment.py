@@ -4,7 +4,7 @@ Stages, each a :class:`~blockwise.task.BlockTask` (resumable, any backend):
 
 ``segment`` — connected components of the thresholded union channel, exactly equal to one
 global ``cc3d`` labelling (up to the deterministic renumbering of
-:mod:`postprocess.cc_stitch`):
+:mod:`cleftwise.postprocess.cc_stitch`):
 
 1. ``segment_label``: per block, cc3d on the write ROI (local labels stand for block-unique
    provisional ids), per-label statistics to ``records/<block>.parquet`` and the block's six
@@ -19,8 +19,8 @@ global ``cc3d`` labelling (up to the deterministic renumbering of
    and their final uint64 ids written to the output label volume.
 
 ``partners`` — per block (with context for the optional side dilation): pre/post side of each
-voxel (PyTorch Connectomics polarity rules, :mod:`postprocess.polarity`), partial polarity
-sums and neuron votes (:mod:`postprocess.partners`); merged in the driver into one record per
+voxel (PyTorch Connectomics polarity rules, :mod:`cleftwise.postprocess.polarity`), partial polarity
+sums and neuron votes (:mod:`cleftwise.postprocess.partners`); merged in the driver into one record per
 synapse (``synapses.parquet``: centroid, bbox, size, scores, pre/post sites, partner neurons
 and confidences, flags), the table the synapse DB stores.
 
@@ -45,15 +45,15 @@ import numpy as np
 import pandas as pd
 from funlib.geometry import Coordinate, Roi
 
-from blockwise.grid import Block, plan_blocks
-from blockwise.task import BlockTask
-from storage.volume import create_volume, open_volume
+from cleftwise.blockwise.grid import Block, plan_blocks
+from cleftwise.blockwise.task import BlockTask
+from cleftwise.storage.volume import create_volume, open_volume
 
-from .cc_stitch import (apply_lut, block_faces, block_id_offset, face_equivalences,
+from cleftwise.postprocess.cc_stitch import (apply_lut, block_faces, block_id_offset, face_equivalences,
                         label_block_local, label_components, local_lut, resolve, union_mask)
-from .errors import PostprocessError
-from .partners import dilation_radius_voxels, merge_partner_votes, partner_votes_block
-from .polarity import assign_sides, merge_polarity_stats, polarity_stats_block
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.postprocess.partners import dilation_radius_voxels, merge_partner_votes, partner_votes_block
+from cleftwise.postprocess.polarity import assign_sides, merge_polarity_stats, polarity_stats_block
 
 __all__ = ["SegmentConfig", "SegmentLabelTask", "SegmentStitchTask", "SegmentRelabelTask",
            "PartnersTask", "resolve_segmentation", "segment_tasks", "synapse_table"]
@@ -484,7 +484,7 @@ def store_synapses(step: PartnersTask, db_url: str) -> tuple[int, bool]:
     import hashlib
     import json
 
-    from storage.synapse_db import open_store
+    from cleftwise.storage.db import open_store
 
     table = os.path.join(step.work, "synapses.parquet")
     with open(table, "rb") as f:

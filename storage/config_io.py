@@ -13,7 +13,7 @@ from typing import Any, Optional, Type, TypeVar
 
 import yaml
 
-from .errors import StorageError
+from cleftwise.storage.errors import StorageError
 
 __all__ = ["ConfigError", "from_dict", "load_config", "to_dict", "field_docs"]
 

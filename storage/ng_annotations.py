@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import StorageError
+from cleftwise.storage.errors import StorageError
 
 __all__ = ["write_synapse_annotations", "read_annotation_chunk"]
 

@@ -32,7 +32,7 @@ import numpy as np
 import tensorstore as ts
 from funlib.geometry import Coordinate, Roi
 
-from .errors import StorageError
+from cleftwise.storage.errors import StorageError
 
 __all__ = ["Volume", "create_volume", "open_volume", "parse_volume_url", "VolumeURL"]
 

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray (2 CPUs, no dashboard) shared by every test of the session."""
-    from blockwise.runner import ensure_ray
+    from cleftwise.blockwise.runner import ensure_ray
 
     ray = ensure_ray(num_cpus=2)
     yield ray

@@ -13,12 +13,12 @@ import pytest
 from funlib.geometry import Coordinate, Roi
 from scipy import ndimage
 
-from blockwise.errors import BlockwiseError
-from blockwise.filter_task import FilterConfig, FilterTask
-from blockwise.grid import block_at, grid_shape, neighbours, plan_blocks
-from blockwise.ledger import Ledger
-from blockwise.runner import BackendConfig, run_task, task_status
-from storage.volume import create_volume, open_volume
+from cleftwise.blockwise.errors import BlockwiseError
+from cleftwise.blockwise.filter_task import FilterConfig, FilterTask
+from cleftwise.blockwise.grid import block_at, grid_shape, neighbours, plan_blocks
+from cleftwise.blockwise.ledger import Ledger
+from cleftwise.blockwise.runner import BackendConfig, run_task, task_status
+from cleftwise.storage.volume import create_volume, open_volume
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 VS = (40, 4, 4)
@@ -192,9 +192,9 @@ def test_kill_9_and_resume_is_identical(tmp_path):
     out_url = f"{tmp_path}/out.zarr/smooth"
     script = textwrap.dedent(f"""
         import time, sys
-        from blockwise.filter_task import FilterConfig, FilterTask
-        from blockwise.runner import BackendConfig, run_task
-        import blockwise.filter_task as ft
+        from cleftwise.blockwise.filter_task import FilterConfig, FilterTask
+        from cleftwise.blockwise.runner import BackendConfig, run_task
+        import cleftwise.blockwise.filter_task as ft
         orig = ft.FilterTask.worker
         class Slow(ft.FilterTask):
             def worker(self):

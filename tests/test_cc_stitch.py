@@ -6,7 +6,7 @@ import cc3d
 import numpy as np
 import pytest
 
-from postprocess.cc_stitch import (
+from cleftwise.postprocess.cc_stitch import (
     block_id_offset,
     blockwise_cc_reference,
     halo_equivalences,
@@ -14,7 +14,7 @@ from postprocess.cc_stitch import (
     relabel_block,
     resolve,
 )
-from postprocess.errors import PostprocessError
+from cleftwise.postprocess.errors import PostprocessError
 
 SHAPE = (19, 23, 21)
 BLOCK_SHAPES = [(8, 8, 8), (5, 7, 9), (19, 4, 6), (3, 23, 2), (32, 32, 32)]
@@ -275,7 +275,7 @@ def test_errors_name_the_fault():
 def test_pairs_from_stored_faces_equal_pairs_from_dense_halo(block_shape):
     """Pass 1b from the sparse boundary faces = pass 1b from the dense +1 halo, incl. clipped
     border blocks (19 = 4 * 4 + 3) and 1-voxel-thick blocks."""
-    from postprocess.cc_stitch import block_faces, face_equivalences
+    from cleftwise.postprocess.cc_stitch import block_faces, face_equivalences
 
     rng = np.random.default_rng(sum(block_shape))
     mask = rng.random(SHAPE) < 0.3
@@ -303,7 +303,7 @@ def test_pairs_from_stored_faces_equal_pairs_from_dense_halo(block_shape):
 
 def test_recomputed_labels_must_match_the_resolution():
     """Pass 2 recomputes each block's labels; a block whose input changed is refused."""
-    from postprocess.cc_stitch import local_lut
+    from cleftwise.postprocess.cc_stitch import local_lut
 
     mask = np.zeros((4, 8, 8), bool)
     mask[0, 0, 0] = mask[0, 5, 5] = mask[3, 7, 7] = True
@@ -323,7 +323,7 @@ def test_pair_components_equals_scipy(n, k, seed):
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from postprocess.cc_stitch import pair_components
+    from cleftwise.postprocess.cc_stitch import pair_components
 
     rng = np.random.default_rng(seed)
     pairs = rng.integers(0, max(n, 1), size=(k, 2)) if n else np.zeros((0, 2), np.int64)
@@ -339,7 +339,7 @@ def test_pair_components_equals_scipy(n, k, seed):
 
 def test_resolve_large_graph_path_gives_the_same_labels(monkeypatch):
     """Above SCIPY_RESOLVE_NODES ids resolve uses scipy's components: same labels as cc3d."""
-    import postprocess.cc_stitch as cs
+    import cleftwise.postprocess.cc_stitch as cs
 
     mask = np.random.default_rng(11).random(SHAPE) < 0.2
     expected = cc3d.connected_components(mask, connectivity=26).astype(np.uint64)
@@ -351,14 +351,14 @@ def test_resolve_large_graph_path_gives_the_same_labels(monkeypatch):
 @pytest.mark.parametrize("pairs", [np.array([[0, 5]]), np.array([[-1, 0]]), np.array([[2**64 - 1, 0]], np.uint64),
                                    np.zeros((2, 3), np.int64), np.array([[0.0, 1.0]])])
 def test_pair_components_refuses_bad_pairs(pairs):
-    from postprocess.cc_stitch import pair_components
+    from cleftwise.postprocess.cc_stitch import pair_components
 
     with pytest.raises(PostprocessError, match="pair_components"):
         pair_components(5, pairs)
 
 
 def test_apply_lut_refuses_a_bad_out_buffer():
-    from postprocess.cc_stitch import apply_lut
+    from cleftwise.postprocess.cc_stitch import apply_lut
 
     local = np.zeros((2, 3, 4), np.uint32)
     lut = np.zeros(1, np.uint64)
@@ -374,7 +374,7 @@ def test_apply_lut_equals_full_gather_sparse_and_dense(fraction):
     that still holds the previous block's labels."""
     import cc3d
 
-    from postprocess.cc_stitch import apply_lut
+    from cleftwise.postprocess.cc_stitch import apply_lut
 
     rng = np.random.default_rng(3)
     mask = rng.random((6, 20, 24)) < fraction
@@ -391,7 +391,7 @@ def test_apply_lut_equals_full_gather_sparse_and_dense(fraction):
 
 @pytest.mark.parametrize("threshold", [0.0, 0.25, 0.4, 0.5, 0.5019607843137255, 0.999, 1.0])
 def test_union_mask_on_uint8_is_value_above_threshold_times_255(threshold):
-    from postprocess.cc_stitch import union_mask
+    from cleftwise.postprocess.cc_stitch import union_mask
 
     u = np.arange(256, dtype=np.uint8).reshape(4, 8, 8)
     np.testing.assert_array_equal(union_mask(u, threshold), u.astype(np.float64) > threshold * 255.0)

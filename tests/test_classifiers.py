@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import load_model, read_checkpoint_meta, save_checkpoint
-from models.classifiers import (ResNet2D, ResNet2DConfig, ResNet3D, ResNet3DConfig, VGG3D, VGG3DConfig,
+from cleftwise.models.checkpoint import load_model, read_checkpoint_meta, save_checkpoint
+from cleftwise.models.classifiers import (ResNet2D, ResNet2DConfig, ResNet3D, ResNet3DConfig, VGG3D, VGG3DConfig,
                                 build_classifier, classifier_config, prepare_input)
-from models.errors import ModelError
+from cleftwise.models.errors import ModelError
 
 TINY = {
     "vgg3d": VGG3DConfig(input_shape=(4, 32, 32), fmaps=(4, 8), down_factors=((1, 2, 2), (2, 2, 2)),

@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 import torch
 
-from blockwise.runner import BackendConfig, run_task, task_status
-from models.checkpoint import save_checkpoint
-from models.classifiers import VGG3D, VGG3DConfig
-from postprocess.classify import ClassifyConfig, ClassifyTask, classify_table
-from postprocess.errors import PostprocessError
-from storage.synapse_db import open_store
-from storage.volume import create_volume
+from cleftwise.blockwise.runner import BackendConfig, run_task, task_status
+from cleftwise.models.checkpoint import save_checkpoint
+from cleftwise.models.classifiers import VGG3D, VGG3DConfig
+from cleftwise.postprocess.classify import ClassifyConfig, ClassifyTask, classify_table
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.storage.db import open_store
+from cleftwise.storage.volume import create_volume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (12, 80, 72)
@@ -113,8 +113,8 @@ def test_threshold_override_changes_labels_only(setup, tmp_path):
 _KILL_SCRIPT = textwrap.dedent("""
     import contextlib, json, os, signal, sys
     sys.path.insert(0, {repo!r})
-    from blockwise.runner import BackendConfig, run_task
-    from postprocess.classify import ClassifyConfig, ClassifyTask
+    from cleftwise.blockwise.runner import BackendConfig, run_task
+    from cleftwise.postprocess.classify import ClassifyConfig, ClassifyTask
 
     class KilledTask(ClassifyTask):
         @contextlib.contextmanager
@@ -158,7 +158,7 @@ def test_changed_db_refuses_resume_until_overwrite(setup):
     run_task(ClassifyTask(cfg), BackendConfig(progress=False))
     with open_store(cfg.db) as db:  # a record added after the job ran
         db.upsert_many(pd.DataFrame({"id": [5000], "z": recs["z"][:1], "y": recs["y"][:1], "x": recs["x"][:1]}))
-    from blockwise.errors import BlockwiseError
+    from cleftwise.blockwise.errors import BlockwiseError
 
     with pytest.raises(BlockwiseError, match="changed: db_records"):
         run_task(ClassifyTask(cfg), BackendConfig(progress=False))

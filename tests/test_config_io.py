@@ -5,7 +5,7 @@ from typing import Optional
 
 import pytest
 
-from storage.config_io import ConfigError, field_docs, from_dict, load_config, to_dict
+from cleftwise.storage.config_io import ConfigError, field_docs, from_dict, load_config, to_dict
 
 
 @dataclass

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from postprocess.connectome import (SignConfig, build_edges, combine_signs, neuron_signs_from_synapses,
+from cleftwise.postprocess.connectome import (SignConfig, build_edges, combine_signs, neuron_signs_from_synapses,
                                     node_table, signed_adjacency, signs_from_table)
-from postprocess.errors import PostprocessError
+from cleftwise.postprocess.errors import PostprocessError
 
 
 def _synapses():
@@ -70,7 +70,7 @@ def test_exports_round_trip(tmp_path):
     import networkx as nx
     from scipy import sparse
 
-    from postprocess.export import export_graph
+    from cleftwise.postprocess.export import export_graph
 
     syn = _synapses()
     syn["id"] = range(1, len(syn) + 1)
@@ -95,7 +95,7 @@ def test_export_cli_from_sqlite(tmp_path):
     import subprocess
     import sys
 
-    from storage.synapse_db import open_store
+    from cleftwise.storage.db import open_store
 
     syn = _synapses()
     syn["id"] = range(1, len(syn) + 1)

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 from funlib.geometry import Roi
 
-from postprocess.classify import cut_cubes, positions_to_voxels, read_cube, read_cubes
-from storage.volume import create_volume, open_volume
-from train.cubes import (CubeDataConfig, SourceSpec, build_cube_sets, class_indices, crop_cubes,
+from cleftwise.postprocess.classify import cut_cubes, positions_to_voxels, read_cube, read_cubes
+from cleftwise.storage.volume import create_volume, open_volume
+from cleftwise.train.cubes import (CubeDataConfig, SourceSpec, build_cube_sets, class_indices, crop_cubes,
                          centre_slices, extract_cubes, load_split, neuron_keys, neuron_split, save_split)
-from train.errors import TrainError
+from cleftwise.train.errors import TrainError
 
 
 def _table(n_neurons=40, seed=0, classes=("E", "I"), p=(0.7, 0.3)):
@@ -151,7 +151,7 @@ def test_cut_cubes_checks_the_region():
     region = np.arange(4 * 8 * 8, dtype=np.uint16).reshape(4, 8, 8)
     got = cut_cubes(region, (10, 20, 30), np.array([[11, 24, 34]]), (2, 4, 4))
     np.testing.assert_array_equal(got[0], region[0:2, 2:6, 2:6])
-    from postprocess.errors import PostprocessError
+    from cleftwise.postprocess.errors import PostprocessError
 
     with pytest.raises(PostprocessError, match="do not fit"):
         cut_cubes(region, (10, 20, 30), np.array([[10, 20, 30]]), (2, 4, 4))

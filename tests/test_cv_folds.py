@@ -2,9 +2,9 @@
 
 import pytest
 
-from train.cv_folds import fold_config, fold_regions
-from train.errors import TrainError
-from train.loop import parse_train_config
+from cleftwise.train.cv_folds import fold_config, fold_regions
+from cleftwise.train.errors import TrainError
+from cleftwise.train.loop import parse_train_config
 
 BAND = [[0, 0, 0], [1000, 4000, 2560]]
 
@@ -37,7 +37,7 @@ def test_fold_config_replaces_train_val_run_dir_and_init():
 
 
 def test_cli_refuses_a_missing_init_and_a_bad_first_stage(tmp_path, capsys):
-    from train.cv_folds import main
+    from cleftwise.train.cv_folds import main
     base = ["--fold", "a", "--cut-y-nm", "2120", "--run-root", str(tmp_path), "--stage", "x.yaml"]
     with pytest.raises(SystemExit):
         main(base + ["--first-stage", "3", "--init", str(tmp_path / "missing.pt")])

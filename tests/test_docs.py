@@ -20,7 +20,7 @@ def test_readme_config_example_parses():
     """The job.yaml shown in the README is a valid pipeline config."""
     import yaml
 
-    from postprocess.pipeline import parse_config
+    from cleftwise.postprocess.pipeline import parse_config
 
     text = open(os.path.join(REPO, "README.md")).read()
     block = text.split("`job.yaml`", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]

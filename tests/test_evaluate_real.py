@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from train.errors import TrainError
-from train.evaluate_real import centroid_match, centroids, choose_postprocess, label_predictions
+from cleftwise.train.errors import TrainError
+from cleftwise.train.evaluate_real import centroid_match, centroids, choose_postprocess, label_predictions
 
 
 def test_centroids_in_nm():

@@ -14,10 +14,10 @@ import os
 import numpy as np
 import pandas as pd
 
-from postprocess.demo import DemoConfig, make_volume, pipeline_dict
-from postprocess.pipeline import parse_config, run_pipeline
-from storage.synapse_db import open_store
-from storage.volume import open_volume
+from cleftwise.postprocess.demo import DemoConfig, make_volume, pipeline_dict
+from cleftwise.postprocess.pipeline import parse_config, run_pipeline
+from cleftwise.storage.db import open_store
+from cleftwise.storage.volume import open_volume
 
 GOLDEN = {
     "pred": "7136fc65775f2599831105dd74a99d73a051a87aa60b17531808b3d10c0b6fdc",

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from postprocess.errors import PostprocessError
-from postprocess.metrics import cremi_cleft_metrics, instance_f1, instance_overlaps
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.postprocess.metrics import cremi_cleft_metrics, instance_f1, instance_overlaps
 
 
 def _blobs(shape=(12, 40, 40), n=6, seed=0):

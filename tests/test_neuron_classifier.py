@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from postprocess.connectome import (SIGN_PRESETS, combine_signs, resolve_sign_map, signs_from_class_probs,
+from cleftwise.postprocess.connectome import (SIGN_PRESETS, combine_signs, resolve_sign_map, signs_from_class_probs,
                                     signs_from_table)
-from postprocess.errors import PostprocessError
-from postprocess.neuron_classifier import (NeuronClassifier, NeuronClassifierConfig, binary_metrics,
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.postprocess.neuron_classifier import (NeuronClassifier, NeuronClassifierConfig, binary_metrics,
                                            cross_validate, labels_from_signs, neuron_folds)
-from postprocess.neuron_features import FeatureTable, features_from_synapses, features_from_table, join_features
+from cleftwise.postprocess.neuron_features import FeatureTable, features_from_synapses, features_from_table, join_features
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from storage.errors import StorageError
-from storage.ng_annotations import read_annotation_chunk, write_synapse_annotations
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.ng_annotations import read_annotation_chunk, write_synapse_annotations
 
 
 def test_lines_round_trip(tmp_path):

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from postprocess.errors import PostprocessError
-from postprocess.partners import (
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.postprocess.partners import (
     assign_partners,
     dilation_radius_voxels,
     merge_partner_votes,

@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from postprocess.demo import DEMO_STRIDE, DEMO_THRESHOLD
-from postprocess.pipeline import STAGES, parse_config, pipeline_status, run_pipeline
-from storage.config_io import ConfigError
-from storage.synapse_db import open_store
-from storage.synthetic import SyntheticConfig, generate_volume
+from cleftwise.postprocess.demo import DEMO_STRIDE, DEMO_THRESHOLD
+from cleftwise.postprocess.pipeline import STAGES, parse_config, pipeline_status, run_pipeline
+from cleftwise.storage.config_io import ConfigError
+from cleftwise.storage.db import open_store
+from cleftwise.storage.synthetic import SyntheticConfig, generate_volume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHTS = os.path.join(REPO, "models", "weights")
@@ -117,7 +117,7 @@ def test_exports_round_trip(full_run):
 _KILL = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    import blockwise.runner as runner
+    import cleftwise.blockwise.runner as runner
 
     real = runner.process_block_with_ledger
     seen = [0]
@@ -132,7 +132,7 @@ _KILL = textwrap.dedent("""
 
     runner.process_block_with_ledger = killing
     sys.argv = ["predict_volume.py", "--config", sys.argv[1], "--stages", sys.argv[2], "--no-progress"]
-    from launch.predict_volume import main
+    from cleftwise.launch.predict_volume import main
     sys.exit(main())
 """)
 
@@ -178,7 +178,7 @@ def test_bad_configs_fail_before_any_work(volume, tmp_path):
     with pytest.raises(Exception, match="missing.pt"):
         run_pipeline(parse_config(conf), stages=("classify",))
     # a neuron segmentation on another voxel grid is refused by name
-    from storage.volume import create_volume
+    from cleftwise.storage.volume import create_volume
 
     seg = create_volume(str(tmp_path / "seg.zarr" / "neurons"), shape=(24, 128, 128), voxel_size=(40, 8, 8),
                         dtype="uint64", chunk_shape=(8, 32, 32))
@@ -192,7 +192,7 @@ def test_bad_configs_fail_before_any_work(volume, tmp_path):
 def test_figures_of_a_run(full_run, tmp_path):
     import imageio.v3 as iio
 
-    from postprocess.figures import run_figures
+    from cleftwise.postprocess.figures import run_figures
 
     cfg, _ = full_run
     written = run_figures(cfg.output_dir, cfg.raw, cfg.db_url, str(tmp_path))

@@ -7,11 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from postprocess.metrics import instance_f1
-from postprocess.pipeline import parse_config, run_pipeline
-from storage.synapse_db import open_store
-from storage.synthetic import SyntheticConfig, generate_volume, read_synapse_table
-from storage.volume import create_volume, open_volume
+from cleftwise.postprocess.metrics import instance_f1
+from cleftwise.postprocess.pipeline import parse_config, run_pipeline
+from cleftwise.storage.db import open_store
+from cleftwise.storage.synthetic import SyntheticConfig, generate_volume, read_synapse_table
+from cleftwise.storage.volume import create_volume, open_volume
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from postprocess.errors import PostprocessError
-from postprocess.polarity import (
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.postprocess.polarity import (
     SIDE_POST,
     SIDE_PRE,
     assign_sides,

@@ -13,13 +13,13 @@ import torch
 import yaml
 from funlib.geometry import Roi
 
-from blockwise.errors import BlockwiseError
-from blockwise.predict import PredictConfig, PredictTask
-from blockwise.runner import BackendConfig, run_task, task_status
-from blockwise.sliding_window import TorchPredictor, blend_window, predict_region, to_uint8
-from models.checkpoint import load_model, save_checkpoint
-from models.rsunet import RSUNetConfig, build_rsunet
-from storage.volume import create_volume, open_volume
+from cleftwise.blockwise.errors import BlockwiseError
+from cleftwise.postprocess.predict import PredictConfig, PredictTask
+from cleftwise.blockwise.runner import BackendConfig, run_task, task_status
+from cleftwise.blockwise.sliding_window import TorchPredictor, blend_window, predict_region, to_uint8
+from cleftwise.models.checkpoint import load_model, save_checkpoint
+from cleftwise.models.rsunet import RSUNetConfig, build_rsunet
+from cleftwise.storage.volume import create_volume, open_volume
 
 VS = (40, 4, 4)
 SHAPE = (20, 72, 88)
@@ -106,7 +106,7 @@ def test_kill_and_resume_byte_identical(setup, tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "launch/predict_volume.py"),
                              "--config", str(path), "--stages", "predict"], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from postprocess.pipeline import build_task, parse_config
+    from cleftwise.postprocess.pipeline import build_task, parse_config
 
     task = None
     deadline = time.time() + 120

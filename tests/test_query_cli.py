@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from storage.synapse_db import open_store
+from cleftwise.storage.db import open_store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "launch", "query_synapses.py")
-sys.path.insert(0, os.path.join(REPO, "launch"))
-import query_synapses  # noqa: E402
+
+from cleftwise.launch import query_synapses  # noqa: E402
 
 
 @pytest.fixture(scope="module")

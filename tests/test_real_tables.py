@@ -25,8 +25,8 @@ MANC_FILES = ["synapses_acetylcholine.csv", "synapses_gaba.csv", "synapses_gluta
 
 
 def test_manc_import_cli_counts_determinism_idempotence(tmp_path):
-    from storage.synapse_db import open_store
-    from storage.table_import import TableImportConfig, map_table, read_table
+    from cleftwise.storage.db import open_store
+    from cleftwise.storage.importers.tables import TableImportConfig, map_table, read_table
 
     url = f"sqlite://{tmp_path}/manc.db"
     paths = [os.path.join(MANC, f) for f in MANC_FILES]
@@ -60,7 +60,7 @@ def test_manc_import_cli_counts_determinism_idempotence(tmp_path):
 
 
 def test_manc_signed_graph_fish_vs_predicted(tmp_path):
-    from train.evaluate_tables import manc_report
+    from cleftwise.train.evaluate_tables import manc_report
 
     rep = manc_report(TABLES, export_dir=str(tmp_path / "export"))
     assert rep["records_after_first_import"] == rep["records_after_second_import"] == 3000
@@ -87,8 +87,8 @@ def test_manc_signed_graph_fish_vs_predicted(tmp_path):
 
 
 def test_microns_classifier_beats_majority_baseline():
-    from postprocess.neuron_classifier import NeuronClassifierConfig
-    from train.evaluate_tables import microns_report
+    from cleftwise.postprocess.neuron_classifier import NeuronClassifierConfig
+    from cleftwise.train.evaluate_tables import microns_report
 
     rep = microns_report(TABLES, NeuronClassifierConfig(n_repeats=1), with_leak_check=False)
     assert (rep["typed"], rep["excitatory"], rep["inhibitory"], rep["excluded_unknown_type"]) == (85, 65, 20, 13)

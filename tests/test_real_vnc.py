@@ -13,12 +13,12 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from blockwise.predict import PredictConfig, PredictTask
-from blockwise.runner import BackendConfig, run_task
-from postprocess.metrics import cremi_cleft_metrics, instance_f1
-from postprocess.segment import SegmentConfig, segment_tasks
-from storage.stack_import import StackImportConfig, import_stack
-from storage.volume import open_volume
+from cleftwise.postprocess.predict import PredictConfig, PredictTask
+from cleftwise.blockwise.runner import BackendConfig, run_task
+from cleftwise.postprocess.metrics import cremi_cleft_metrics, instance_f1
+from cleftwise.postprocess.segment import SegmentConfig, segment_tasks
+from cleftwise.storage.importers.stack import StackImportConfig, import_stack
+from cleftwise.storage.volume import open_volume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "..", "shared", "data", "vnc-sstem")

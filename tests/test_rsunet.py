@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.checkpoint import (
+from cleftwise.models.checkpoint import (
     MODEL_REGISTRY,
     load_model,
     read_checkpoint_meta,
@@ -15,8 +15,8 @@ from models.checkpoint import (
     save_checkpoint,
     weights_digest,
 )
-from models.errors import ModelError
-from models.rsunet import RSUNetConfig, build_rsunet, check_patch_shape, input_divisibility
+from cleftwise.models.errors import ModelError
+from cleftwise.models.rsunet import RSUNetConfig, build_rsunet, check_patch_shape, input_divisibility
 
 SMALL = dict(filters=(4, 8, 8, 12))
 

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from blockwise.runner import BackendConfig, run_task
-from postprocess.segment import PartnersTask, SegmentConfig, segment_tasks
-from storage.volume import create_volume, open_volume
+from cleftwise.blockwise.runner import BackendConfig, run_task
+from cleftwise.postprocess.segment import PartnersTask, SegmentConfig, segment_tasks
+from cleftwise.storage.volume import create_volume, open_volume
 
 VS = (40, 4, 4)
 
@@ -141,7 +141,7 @@ def test_relabel_refuses_predictions_changed_after_labelling(tmp_path):
     run_task(stitch, BackendConfig(progress=False))
     union[1, 12:14, 12:14] = 255  # a new component in another block
     _write_preds(preds, union)
-    from blockwise.errors import BlockwiseError
+    from cleftwise.blockwise.errors import BlockwiseError
 
     with pytest.raises(BlockwiseError, match="input changed after the labelling pass"):
         run_task(segment_tasks(cfg)[2], BackendConfig(progress=False, max_retries=0))
@@ -188,7 +188,7 @@ def test_corrupt_faces_file_is_named_in_the_error(tmp_path):
     bad = os.path.join(cfg.work_dir, "faces", "4_8_8.npz")
     with open(bad, "wb") as f:
         f.write(b"not a zip file")
-    from blockwise.errors import BlockwiseError
+    from cleftwise.blockwise.errors import BlockwiseError
 
     with pytest.raises(BlockwiseError, match="faces file .*4_8_8.npz is unreadable"):
         run_task(stitch, BackendConfig(progress=False, max_retries=0))

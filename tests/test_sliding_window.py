@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from blockwise.errors import BlockwiseError
-from blockwise.sliding_window import (
+from cleftwise.blockwise.errors import BlockwiseError
+from cleftwise.blockwise.sliding_window import (
     TorchPredictor,
     blend_window,
     grid_origins,
@@ -17,7 +17,7 @@ from blockwise.sliding_window import (
     required_read_region,
     to_uint8,
 )
-from models.rsunet import RSUNetConfig, build_rsunet
+from cleftwise.models.rsunet import RSUNetConfig, build_rsunet
 
 VOL = (20, 90, 90)
 PATCH = (8, 32, 32)

@@ -5,7 +5,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from storage import sqlite_rtree as R
+from cleftwise.storage import sqlite_rtree as R
 
 
 def _tree(con, name="t"):
@@ -103,8 +103,8 @@ def test_query_frames_without_the_private_pandas_helper(tmp_path, monkeypatch):
     """Reads build the same DataFrame when pandas' private row helper is unavailable."""
     import pandas as pd
 
-    import storage.synapse_sqlite as sq
-    from storage.synapse_db import open_store
+    import cleftwise.storage.db.sqlite as sq
+    from cleftwise.storage.db import open_store
     from tests.test_synapse_db import make_records
 
     with open_store(f"sqlite:///{tmp_path}/s.db") as store:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from storage.errors import StorageError
-from storage.stack_import import StackImportConfig, import_stack, list_sections
-from storage.volume import open_volume
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.importers.stack import StackImportConfig, import_stack, list_sections
+from cleftwise.storage.volume import open_volume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

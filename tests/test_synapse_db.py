@@ -17,9 +17,9 @@ import pandas as pd
 import pytest
 from funlib.geometry import Roi
 
-from storage.errors import StorageError
-from storage.synapse_db import SynapseStore, open_store
-from storage.synapse_schema import COLUMNS, COLUMN_NAMES, SCHEMA_VERSION
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.db import SynapseStore, open_store
+from cleftwise.storage.db.schema import COLUMNS, COLUMN_NAMES, SCHEMA_VERSION
 
 MONGO_URI = os.environ.get("CLEFTWISE_TEST_MONGODB_URI")
 BIG_ID = 2 ** 63 + 12345  # a uint64 neuron id beyond int64
@@ -412,8 +412,8 @@ def test_sqlite_packed_copy_follows_writes_and_updates(tmp_path):
     """Layout 2: the packed BLOB (all numeric fields) equals the records after inserts, block
     rewrites and update_fields of SQL and packed-only fields; hand-made UPDATEs that would
     leave it stale are refused, other hand edits pass."""
-    from storage.record_pack import PACKED_COLUMNS, unpack_records
-    from storage.synapse_sqlite import PACKED_ONLY
+    from cleftwise.storage.db.record_pack import PACKED_COLUMNS, unpack_records
+    from cleftwise.storage.db.sqlite import PACKED_ONLY
 
     def packed_frame(s):
         rows = s._conn.execute("SELECT packed FROM synapses ORDER BY id").fetchall()
@@ -550,7 +550,7 @@ def test_sqlite_bulk_load_matches_the_row_by_row_path(tmp_path, caplog):
     with open_store(str(tmp_path / "rows.db"), bulk_min_rows=0) as rows, \
             open_store(str(tmp_path / "bulk.db"), bulk_min_rows=100) as bulk:
         rows.upsert_many(df)
-        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+        with caplog.at_level(logging.DEBUG, logger="cleftwise.storage.db.sqlite"):
             bulk.upsert_many(df)
         assert "R*Tree packed: True" in caplog.text
         pd.testing.assert_frame_equal(bulk.query(), rows.query())
@@ -565,7 +565,7 @@ def test_sqlite_bulk_load_matches_the_row_by_row_path(tmp_path, caplog):
         # a second load, as large as the table, replacing half of it: bulk again
         again = make_records(1500, seed=22, id_start=751)
         caplog.clear()
-        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+        with caplog.at_level(logging.DEBUG, logger="cleftwise.storage.db.sqlite"):
             bulk.upsert_many(again)
         assert "R*Tree packed: True" in caplog.text
         expected = pd.concat([df[df.id < 751], again], ignore_index=True)
@@ -575,7 +575,7 @@ def test_sqlite_bulk_load_matches_the_row_by_row_path(tmp_path, caplog):
         # a small write into the packed tree takes the ordinary path
         small = make_records(40, seed=23, id_start=100_000)
         caplog.clear()
-        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+        with caplog.at_level(logging.DEBUG, logger="cleftwise.storage.db.sqlite"):
             bulk.upsert_many(small)
         assert "bulk load" not in caplog.text
         expected = pd.concat([expected, small], ignore_index=True)
@@ -599,7 +599,7 @@ def test_sqlite_bulk_block_rewrite_is_idempotent(tmp_path, caplog):
     with open_store(str(tmp_path / "b.db"), bulk_min_rows=100) as s:
         s.upsert_many(make_records(60, seed=1, id_start=1), block_id=1)  # ordinary path
         big = make_records(400, seed=2, id_start=1000)
-        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+        with caplog.at_level(logging.DEBUG, logger="cleftwise.storage.db.sqlite"):
             s.upsert_many(big, block_id=2)                      # 400 >= 60 stored: bulk
             s.upsert_many(big, block_id=2)                      # same again (460 > 400: ordinary)
         assert caplog.text.count("R*Tree packed: True") == 1
@@ -608,7 +608,7 @@ def test_sqlite_bulk_block_rewrite_is_idempotent(tmp_path, caplog):
         # the block rewritten by a bulk load: 200 records gone, 300 new ones
         new = pd.concat([big.iloc[200:], make_records(300, seed=3, id_start=5000)], ignore_index=True)
         caplog.clear()
-        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+        with caplog.at_level(logging.DEBUG, logger="cleftwise.storage.db.sqlite"):
             s.upsert_many(new, block_id=2)                      # 500 >= 460 stored: bulk
         assert "R*Tree packed: True" in caplog.text
         assert s.count() == 560 and s.get(big["id"].iloc[:200]).empty
@@ -627,7 +627,7 @@ def test_sqlite_bulk_load_while_a_query_is_open(tmp_path, caplog):
         batches = s.iter_query(roi=((0, 0, 0), (2000, 4000, 4000)), batch_size=20)
         got = [next(batches)]  # a paused R*Tree query holds nodes in SQLite's R*Tree cache
         more = make_records(300, seed=6, id_start=10_000)
-        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+        with caplog.at_level(logging.DEBUG, logger="cleftwise.storage.db.sqlite"):
             s.upsert_many(more)  # bulk, but indexes and R*Tree are written through SQL
         assert "R*Tree packed: False" in caplog.text
         got += list(batches)
@@ -643,7 +643,7 @@ def test_sqlite_bulk_load_with_protected_shadow_tables(tmp_path, caplog):
     with open_store(str(tmp_path / "d.db"), bulk_min_rows=100) as s:
         s._conn.setconfig(sqlite3.SQLITE_DBCONFIG_DEFENSIVE, True)
         df = make_records(300, seed=7)
-        with caplog.at_level(logging.DEBUG, logger="storage.synapse_sqlite"):
+        with caplog.at_level(logging.DEBUG, logger="cleftwise.storage.db.sqlite"):
             s.upsert_many(df, block_id=3)
         assert "R*Tree packed: False" in caplog.text
         assert_same_records(s.query(), df.assign(block_id=pd.array([3] * 300, dtype="Int64")))
@@ -751,13 +751,13 @@ def test_mongodb_url_errors_and_foreign_collection():
 
 
 def test_mongodb_password_is_redacted():
-    from storage.synapse_mongo import redact
+    from cleftwise.storage.db.mongo import redact
 
     assert redact("mongodb://alice:s3cret@db.example:27017/x") == "mongodb://alice:***@db.example:27017/x"
 
 
 def test_docs_list_every_schema_column():
-    from storage.synapse_schema import FLAG_NAMES
+    from cleftwise.storage.db.schema import FLAG_NAMES
 
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "synapse_db.md")).read()
     table = {line.split("|")[1].strip().strip("`") for line in doc.splitlines()

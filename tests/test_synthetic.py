@@ -7,16 +7,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from storage.errors import StorageError
-from storage.synthetic import (
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.synthetic import (
     DATASETS, TABLE_COLUMNS, SyntheticConfig, generate_arrays, generate_block, generate_volume,
     read_synapse_table,
 )
-from storage.synthetic_geometry import (
+from cleftwise.storage.synthetic.geometry import (
     SynapseTiles, WarpField, capsule_distance, grouped_candidates, neuron_margin_nm,
     neurons_in_box, scaled_distances, synapse_neuron_margin_nm, synapses_in_box, vesicles_of,
 )
-from storage.volume import open_volume
+from cleftwise.storage.volume import open_volume
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def test_memory_bounded_by_block(tmp_path):
 
 
 def test_cli_writes_volume_and_montage(tmp_path):
-    from launch.make_synthetic import main
+    from cleftwise.launch.make_synthetic import main
 
     png = tmp_path / "m.png"
     rc = main(["--out", str(tmp_path / "c.zarr"), "--shape", "8", "96", "128", "--seed", "2",

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from storage.errors import StorageError
-from storage.synapse_db import open_store
-from storage.table_import import (TableImportConfig, import_tables, map_table, parse_mapping, read_table,
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.db import open_store
+from cleftwise.storage.importers.tables import (TableImportConfig, import_tables, map_table, parse_mapping, read_table,
                                   synapse_ids)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,13 +9,13 @@ import pytest
 import torch
 import yaml
 
-from models.checkpoint import load_model, read_checkpoint_meta
-from storage.volume import create_volume
-from train.cubes import CubeDataConfig, SourceSpec, build_cube_sets
-from train.errors import TrainError
-from train.evaluate_classifier import (accuracy_vs_synapses, choose_threshold, evaluate_sets,
+from cleftwise.models.checkpoint import load_model, read_checkpoint_meta
+from cleftwise.storage.volume import create_volume
+from cleftwise.train.cubes import CubeDataConfig, SourceSpec, build_cube_sets
+from cleftwise.train.errors import TrainError
+from cleftwise.train.evaluate_classifier import (accuracy_vs_synapses, choose_threshold, evaluate_sets,
                                        export_classifier, neuron_table, synapse_metrics, write_report)
-from train.train_classifier import (AugmentConfig, ClassifierTrainConfig, LossConfig, augment_batch,
+from cleftwise.train.train_classifier import (AugmentConfig, ClassifierTrainConfig, LossConfig, augment_batch,
                                     batch_indices, classification_loss, load_classifier_config,
                                     parse_classifier_config, train_classifier)
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 import yaml
 
-from blockwise.predict import PredictConfig, PredictTask
-from blockwise.runner import BackendConfig, run_task
-from models.checkpoint import load_model, read_checkpoint_meta
-from models.rsunet import build_rsunet
-from storage.volume import create_volume, open_volume
-from train.data import PatchDataset, make_loader, open_sources
-from train.errors import TrainError
-from train.loop import export_weights, latest_checkpoint, parse_train_config, train, validate
+from cleftwise.postprocess.predict import PredictConfig, PredictTask
+from cleftwise.blockwise.runner import BackendConfig, run_task
+from cleftwise.models.checkpoint import load_model, read_checkpoint_meta
+from cleftwise.models.rsunet import build_rsunet
+from cleftwise.storage.volume import create_volume, open_volume
+from cleftwise.train.data import PatchDataset, make_loader, open_sources
+from cleftwise.train.errors import TrainError
+from cleftwise.train.loop import export_weights, latest_checkpoint, parse_train_config, train, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (16, 96, 96)
@@ -167,7 +167,7 @@ def test_export_then_predict_and_cli(volumes, tmp_path):
 
 
 def test_loss_balancing_and_side_term():
-    from train.losses import LossConfig, balanced_pos_weight, compute_loss, side_loss
+    from cleftwise.train.losses import LossConfig, balanced_pos_weight, compute_loss, side_loss
 
     target = torch.zeros(1, 3, 1, 2, 5)
     target[0, 0, 0, 0, :2] = 1          # 2 pre voxels
@@ -218,7 +218,7 @@ def test_init_weights_starts_from_an_exported_model(volumes, tmp_path):
 def test_auxiliary_mask_channels(volumes, tmp_path):
     """data.aux adds one 0/1 target channel per mask after the target's; the loss adds their BCE;
     validation scores the target's channels only; init_weights may grow the output layer."""
-    from train.losses import LossConfig, compute_loss
+    from cleftwise.train.losses import LossConfig, compute_loss
 
     d = volumes["dir"]
     raw = open_volume(volumes["train"]["raw"])

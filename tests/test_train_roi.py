@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from storage.volume import create_volume
-from train.augment import AugmentConfig
-from train.data import DataConfig, PatchDataset, RejectConfig, VolumeSpec, open_sources
-from train.errors import TrainError
-from train.loop import parse_train_config
+from cleftwise.storage.volume import create_volume
+from cleftwise.train.augment import AugmentConfig
+from cleftwise.train.data import DataConfig, PatchDataset, RejectConfig, VolumeSpec, open_sources
+from cleftwise.train.errors import TrainError
+from cleftwise.train.loop import parse_train_config
 
 SHAPE = (8, 64, 48)
 VS = (50, 5, 5)

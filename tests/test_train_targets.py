@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from funlib.geometry import Roi
 
-from storage.volume import create_volume
-from train.augment import (AugmentConfig, apply_geometric, augment_patch, crop_misaligned,
+from cleftwise.storage.volume import create_volume
+from cleftwise.train.augment import (AugmentConfig, apply_geometric, augment_patch, crop_misaligned,
                            geometric_params, missing_sections)
-from train.data import DataConfig, PatchDataset, RejectConfig, VolumeSpec, open_sources
-from train.errors import TrainError
-from train.targets import (cleft_target, dilation_context, polarity_to_exclusive, seg_to_polarity,
+from cleftwise.train.data import DataConfig, PatchDataset, RejectConfig, VolumeSpec, open_sources
+from cleftwise.train.errors import TrainError
+from cleftwise.train.targets import (cleft_target, dilation_context, polarity_to_exclusive, seg_to_polarity,
                            sides_from_partners)
 
 VS = (40, 4, 4)

@@ -8,8 +8,8 @@ import pytest
 import zarr
 from funlib.geometry import Coordinate, Roi
 
-from storage.errors import StorageError
-from storage.volume import check_same_voxel_size, create_volume, open_volume
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.volume import check_same_voxel_size, create_volume, open_volume
 
 FORMATS = [
     ("zarr", "{d}/c.zarr/grp/vol"),

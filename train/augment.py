@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import TrainError
+from cleftwise.train.errors import TrainError
 
 __all__ = ["AugmentConfig", "geometric_params", "apply_geometric", "misalign_offsets",
            "crop_misaligned", "intensity_augment", "missing_sections", "augment_patch"]

@@ -15,7 +15,7 @@ a seeded shuffle, so every split gets about its fraction of each class's synapse
 also be pinned to one split (``split: train|val|test``), e.g. one volume per split. The split
 is saved as JSON and reused: a later run with the same file gets the same neurons per split.
 
-Cubes are read blockwise-locally (:func:`postprocess.classify.read_cubes`): synapses are grouped
+Cubes are read blockwise-locally (:func:`cleftwise.postprocess.classify.read_cubes`): synapses are grouped
 by block, each block's region (with half a cube of context) is read once, the cubes are cut
 from it; outside the volume is zero padding. ``margin`` extra voxels per side let training
 shift cubes randomly (:func:`crop_cubes`).
@@ -33,12 +33,12 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from postprocess.classify import check_inside, positions_to_voxels, read_cubes
-from postprocess.errors import PostprocessError
-from storage.errors import StorageError
-from storage.volume import open_volume
+from cleftwise.postprocess.classify import check_inside, positions_to_voxels, read_cubes
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.volume import open_volume
 
-from .errors import TrainError
+from cleftwise.train.errors import TrainError
 
 __all__ = ["SourceSpec", "CubeDataConfig", "CubeSet", "SPLITS", "load_table", "class_indices",
            "neuron_keys", "neuron_split", "save_split", "load_split", "assign_splits",
@@ -163,7 +163,7 @@ def load_table(path: str) -> pd.DataFrame:
     """A synapse table from ``.csv``, ``.parquet`` or a synapse DB URL (``<scheme>://…``)."""
     if "://" in path:
         try:
-            from storage.synapse_db import open_store
+            from cleftwise.storage.db import open_store
 
             return open_store(path).query()
         except ImportError as e:

@@ -38,8 +38,8 @@ if sys.path and os.path.abspath(sys.path[0]) == _HERE:  # run as a script: impor
 
 import yaml  # noqa: E402
 
-from train.errors import TrainError  # noqa: E402
-from train.loop import export_weights, parse_train_config, train  # noqa: E402
+from cleftwise.train.errors import TrainError  # noqa: E402
+from cleftwise.train.loop import export_weights, parse_train_config, train  # noqa: E402
 
 log = logging.getLogger("cv_folds")
 

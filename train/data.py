@@ -1,7 +1,7 @@
 """Training data: random anisotropic patches from any number of zarr (or any TensorStore) volumes.
 
 A training volume is a raw EM dataset plus a label dataset on the same voxel grid
-(:class:`VolumeSpec`); targets are computed per patch by :mod:`train.targets`. Sampling:
+(:class:`VolumeSpec`); targets are computed per patch by :mod:`cleftwise.train.targets`. Sampling:
 
 1. pick a volume with probability proportional to its size, then a patch position uniformly
    among those whose patch (plus the in-plane misalignment margin) lies inside the region
@@ -9,7 +9,7 @@ A training volume is a raw EM dataset plus a label dataset on the same voxel gri
 2. rejection sampling (gunpowder's ``Reject``): a patch with fewer than
    ``reject.min_foreground`` target foreground voxels is rejected with probability
    ``reject.probability`` and a new position is drawn (at most ``reject.max_tries`` times);
-3. augmentation (:mod:`train.augment`), then tensors.
+3. augmentation (:mod:`cleftwise.train.augment`), then tensors.
 
 Sample ``i`` of a :class:`PatchDataset` is a pure function of ``(seed, i)``, whatever the worker
 or process that computes it; a loader that starts at index ``step * batch_size``
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from funlib.geometry import Coordinate, Roi
 
-from storage.errors import StorageError
-from storage.volume import Volume, open_volume
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.volume import Volume, open_volume
 
-from .augment import AugmentConfig, augment_patch
-from .errors import TrainError
-from .targets import (cleft_target, dilation_context, foreground_count, polarity_to_exclusive,
+from cleftwise.train.augment import AugmentConfig, augment_patch
+from cleftwise.train.errors import TrainError
+from cleftwise.train.targets import (cleft_target, dilation_context, foreground_count, polarity_to_exclusive,
                       seg_to_polarity)
 
 __all__ = ["VolumeSpec", "RejectConfig", "DataConfig", "TARGETS", "LABEL_FORMATS",

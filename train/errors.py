@@ -7,8 +7,8 @@ class TrainError(Exception):
 
 def parse_as(cls, data: dict, where: str):
     """``from_dict(cls, data)`` with every config/model error raised as :class:`TrainError`."""
-    from models.errors import ModelError
-    from storage.config_io import ConfigError, from_dict
+    from cleftwise.models.errors import ModelError
+    from cleftwise.storage.config_io import ConfigError, from_dict
 
     try:
         return from_dict(cls, data, where)
@@ -18,8 +18,8 @@ def parse_as(cls, data: dict, where: str):
 
 def load_as(cls, path: str):
     """A YAML file read into ``cls`` (unknown keys and bad values raise :class:`TrainError`)."""
-    from models.errors import ModelError
-    from storage.config_io import ConfigError, load_config
+    from cleftwise.models.errors import ModelError
+    from cleftwise.storage.config_io import ConfigError, load_config
 
     try:
         return load_config(cls, path)

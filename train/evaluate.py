@@ -18,7 +18,7 @@ The volume is a zarr container with the synthetic generator's datasets ``raw``, 
   neuron; ``prepost_accuracy`` — predicted ``pre_neuron`` and ``post_neuron`` equal the true
   ones; ``partner_accuracy`` — the predicted neuron pair equals the true pair in either
   order; ``flipped`` — pre and post swapped;
-- CREMI distances (:func:`postprocess.metrics.cremi_cleft_metrics`) of the predicted synapse
+- CREMI distances (:func:`cleftwise.postprocess.metrics.cremi_cleft_metrics`) of the predicted synapse
   mask against the true synapse mask (the union the model predicts) and against the true cleft.
 """
 
@@ -42,20 +42,20 @@ import fastremap  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from blockwise.errors import BlockwiseError  # noqa: E402
-from blockwise.predict import PredictConfig, PredictTask  # noqa: E402
-from blockwise.runner import BackendConfig, run_task  # noqa: E402
-from models.checkpoint import read_checkpoint_meta  # noqa: E402
-from models.errors import ModelError  # noqa: E402
-from postprocess.errors import PostprocessError  # noqa: E402
-from postprocess.metrics import (assignment_metrics, cremi_cleft_metrics, instance_f1,  # noqa: E402
+from cleftwise.blockwise.errors import BlockwiseError  # noqa: E402
+from cleftwise.postprocess.predict import PredictConfig, PredictTask  # noqa: E402
+from cleftwise.blockwise.runner import BackendConfig, run_task  # noqa: E402
+from cleftwise.models.checkpoint import read_checkpoint_meta  # noqa: E402
+from cleftwise.models.errors import ModelError  # noqa: E402
+from cleftwise.postprocess.errors import PostprocessError  # noqa: E402
+from cleftwise.postprocess.metrics import (assignment_metrics, cremi_cleft_metrics, instance_f1,  # noqa: E402
                                  table_labels, true_partners)
-from postprocess.segment import (PartnersTask, SegmentConfig, SegmentLabelTask,  # noqa: E402
+from cleftwise.postprocess.segment import (PartnersTask, SegmentConfig, SegmentLabelTask,  # noqa: E402
                                  SegmentRelabelTask, SegmentStitchTask)
-from storage.errors import StorageError  # noqa: E402
-from storage.volume import open_volume  # noqa: E402
+from cleftwise.storage.errors import StorageError  # noqa: E402
+from cleftwise.storage.volume import open_volume  # noqa: E402
 
-from train.errors import TrainError  # noqa: E402
+from cleftwise.train.errors import TrainError  # noqa: E402
 
 __all__ = ["EvalConfig", "true_partners", "assignment_metrics", "evaluate", "write_report"]
 
@@ -176,7 +176,7 @@ def evaluate(cfg: EvalConfig, training: Optional[dict] = None) -> dict:
     syn_big = fastremap.mask(syn, small.tolist()) if small.size else syn
     pred_ignore = []
     if small.size:
-        from postprocess.metrics import instance_overlaps
+        from cleftwise.postprocess.metrics import instance_overlaps
 
         ov = instance_overlaps(pred_labels, syn)
         best = ov.sort_values("iou", ascending=False).drop_duplicates("pred_id")

@@ -24,7 +24,7 @@ Outputs (:func:`write_report`): ``<prefix>_eval.json``, ``<prefix>_eval.md`` and
 
 CLI::
 
-    python -m train.evaluate_classifier --config train/configs/ei_3d.yaml \
+    python -m cleftwise.train.evaluate_classifier --config train/configs/ei_3d.yaml \
         --checkpoint runs/ei/best.pt --out docs --prefix ei [--tta] [--export models/weights/ei_vgg3d.pt]
 """
 
@@ -42,14 +42,14 @@ import pandas as pd
 from sklearn.metrics import (average_precision_score, confusion_matrix, precision_recall_curve,
                              precision_recall_fscore_support, roc_auc_score, roc_curve)
 
-from models.checkpoint import load_model, resolve_device, save_checkpoint
-from models.errors import ModelError
-from postprocess.classify import predict_probs, probs_to_labels
+from cleftwise.models.checkpoint import load_model, resolve_device, save_checkpoint
+from cleftwise.models.errors import ModelError
+from cleftwise.postprocess.classify import predict_probs, probs_to_labels
 
-from .cubes import CubeSet, build_cube_sets, crop_cubes, split_summary
-from .report_io import jsonable, write_json_and_markdown
-from .errors import TrainError
-from .train_classifier import balanced_accuracy, load_classifier_config
+from cleftwise.train.cubes import CubeSet, build_cube_sets, crop_cubes, split_summary
+from cleftwise.train.report_io import jsonable, write_json_and_markdown
+from cleftwise.train.errors import TrainError
+from cleftwise.train.train_classifier import balanced_accuracy, load_classifier_config
 
 __all__ = ["synapse_metrics", "choose_threshold", "neuron_table", "neuron_metrics",
            "accuracy_vs_synapses", "evaluate_sets", "write_report", "export_classifier", "main"]

@@ -19,12 +19,12 @@ Steps:
    threshold nearer 0.5, then smaller min_size). Fixed values (``threshold``/``min_size``) skip
    this. The held-out band plays no part in the choice.
 2. *held-out band*: ``PredictTask`` over the band → the three blockwise ``segment`` passes
-   (:func:`postprocess.segment.segment_tasks`, local backend) with the chosen settings.
+   (:func:`cleftwise.postprocess.segment.segment_tasks`, local backend) with the chosen settings.
 3. *metrics* against the authors' masks in the band: instance precision / recall / F1 with
    one-to-one matching at IoU >= 0.1 (headline, the issue's rule for small structures) and at
    IoU >= 0.5 (:func:`postprocess.metrics.instance_f1`); a centroid match (one-to-one, centroid
    distance <= ``centroid_max_nm``, :func:`centroid_match`); CREMI cleft F-score and average
-   distances (:func:`postprocess.metrics.cremi_cleft_metrics`, 200 nm tolerance) in physical nm
+   distances (:func:`cleftwise.postprocess.metrics.cremi_cleft_metrics`, 200 nm tolerance) in physical nm
    (``physical_voxel_size``, 50 x 4.6 x 4.6 nm, not the integer voxel size of the volume), with
    an all-background baseline and a random-voxel baseline (as many voxels as predicted).
 4. *report*: ``<out>.json``, ``<out>.md`` and ``<out>_montage.png`` (EM sections of the band
@@ -55,18 +55,18 @@ import pandas as pd  # noqa: E402
 from funlib.geometry import Coordinate, Roi  # noqa: E402
 from scipy.optimize import linear_sum_assignment  # noqa: E402
 
-from blockwise.errors import BlockwiseError  # noqa: E402
-from blockwise.predict import PredictConfig, PredictTask  # noqa: E402
-from blockwise.runner import BackendConfig, run_task  # noqa: E402
-from models.checkpoint import read_checkpoint_meta, weights_digest  # noqa: E402
-from models.errors import ModelError  # noqa: E402
-from postprocess.errors import PostprocessError  # noqa: E402
-from postprocess.metrics import cremi_cleft_metrics, instance_f1, instance_overlaps  # noqa: E402
-from postprocess.segment import SegmentConfig, segment_tasks  # noqa: E402
-from storage.errors import StorageError  # noqa: E402
-from storage.volume import open_volume  # noqa: E402
+from cleftwise.blockwise.errors import BlockwiseError  # noqa: E402
+from cleftwise.postprocess.predict import PredictConfig, PredictTask  # noqa: E402
+from cleftwise.blockwise.runner import BackendConfig, run_task  # noqa: E402
+from cleftwise.models.checkpoint import read_checkpoint_meta, weights_digest  # noqa: E402
+from cleftwise.models.errors import ModelError  # noqa: E402
+from cleftwise.postprocess.errors import PostprocessError  # noqa: E402
+from cleftwise.postprocess.metrics import cremi_cleft_metrics, instance_f1, instance_overlaps  # noqa: E402
+from cleftwise.postprocess.segment import SegmentConfig, segment_tasks  # noqa: E402
+from cleftwise.storage.errors import StorageError  # noqa: E402
+from cleftwise.storage.volume import open_volume  # noqa: E402
 
-from train.errors import TrainError  # noqa: E402
+from cleftwise.train.errors import TrainError  # noqa: E402
 
 __all__ = ["RealEvalConfig", "centroids", "centroid_match", "label_predictions", "choose_postprocess",
            "predict_band", "segment_band", "evaluate_real", "write_real_report"]

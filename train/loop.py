@@ -15,9 +15,9 @@ runs it in ``run_dir``:
 
 Resuming (``resume=True``) loads the newest checkpoint and continues on exactly the batches
 the uninterrupted run would have seen (samples are pure functions of their index, see
-:mod:`train.data`), so on a deterministic device the weights equal those of an uninterrupted
+:mod:`cleftwise.train.data`), so on a deterministic device the weights equal those of an uninterrupted
 run. :func:`export_weights` writes a run's best (EMA) weights as a cleftwise checkpoint
-(``models.checkpoint``) with ``patch_shape`` in ``extra``.
+(``cleftwise.models.checkpoint``) with ``patch_shape`` in ``extra``.
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.checkpoint import load_model, resolve_device, save_checkpoint
-from models.errors import ModelError
-from models.rsunet import RSUNetConfig, build_rsunet, check_patch_shape
-from storage.config_io import to_dict
+from cleftwise.models.checkpoint import load_model, resolve_device, save_checkpoint
+from cleftwise.models.errors import ModelError
+from cleftwise.models.rsunet import RSUNetConfig, build_rsunet, check_patch_shape
+from cleftwise.storage.config_io import to_dict
 
-from .data import (TARGET_CHANNEL_NAMES, DataConfig, PatchDataset, make_loader, open_sources,
+from cleftwise.train.data import (TARGET_CHANNEL_NAMES, DataConfig, PatchDataset, make_loader, open_sources,
                    target_channels)
-from .errors import TrainError, load_as, parse_as
-from .losses import LossConfig, compute_loss
+from cleftwise.train.errors import TrainError, load_as, parse_as
+from cleftwise.train.losses import LossConfig, compute_loss
 
 __all__ = ["OptimConfig", "TrainConfig", "load_train_config", "parse_train_config", "EMA",
            "lr_factor", "train", "validate", "export_weights", "plot_curves", "latest_checkpoint",

@@ -13,7 +13,7 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-from .errors import TrainError
+from cleftwise.train.errors import TrainError
 
 __all__ = ["LossConfig", "balanced_pos_weight", "balanced_class_weight", "soft_dice_loss",
            "weighted_bce_loss", "weighted_ce_loss", "side_loss", "compute_loss"]

@@ -6,7 +6,7 @@ Polarity (synaptic pre/post sides), two label forms are accepted:
 
 * **synapse instances + per-voxel sides** (``seg_to_polarity(labels, sides)``): ``labels`` are
   synapse instance ids (0 = background) and ``sides`` per-voxel side codes with the bits of
-  :mod:`postprocess.polarity`: 1 = pre, 2 = post, 3 = both, 0 = neither. Instance voxels whose
+  :mod:`cleftwise.postprocess.polarity`: 1 = pre, 2 = post, 3 = both, 0 = neither. Instance voxels whose
   side code is 0 count as union only. :func:`sides_from_partners` derives the codes from a
   neuron segmentation and each synapse's pre/post neuron (the synthetic synapse table).
 * **pre/post instance labels** (``seg_to_polarity(labels)``, the PyTorch Connectomics
@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import TrainError
+from cleftwise.train.errors import TrainError
 
 __all__ = [
     "SIDE_PRE",

@@ -3,8 +3,8 @@
 One :class:`ClassifierTrainConfig` (YAML through :func:`load_classifier_config`) describes a run;
 :func:`train_classifier` runs it in ``run_dir``:
 
-- data: :mod:`train.cubes` (neuron-held-out split saved as JSON, cubes read blockwise-locally);
-- model: any family of :mod:`models.classifiers` (``model_type`` + its config dict;
+- data: :mod:`cleftwise.train.cubes` (neuron-held-out split saved as JSON, cubes read blockwise-locally);
+- model: any family of :mod:`cleftwise.models.classifiers` (``model_type`` + its config dict;
   ``input_shape`` and ``num_classes`` default to the data's cube shape and class count);
 - AdamW, linear warm-up then cosine decay; loss: cross-entropy or focal (γ = 2), optionally
   class-balanced (weights ``n / (C · n_c)`` from the training counts);
@@ -22,7 +22,7 @@ early-stopping state) continues exactly as the uninterrupted run would (on CPU: 
 
 CLI::
 
-    python -m train.train_classifier --config train/configs/ei_3d.yaml [--resume] [--threads 1]
+    python -m cleftwise.train.train_classifier --config train/configs/ei_3d.yaml [--resume] [--threads 1]
 """
 
 from __future__ import annotations
@@ -43,14 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoint import resolve_device, save_checkpoint
-from models.classifiers import CLASSIFIER_TYPES, build_classifier, classifier_config, use_fast_memory_format
-from models.errors import ModelError
-from postprocess.classify import predict_probs
-from storage.config_io import to_dict
+from cleftwise.models.checkpoint import resolve_device, save_checkpoint
+from cleftwise.models.classifiers import CLASSIFIER_TYPES, build_classifier, classifier_config, use_fast_memory_format
+from cleftwise.models.errors import ModelError
+from cleftwise.postprocess.classify import predict_probs
+from cleftwise.storage.config_io import to_dict
 
-from .cubes import CubeDataConfig, CubeSet, build_cube_sets, crop_cubes, split_summary
-from .errors import TrainError, load_as, parse_as
+from cleftwise.train.cubes import CubeDataConfig, CubeSet, build_cube_sets, crop_cubes, split_summary
+from cleftwise.train.errors import TrainError, load_as, parse_as
 
 __all__ = ["LossConfig", "AugmentConfig", "ClassifierTrainConfig", "load_classifier_config",
            "parse_classifier_config", "model_config_for", "batch_indices", "augment_batch",
@@ -386,7 +386,7 @@ def train_classifier(cfg: ClassifierTrainConfig, resume: bool = False, stop_at: 
     """Run (or resume) the training described by ``cfg``; see the module docstring.
 
     ``stop_at``: stop after this step with a checkpoint (tests of resuming). ``sets``: cube
-    sets (``train``, ``val``) already built by :func:`train.cubes.build_cube_sets` (else built here).
+    sets (``train``, ``val``) already built by :func:`cleftwise.train.cubes.build_cube_sets` (else built here).
     """
     t_start = time.perf_counter()
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -541,7 +541,7 @@ def train_classifier(cfg: ClassifierTrainConfig, resume: bool = False, stop_at: 
 
 
 def _voxel_size(cfg: ClassifierTrainConfig) -> tuple:
-    from storage.volume import open_volume
+    from cleftwise.storage.volume import open_volume
 
     sizes = {tuple(int(v) for v in open_volume(s.raw).voxel_size) for s in cfg.data.sources}
     if len(sizes) != 1:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train an RSUNet synapse model: ``python train/train_rsunet.py --config train.yaml``.
 
-Thin CLI over :func:`train.loop.train`: parse → :class:`~train.loop.TrainConfig` → train →
+Thin CLI over :func:`cleftwise.train.loop.train`: parse → :class:`~train.loop.TrainConfig` → train →
 optionally export the best (EMA) weights as a cleftwise checkpoint for the predict step.
 """
 
@@ -17,8 +17,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0]) == _HERE:  # run as a script: import from the repo root
     sys.path[0] = os.path.dirname(_HERE)
 
-from train.errors import TrainError  # noqa: E402
-from train.loop import export_weights, load_train_config, train  # noqa: E402
+from cleftwise.train.errors import TrainError  # noqa: E402
+from cleftwise.train.loop import export_weights, load_train_config, train  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@
 
 Predicts the volume once (blockwise, as the pipeline does), then runs the segment + partners
 passes for every (threshold, min_size) pair and scores instance F1 (IoU >= 0.5) and pre/post
-accuracy against the volume's ground truth (:func:`train.evaluate.true_partners`). Prints one
+accuracy against the volume's ground truth (:func:`cleftwise.train.evaluate.true_partners`). Prints one
 row per pair and the best pair by F1 (ties: larger min_size); writes them as JSON with ``--out``.
 ``--neuron-fractions 0.9 0.85`` also scores the partner filter ``max_neuron_fraction`` (drop
 detections lying for more than that share in one neuron) at those values.
@@ -25,11 +25,11 @@ if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == _HERE
 
 import pandas as pd  # noqa: E402
 
-from blockwise.predict import PredictConfig, PredictTask  # noqa: E402
-from blockwise.runner import BackendConfig, run_task  # noqa: E402
-from postprocess.metrics import assignment_metrics, instance_f1, table_labels, true_partners  # noqa: E402
-from postprocess.segment import PartnersTask, SegmentConfig, segment_tasks  # noqa: E402
-from storage.volume import open_volume  # noqa: E402
+from cleftwise.postprocess.predict import PredictConfig, PredictTask  # noqa: E402
+from cleftwise.blockwise.runner import BackendConfig, run_task  # noqa: E402
+from cleftwise.postprocess.metrics import assignment_metrics, instance_f1, table_labels, true_partners  # noqa: E402
+from cleftwise.postprocess.segment import PartnersTask, SegmentConfig, segment_tasks  # noqa: E402
+from cleftwise.storage.volume import open_volume  # noqa: E402
 
 
 def sweep(checkpoint: str, volume: str, work: str, thresholds, min_sizes, stride=None,
@@ -96,7 +96,7 @@ def _neuron_fraction(sc: SegmentConfig) -> dict:
     """{synapse id: share of its pre + post votes on one neuron} from the partners step's votes."""
     import glob
 
-    from postprocess.partners import merge_partner_votes
+    from cleftwise.postprocess.partners import merge_partner_votes
 
     votes = [pd.read_parquet(f) for f in sorted(glob.glob(os.path.join(sc.work_dir, "votes", "*.parquet")))]
     merged = merge_partner_votes(votes, rule=sc.partner_rule)

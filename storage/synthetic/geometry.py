@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import StorageError
+from cleftwise.storage.errors import StorageError
 
 __all__ = [
     "SyntheticConfig", "Neurons", "Mitochondria", "Synapses", "Vesicles", "WarpField",

@@ -26,8 +26,8 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
-from .errors import StorageError
-from .synthetic_geometry import (
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.synthetic.geometry import (
     ST_MOTTLE, ST_PIX, ST_PIXCOL, ST_PIXROW, ST_SECTION, Mitochondria, Neurons, SynapseTiles,
     Synapses, SyntheticConfig, Vesicles, WarpField, _mix, candidate_capsules, capsule_distance,
     hash_u64, hash_uniform, mitochondria_of, neuron_margin_nm, neurons_in_box, synapse_extent_nm,

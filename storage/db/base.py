@@ -1,4 +1,4 @@
-"""Synapse database: one :class:`SynapseStore` interface, SQLite and MongoDB backends.
+"""The synapse database interface (:class:`SynapseStore`) that both backends implement.
 
 Open a store by URL with :func:`open_store`:
 
@@ -13,10 +13,10 @@ Open a store by URL with :func:`open_store`:
 - ``mongomock://db``: the same MongoDB code on mongomock (in-process, for tests; one shared
   in-memory server per process, so reopening the URL sees the same data).
 
-The record schema lives in :mod:`storage.synapse_schema` (``COLUMNS``); see
+The record schema lives in :mod:`cleftwise.storage.db.schema` (``COLUMNS``); see
 ``docs/synapse_db.md``. Example::
 
-    from storage.synapse_db import open_store
+    from cleftwise.storage.db import open_store
     with open_store("sqlite:///tmp/syn.db") as db:
         db.upsert_many(block_df, block_id=7)          # replaces block 7's synapses
         df = db.query(roi=((0, 0, 0), (400, 4000, 4000)), min_score=0.5)
@@ -35,8 +35,8 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import StorageError
-from .synapse_schema import (
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.db.schema import (
     COLUMN_NAMES,
     QueryFilter,
     arrow_schema,
@@ -48,7 +48,7 @@ from .synapse_schema import (
     select_columns,
 )
 
-__all__ = ["SynapseStore", "open_store"]
+__all__ = ["SynapseStore", "ONE_BATCH"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ ONE_BATCH = 1 << 62  #: batch size asking a backend for the whole result in one 
 
 
 class SynapseStore(abc.ABC):
-    """A table of synapse records (schema: :data:`storage.synapse_schema.COLUMNS`).
+    """A table of synapse records (schema: :data:`cleftwise.storage.db.schema.COLUMNS`).
 
     Query methods share the filter arguments ``roi`` (funlib Roi or ``((z0, y0, x0),
     (z1, y1, x1))`` in nm, half-open, matched on the centroid or, with
@@ -265,40 +265,3 @@ def _concat(frames: list[pd.DataFrame], cols: list[str]) -> pd.DataFrame:
     if len(frames) == 1:
         return frames[0]
     return pd.concat(frames, ignore_index=True)
-
-
-def _known_options(cls, backend: str, opts: dict) -> dict:
-    """``opts`` unchanged, or a :class:`StorageError` naming options ``cls`` does not take."""
-    params = list(inspect.signature(cls.__init__).parameters)[2:]  # after self and the URL/path
-    unknown = sorted(set(opts) - set(params))
-    if unknown:
-        raise StorageError(f"unknown option(s) {unknown} for the {backend} synapse database; "
-                           f"it takes {params}")
-    return opts
-
-
-def open_store(url: str, **opts) -> SynapseStore:
-    """Open (creating if allowed) the synapse database named by ``url``.
-
-    Options (keyword): both backends take ``create`` (default True; False raises
-    :class:`StorageError` when the database does not exist yet) and ``batch_size``.
-    SQLite: ``timeout_s`` (busy timeout, default 30), ``retries`` (on SQLITE_BUSY, default 8),
-    ``readonly``, ``cache_mb`` (page cache, default 64), ``bulk_min_rows`` (default 20 000: a
-    write at least this large into a table holding no more is a bulk load, one transaction
-    with indexes rebuilt and the R*Tree packed; 0 disables). MongoDB: ``timeout_s`` (server selection, default 3), ``collection``
-    (default ``"synapses"``), ``write_concern`` (int, ``"majority"`` or a dict of
-    ``pymongo.WriteConcern`` arguments), ``client`` (an existing MongoClient to use).
-    """
-    url = os.fspath(url)
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme == "sqlite" or (not scheme and url.lower().endswith((".db", ".sqlite", ".sqlite3"))):
-        from .synapse_sqlite import SQLiteSynapseStore
-
-        path = url.split("://", 1)[1] if scheme else url
-        return SQLiteSynapseStore(path, **_known_options(SQLiteSynapseStore, "SQLite", opts))
-    if scheme in ("mongodb", "mongodb+srv", "mongomock"):
-        from .synapse_mongo import MongoSynapseStore
-
-        return MongoSynapseStore(url, **_known_options(MongoSynapseStore, "MongoDB", opts))
-    raise StorageError(f"unknown synapse database URL {url!r}: use sqlite:///path.db, "
-                       f"mongodb://host:port/db or mongomock://db")

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import StorageError
+from cleftwise.storage.errors import StorageError
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -1,7 +1,7 @@
 """Map external synapse tables (CAVE, neuPrint/MANC, lab pipelines) to synapse records.
 
 Pure mapping: :func:`map_table` turns a DataFrame into records of the synapse schema
-(:data:`storage.synapse_schema.COLUMNS`); :func:`read_table` reads CSV/Parquet;
+(:data:`cleftwise.storage.db.schema.COLUMNS`); :func:`read_table` reads CSV/Parquet;
 :func:`import_tables` writes them to a synapse DB (``SynapseStore.upsert_many``).
 
 A :class:`TableImportConfig` says which table column fills which record **field**:
@@ -32,7 +32,7 @@ Presets (:data:`PRESETS`): ``manc`` (neuPrint/MANC exports: ``bodyId_pre``, ``x_
 ``post_pt_position``, ``pre_pt_root_id``, ``post_pt_root_id``, ``size``, optional
 ``ctr_pt_position``; (40, 4, 4) nm voxels, positions stored x, y, z). Example::
 
-    from storage.table_import import TableImportConfig, import_tables
+    from cleftwise.storage.importers.tables import TableImportConfig, import_tables
     cfg = TableImportConfig(preset="manc")
     import_tables(["synapses_gaba.csv"], "sqlite:///abs/manc.db", cfg)
 """
@@ -48,8 +48,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import StorageError
-from .synapse_schema import COLUMN_NAMES, as_int64_ids, normalize_records
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.db.schema import COLUMN_NAMES, as_int64_ids, normalize_records
 
 __all__ = ["FIELDS", "PRESETS", "TablePreset", "TableImportConfig", "resolve_columns", "read_table",
            "map_table", "synapse_ids", "import_tables", "parse_mapping", "config_from_dict"]
@@ -293,7 +293,7 @@ def map_table(table: pd.DataFrame, cfg: TableImportConfig = TableImportConfig(),
         source: value of the ``source`` field when ``cfg.source`` is None.
 
     Returns:
-        DataFrame as :func:`storage.synapse_schema.normalize_records` returns it, one record per
+        DataFrame as :func:`cleftwise.storage.db.schema.normalize_records` returns it, one record per
         row (minus dropped duplicates), centroid/sites/bbox in (z, y, x) nm.
 
     Raises:
@@ -413,7 +413,7 @@ def import_tables(paths: Sequence[str], url: str, cfg: TableImportConfig = Table
     All tables are mapped before anything is written, so a bad table leaves the DB untouched.
     Re-importing writes the same ids (records are replaced, the count does not grow).
     """
-    from .synapse_db import open_store
+    from cleftwise.storage.db import open_store
 
     frames = []
     for path in paths:
@@ -430,7 +430,7 @@ def import_tables(paths: Sequence[str], url: str, cfg: TableImportConfig = Table
 
 def config_from_dict(data: Optional[dict]) -> TableImportConfig:
     """Build a :class:`TableImportConfig` from a mapping (YAML), strictly checked."""
-    from .config_io import from_dict
+    from cleftwise.storage.config_io import from_dict
 
     return from_dict(TableImportConfig, data, where="table_import")
 

@@ -9,11 +9,11 @@ smaller flattened vesicles); the class is a property of the presynaptic axon (Da
 principle).
 
 Everything is a function of global coordinates and the seed (see
-:mod:`storage.synthetic_geometry`), so a volume can be rendered block by block with memory
+:mod:`cleftwise.storage.synthetic.geometry`), so a volume can be rendered block by block with memory
 bounded by the block, and one block or many give byte-identical arrays.
 
 Outputs of :func:`generate_volume`, in one zarr container (written through
-:mod:`storage.volume`, with voxel size and offset metadata):
+:mod:`cleftwise.storage.volume`, with voxel size and offset metadata):
 
 - ``raw`` uint8 (z, y, x) image.
 - ``neurons`` uint64 (z, y, x) neuron ids; every voxel has one (no background): a membrane is
@@ -43,10 +43,10 @@ import numpy as np
 import pandas as pd
 from funlib.geometry import Coordinate, Roi
 
-from .errors import StorageError
-from .synthetic_geometry import SynapseTiles, SyntheticConfig
-from .synthetic_render import render_block
-from .volume import create_volume
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.synthetic.geometry import SynapseTiles, SyntheticConfig
+from cleftwise.storage.synthetic.render import render_block
+from cleftwise.storage.volume import create_volume
 
 __all__ = [
     "SyntheticConfig", "SyntheticResult", "TABLE_COLUMNS", "NEURON_COLUMNS", "DATASETS",

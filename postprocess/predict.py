@@ -1,7 +1,7 @@
 """The ``predict`` step: blockwise sliding-window inference of a 3D CNN over a volume.
 
 Each worker loads the model once. A block reads the union of the *global* patches that cover
-its write ROI (:func:`blockwise.sliding_window.required_read_region`), predicts them in
+its write ROI (:func:`cleftwise.blockwise.sliding_window.required_read_region`), predicts them in
 batches, blends them with the window and writes Σw·p / Σw over its write ROI. Because the
 patch grid is global (origins at the input volume's origin + k·stride), a voxel gets the same
 value whatever the block shape, backend, worker count or number of resumes.
@@ -21,17 +21,17 @@ from typing import Optional
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from models.checkpoint import load_model, read_checkpoint_meta, weights_digest
-from models.errors import ModelError
-from models.rsunet import check_patch_shape
-from storage.volume import create_volume, open_volume
-from storage.errors import StorageError
+from cleftwise.models.checkpoint import load_model, read_checkpoint_meta, weights_digest
+from cleftwise.models.errors import ModelError
+from cleftwise.models.rsunet import check_patch_shape
+from cleftwise.storage.volume import create_volume, open_volume
+from cleftwise.storage.errors import StorageError
 
-from .errors import BlockwiseError
-from .grid import Block, plan_blocks
-from .sliding_window import (TorchPredictor, blend_window, predict_region, required_read_region,
+from cleftwise.blockwise.errors import BlockwiseError
+from cleftwise.blockwise.grid import Block, plan_blocks
+from cleftwise.blockwise.sliding_window import (TorchPredictor, blend_window, predict_region, required_read_region,
                              to_uint8)
-from .task import BlockTask
+from cleftwise.blockwise.task import BlockTask
 
 __all__ = ["PredictConfig", "PredictTask"]
 

@@ -29,9 +29,9 @@ from urllib.parse import urlsplit
 import numpy as np
 import pandas as pd
 
-from .errors import StorageError
-from .synapse_db import ONE_BATCH, SynapseStore
-from .synapse_schema import (
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.db.base import ONE_BATCH, SynapseStore
+from cleftwise.storage.db.schema import (
     COLUMN_NAMES,
     SCHEMA_KIND,
     SCHEMA_VERSION,
@@ -108,7 +108,7 @@ def _write_concern(value):
 
 
 class MongoSynapseStore(SynapseStore):
-    """Synapse records in a MongoDB collection; see :class:`storage.synapse_db.SynapseStore`."""
+    """Synapse records in a MongoDB collection; see :class:`cleftwise.storage.db.base.SynapseStore`."""
 
     def __init__(self, url: str, client=None, collection: str = "synapses", timeout_s: float = 3.0,
                  write_concern=None, batch_size: int = 10_000, create: bool = True):

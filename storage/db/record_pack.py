@@ -3,7 +3,7 @@
 Reading a query result column by column through :mod:`sqlite3` creates one Python object per
 value (33 per record); at 10,000 records that alone costs ~45 ms. The SQLite backend (file
 layout 2) therefore stores, per record, every non-text field of
-:data:`storage.synapse_schema.COLUMNS` in one BLOB (column ``packed``; some fields live only
+:data:`cleftwise.storage.db.schema.COLUMNS` in one BLOB (column ``packed``; some fields live only
 there) and decodes a whole result with one ``np.frombuffer``.
 
 Layout of one BLOB (:data:`PACKED_DTYPE`, 8-byte little-endian values, no padding): the fields
@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .synapse_schema import COLUMNS
+from cleftwise.storage.db.schema import COLUMNS
 
 __all__ = [
     "PACKED_COLUMNS",
@@ -45,7 +45,7 @@ assert len(PACKED_COUNT_COLUMNS) <= 64
 
 def pack_records(frame: pd.DataFrame) -> list[bytes]:
     """One BLOB per row of ``frame`` (every :data:`PACKED_COLUMNS` column, schema dtypes as
-    returned by :func:`storage.synapse_schema.normalize_records`)."""
+    returned by :func:`cleftwise.storage.db.schema.normalize_records`)."""
     out = np.zeros(len(frame), dtype=PACKED_DTYPE)
     nulls = np.zeros(len(frame), dtype=np.uint64)
     for name in PACKED_COLUMNS:

@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .errors import StorageError
-from .volume import Volume, create_volume
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.volume import Volume, create_volume
 
 __all__ = ["StackImportConfig", "list_sections", "import_stack"]
 

@@ -9,7 +9,7 @@ with the schema kind and version and the file layout.
 
 Layout 2 (files made since 2026-11): ``synapses`` has an SQL column for every field a query
 filters or indexes on, the E/I fields and the text fields (:data:`SQL_COLUMNS`), plus
-``packed``, a BLOB with all 29 numeric fields of the record (:mod:`storage.record_pack`).
+``packed``, a BLOB with all 29 numeric fields of the record (:mod:`cleftwise.storage.db.record_pack`).
 Python's :mod:`sqlite3` makes one object per fetched value, ~45 ms for 10,000 records of 33
 fields; one BLOB per record decodes in a single ``np.frombuffer``, so queries of many
 columns read ``packed`` (and the text columns). The fields of :data:`PACKED_ONLY` (sizes,
@@ -29,7 +29,7 @@ stores a bound NaN as NULL; binding ``None`` costs ~5x more in :mod:`sqlite3`), 
 per ``INSERT`` statement. A *bulk load* -- a write of at least ``bulk_min_rows`` records into
 a table holding no more records than the write -- runs as one transaction that drops and
 re-creates the secondary indexes around the inserts and packs the R*Tree in one pass
-(:mod:`storage.sqlite_rtree`), instead of ~8 µs of R*Tree insertion per record. Its result is
+(:mod:`cleftwise.storage.db.sqlite_rtree`), instead of ~8 µs of R*Tree insertion per record. Its result is
 the same as the ordinary path's: records replaced by id, a block's old records removed.
 """
 
@@ -54,11 +54,11 @@ try:  # pandas' C loop behind DataFrame.from_records: 4x faster than np.array(ro
 except ImportError:  # pragma: no cover - other pandas versions
     _to_object_array_tuples = None
 
-from . import sqlite_rtree
-from .errors import StorageError
-from .record_pack import PACKED_COLUMNS, PACKED_DTYPE, pack_records, unpack_records
-from .synapse_db import ONE_BATCH, SynapseStore
-from .synapse_schema import (
+from cleftwise.storage.db import sqlite_rtree
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.db.record_pack import PACKED_COLUMNS, PACKED_DTYPE, pack_records, unpack_records
+from cleftwise.storage.db.base import ONE_BATCH, SynapseStore
+from cleftwise.storage.db.schema import (
     COLUMNS,
     COLUMN_NAMES,
     SCHEMA_KIND,
@@ -84,7 +84,7 @@ _PAGE_SIZE = 16384  #: page size of new database files (existing files keep thei
 _WAL_LIMIT = 64 << 20  #: bytes the WAL file is truncated to when SQLite resets it
 #: File layout of this backend (meta key ``sqlite_layout``; absent = 1). Layout 1: one SQL
 #: column per schema field. Layout 2 (new files): the SQL columns of :data:`SQL_COLUMNS` plus
-#: ``packed``, every numeric field of the record in one BLOB (:mod:`storage.record_pack`); the
+#: ``packed``, every numeric field of the record in one BLOB (:mod:`cleftwise.storage.db.record_pack`); the
 #: fields of :data:`PACKED_ONLY` live only there. Files of either layout are read and written.
 _LAYOUT = 2
 _PACKED = "packed"
@@ -135,9 +135,9 @@ def _is_busy(e: Exception) -> bool:
 
 
 class SQLiteSynapseStore(SynapseStore):
-    """Synapse records in one SQLite file; see :class:`storage.synapse_db.SynapseStore`.
+    """Synapse records in one SQLite file; see :class:`cleftwise.storage.db.base.SynapseStore`.
 
-    Options beyond :func:`storage.synapse_db.open_store`'s: ``cache_mb`` (SQLite page cache
+    Options beyond :func:`cleftwise.storage.db.open_store`'s: ``cache_mb`` (SQLite page cache
     per connection), ``layout`` (of a new file: 2, default, or 1, every field an SQL column; see
     the module docstring; an existing file keeps its own) and ``bulk_min_rows`` (writes of at
     least this many records into a table holding at most as many are bulk loads, see the module
@@ -675,7 +675,7 @@ def _drop_indexes(cur: sqlite3.Cursor) -> tuple[list[str], int]:
 
 
 def _frame_from_rows(rows: list, columns: list[str], sort: bool = False) -> pd.DataFrame:
-    """Typed DataFrame from fetched row tuples (dtypes of :func:`synapse_schema.frame_from_columns`).
+    """Typed DataFrame from fetched row tuples (dtypes of :func:`cleftwise.storage.db.schema.frame_from_columns`).
 
     One 2-D object array, then one cast per column kind: no per-row Python work. With
     ``sort``, rows are ordered by the first column (``id``).
