@@ -45,8 +45,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 VOXEL_SIZE = (40, 4, 4)
 THRESHOLD = 0.5

@@ -54,8 +54,6 @@ import numpy as np
 import pandas as pd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 DENSITY_PER_UM3 = 1.0
 DEPTH_NM = 10_000.0

@@ -36,21 +36,18 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import psutil
+import torch
+
+from cleftwise.postprocess.predict import PredictConfig, PredictTask
+from cleftwise.blockwise.runner import BackendConfig, run_task
+from cleftwise.blockwise.sliding_window import (TorchPredictor, blend_window, grid_origins,
+                                      patch_origins, predict_region, to_uint8)
+from cleftwise.models.checkpoint import load_model, save_checkpoint
+from cleftwise.models.rsunet import RSUNetConfig, build_rsunet
+from cleftwise.storage.volume import create_volume, open_volume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-import psutil  # noqa: E402
-import torch  # noqa: E402
-
-from cleftwise.postprocess.predict import PredictConfig, PredictTask  # noqa: E402
-from cleftwise.blockwise.runner import BackendConfig, run_task  # noqa: E402
-from cleftwise.blockwise.sliding_window import (TorchPredictor, blend_window, grid_origins,  # noqa: E402
-                                      patch_origins, predict_region, to_uint8)
-from cleftwise.models.checkpoint import load_model, save_checkpoint  # noqa: E402
-from cleftwise.models.rsunet import RSUNetConfig, build_rsunet  # noqa: E402
-from cleftwise.storage.volume import create_volume, open_volume  # noqa: E402
 
 VOXEL_SIZE = (40, 4, 4)
 THREADS = 2

@@ -1,13 +1,13 @@
 """Blockwise engine: block grid, completion ledger, backends and sliding-window prediction.
 
-Public surface: :class:`~blockwise.task.BlockTask`, :func:`~blockwise.runner.run_task`,
+Public surface: :class:`~cleftwise.blockwise.step.BlockStep`, :func:`~blockwise.runner.run_task`,
 :class:`~blockwise.runner.BackendConfig`, :func:`~blockwise.grid.plan_blocks`.
 """
 
 from cleftwise.blockwise.errors import BlockwiseError
 from cleftwise.blockwise.grid import Block, plan_blocks
 from cleftwise.blockwise.runner import BackendConfig, run_task, task_status
-from cleftwise.blockwise.task import BlockTask
+from cleftwise.blockwise.step import ArraySpec, BlockStep
 
 __all__ = ["BlockwiseError", "Block", "plan_blocks", "BackendConfig", "run_task", "task_status",
-           "BlockTask"]
+           "BlockStep", "ArraySpec"]

@@ -1,4 +1,4 @@
-"""Run a :class:`~blockwise.task.BlockTask` on a backend, with ledger, resume and retries.
+"""Run a :class:`~cleftwise.blockwise.step.BlockStep` on a backend, with ledger, resume and retries.
 
 Backends (``BackendConfig.backend``):
 
@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Optional
 from cleftwise.blockwise.errors import BlockwiseError
 from cleftwise.blockwise.grid import Block
 from cleftwise.blockwise.ledger import Ledger, LedgerStatus
-from cleftwise.blockwise.task import BlockTask
+from cleftwise.blockwise.step import BlockStep
 
 __all__ = ["BackendConfig", "RunReport", "run_task", "task_status", "BACKENDS"]
 
@@ -98,11 +98,14 @@ class RunReport:
     seconds: float
     resumed: bool
     failed: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    """what the step's ``finish`` reported (e.g. ``rewrote``: it rewrote shared outputs)"""
 
     def to_dict(self) -> dict:
         return dict(task=self.task, total=self.total, skipped=self.skipped,
                     processed=self.processed, seconds=round(self.seconds, 3),
-                    resumed=self.resumed, failed={str(k): v for k, v in self.failed.items()})
+                    resumed=self.resumed, failed={str(k): v for k, v in self.failed.items()},
+                    **self.extra)
 
 
 def _worker_name() -> str:
@@ -148,7 +151,7 @@ class _Progress:
 
 # -- backends --------------------------------------------------------------------------------
 
-def _run_local(task: BlockTask, todo: list[Block], ledger: Ledger, cfg: BackendConfig,
+def _run_local(task: BlockStep, todo: list[Block], ledger: Ledger, cfg: BackendConfig,
                progress: _Progress, done_before: int) -> None:
     with task.worker() as fn:
         prefetch = getattr(fn, "prefetch", None)
@@ -162,7 +165,7 @@ def _run_local(task: BlockTask, todo: list[Block], ledger: Ledger, cfg: BackendC
 class _DaisyWorker:
     """0-arg daisy worker function: opens the task once, then pulls blocks from daisy."""
 
-    def __init__(self, task: BlockTask, ledger_path: str, max_retries: int,
+    def __init__(self, task: BlockStep, ledger_path: str, max_retries: int,
                  worker_command: Optional[str], payload_path: str):
         self.task = task
         self.ledger_path = ledger_path
@@ -181,7 +184,7 @@ class _DaisyWorker:
         daisy_worker_loop(self.task, self.ledger_path, self.max_retries)
 
 
-def daisy_worker_loop(task: BlockTask, ledger_path: str, max_retries: int) -> None:
+def daisy_worker_loop(task: BlockStep, ledger_path: str, max_retries: int) -> None:
     """Pull blocks from the daisy scheduler named in ``DAISY_CONTEXT`` until none are left."""
     import daisy
 
@@ -199,7 +202,7 @@ def daisy_worker_loop(task: BlockTask, ledger_path: str, max_retries: int) -> No
                 process_block_with_ledger(fn, block, ledger, max_retries)
 
 
-def _run_daisy(task: BlockTask, todo: list[Block], ledger: Ledger, cfg: BackendConfig,
+def _run_daisy(task: BlockStep, todo: list[Block], ledger: Ledger, cfg: BackendConfig,
                progress: _Progress, done_before: int) -> None:
     import daisy
     from funlib.geometry import Roi
@@ -245,7 +248,7 @@ def _ray_actor_class():
         import ray
 
         class _RayBlockWorker:
-            def __init__(self, task: BlockTask, ledger_path: str, max_retries: int):
+            def __init__(self, task: BlockStep, ledger_path: str, max_retries: int):
                 self._cm = task.worker()
                 self._fn = self._cm.__enter__()
                 self._ledger = Ledger(ledger_path)
@@ -276,7 +279,7 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None):
     return ray
 
 
-def _run_ray(task: BlockTask, todo: list[Block], ledger: Ledger, cfg: BackendConfig,
+def _run_ray(task: BlockStep, todo: list[Block], ledger: Ledger, cfg: BackendConfig,
              progress: _Progress, done_before: int) -> None:
     ray = ensure_ray(cfg.address, num_cpus=max(int(cfg.workers), os.cpu_count() or 1))
     from ray.exceptions import RayActorError
@@ -288,6 +291,7 @@ def _run_ray(task: BlockTask, todo: list[Block], ledger: Ledger, cfg: BackendCon
     actors = [Actor.options(**opts).remote(task_ref, ledger.path, cfg.max_retries) for _ in range(n)]
     queue = list(reversed(todo))
     deaths: dict[int, int] = {}
+    dead: list = []
     running = {}
     finished = 0
 
@@ -311,36 +315,64 @@ def _run_ray(task: BlockTask, todo: list[Block], ledger: Ledger, cfg: BackendCon
                     ledger.mark_failed(block.block_id, f"worker died: {e}", deaths[block.block_id])
                 else:
                     queue.append(block)
+                dead.append(actor)
                 actor = Actor.options(**opts).remote(task_ref, ledger.path, cfg.max_retries)
+                actors.append(actor)
             else:
                 finished += 1
                 progress.set(done_before + finished)
             if queue:
                 submit(actor)
     finally:
+        live = [a for a in actors if a not in dead]
+        closing = []
+        for a in live:  # close each worker's resources (model, DB connection) before ending it
+            with contextlib.suppress(Exception):
+                closing.append(a.close.remote())
+        with contextlib.suppress(Exception):
+            ray.wait(closing, num_returns=len(closing), timeout=30)
         for a in actors:
             with contextlib.suppress(Exception):
                 ray.kill(a)
 
 
-_DASK_CACHE: dict = {}
+def _dask_contexts() -> dict:
+    """This dask worker's open step contexts, by run key (kept on the worker object)."""
+    from distributed import get_worker
+
+    worker = get_worker()
+    if not hasattr(worker, "_cleftwise_contexts"):
+        worker._cleftwise_contexts = {}
+    return worker._cleftwise_contexts
 
 
-def _dask_process(task: BlockTask, key: str, ledger_path: str, max_retries: int, block: Block):
+def _dask_process(task: BlockStep, key: str, ledger_path: str, max_retries: int, block: Block):
     """Runs inside a dask worker process; the task's resources stay open between blocks."""
-    entry = _DASK_CACHE.get(key)
+    contexts = _dask_contexts()
+    entry = contexts.get(key)
     if entry is None:
         cm = task.worker()
         entry = (cm, cm.__enter__(), Ledger(ledger_path))
-        _DASK_CACHE[key] = entry
+        contexts[key] = entry
     return process_block_with_ledger(entry[1], block, entry[2], max_retries)
 
 
-def _run_dask(task: BlockTask, todo: list[Block], ledger: Ledger, cfg: BackendConfig,
+def _dask_close(key: str, dask_worker=None) -> int:
+    """Close the step context of run ``key`` on this worker (called on every worker at the end)."""
+    contexts = getattr(dask_worker, "_cleftwise_contexts", {})
+    entry = contexts.pop(key, None)
+    if entry is not None:
+        entry[0].__exit__(None, None, None)
+        return 1
+    return 0
+
+
+def _run_dask(task: BlockStep, todo: list[Block], ledger: Ledger, cfg: BackendConfig,
               progress: _Progress, done_before: int) -> None:
     from distributed import Client, LocalCluster, as_completed
 
     cluster = None
+    key = ""
     if cfg.address:
         client = Client(cfg.address, timeout="20s")
     else:
@@ -361,6 +393,8 @@ def _run_dask(task: BlockTask, todo: list[Block], ledger: Ledger, cfg: BackendCo
             finished += 1
             progress.set(done_before + finished)
     finally:
+        with contextlib.suppress(Exception):
+            client.run(_dask_close, key)
         client.close()
         if cluster is not None:
             cluster.close()
@@ -371,16 +405,16 @@ _RUNNERS = {"local": _run_local, "daisy": _run_daisy, "ray": _run_ray, "dask": _
 
 # -- public entry points -------------------------------------------------------------------
 
-def task_status(task: BlockTask) -> LedgerStatus:
+def task_status(task: BlockStep) -> LedgerStatus:
     """Blocks done / remaining / failed of ``task`` according to its ledger."""
     return Ledger(task.ledger_path()).status(len(task.blocks()))
 
 
-def run_task(task: BlockTask, backend: Optional[BackendConfig] = None, overwrite: bool = False
+def run_task(task: BlockStep, backend: Optional[BackendConfig] = None, overwrite: bool = False
              ) -> RunReport:
     """Run every block of ``task`` that is not done yet; raise if any block fails for good.
 
-    The job identity (``task.settings()``) is checked against the ledger: resuming a job whose
+    The job identity (``task.job_settings()``) is checked against the ledger: resuming a job whose
     settings changed raises :class:`BlockwiseError` unless ``overwrite``.
     """
     cfg = backend or BackendConfig()
@@ -389,9 +423,10 @@ def run_task(task: BlockTask, backend: Optional[BackendConfig] = None, overwrite
     if not blocks:
         raise BlockwiseError(f"task {task.name}: no blocks to process (empty ROI?)")
     ledger = Ledger(task.ledger_path())
-    resumed = ledger.start(task.settings(), overwrite=overwrite)
-    task.prepare(fresh=not resumed)
+    resumed = ledger.start(task.job_settings(), overwrite=overwrite)
     done = ledger.done_ids()
+    # no block done yet (e.g. killed after job.json, before the outputs existed): start fresh
+    task.prepare(fresh=not resumed or not done)
     todo = [b for b in blocks if b.block_id not in done]
     ledger.clear_failed(b.block_id for b in todo)
     log.info("%s: %d blocks, %d done before, %d to run on %s x%d", task.name, len(blocks),
@@ -420,7 +455,7 @@ def run_task(task: BlockTask, backend: Optional[BackendConfig] = None, overwrite
             f"task {task.name}: {len(failed)} of {len(blocks)} blocks failed "
             f"(block ids {sorted(failed)[:10]}); other blocks are done and kept. Errors:\n"
             + "\n".join(lines) + more + f"\nFull records: {ledger.failed_dir}. Re-run to retry them.")
-    task.finish()
+    report.extra = dict(task.finish() or {})
     log.info("%s: done in %.1f s (%d processed, %d skipped)", task.name, report.seconds,
              report.processed, report.skipped)
     return report

@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 
+from cleftwise.launch._common import new_parser
 from cleftwise.postprocess.connectome import SignConfig
 from cleftwise.postprocess.errors import PostprocessError
 from cleftwise.postprocess.export import FORMATS, SignTableConfig, export_graph, signs_for, table_signs
@@ -26,9 +27,9 @@ from cleftwise.storage.errors import StorageError
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p = new_parser(description=__doc__.splitlines()[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                   epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--db", required=True, help="sqlite:///path.db or mongodb://host:port/db")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", default="csv", help=f"comma-separated subset of {','.join(FORMATS)}")

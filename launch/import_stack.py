@@ -9,15 +9,15 @@ Example (the real ssTEM stack beside the project):
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from cleftwise.launch._common import new_parser
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.importers.stack import StackImportConfig, import_stack
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = new_parser(description=__doc__.splitlines()[0])
     p.add_argument("source", help="folder of TIFF/PNG sections (sorted by name) or a multi-page TIFF")
     p.add_argument("output", help="output volume, e.g. data.zarr/raw")
     p.add_argument("--voxel-size", type=int, nargs=3, default=(50, 4, 4), metavar=("Z", "Y", "X"),

@@ -23,14 +23,15 @@ import json
 import logging
 import sys
 
+from cleftwise.launch._common import new_parser
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.importers.tables import PRESETS, TableImportConfig, import_tables, parse_mapping
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p = new_parser(description=__doc__.splitlines()[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                   epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--table", action="append", required=True,
                    help="CSV/TSV/Parquet synapse table (repeat for several)")
     p.add_argument("--db", required=True, help="sqlite:///abs/path.db or mongodb://host:port/db")

@@ -6,13 +6,13 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 
 import numpy as np
 
+from cleftwise.launch._common import new_parser
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.synthetic import SyntheticConfig, generate_volume
 from cleftwise.storage.volume import open_volume
@@ -85,7 +85,7 @@ def save_montage(container: str, path: str, table, n_slices: int = 3) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = new_parser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output .zarr container")
     p.add_argument("--shape", type=int, nargs=3, default=[64, 512, 512], metavar=("Z", "Y", "X"))
     p.add_argument("--seed", type=int, default=1)

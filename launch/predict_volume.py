@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 
+from cleftwise.launch._common import new_parser
 from cleftwise.blockwise.errors import BlockwiseError
 from cleftwise.models.errors import ModelError
 from cleftwise.postprocess.errors import PostprocessError
@@ -21,8 +22,8 @@ from cleftwise.storage.errors import StorageError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = new_parser(description=__doc__.splitlines()[0],
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="pipeline YAML (see README: Configuration)")
     p.add_argument("--demo", action="store_true",
                    help="synthetic volume + shipped weights, every stage, scored against ground truth")

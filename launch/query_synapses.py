@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 
+from cleftwise.launch._common import new_parser
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.db import open_store
 
@@ -53,9 +54,9 @@ def _neuron_id(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p = new_parser(description=__doc__.splitlines()[0],
+                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                   epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--db", required=True, help="sqlite:///path.db, mongodb://host:port/db")
     p.add_argument("--roi", type=parse_roi_arg, help="z0:z1,y0:y1,x0:x1 in nm (half-open)")
     p.add_argument("--roi-match", choices=["centroid", "bbox"], default="centroid",

@@ -23,13 +23,11 @@ Three steps (the blockwise engine runs 1, 1b and 2 over blocks in any order, on 
    provisional labels grown by one voxel on the high z/y/x sides (voxels outside the volume
    are 0) are needed only on three thin slabs, which are assembled from the stored faces of the
    block and its 7 high-side neighbours; it returns the pairs of provisional ids that touch
-   across the block boundary under the connectivity (:func:`halo_equivalences` does the same
-   from a dense halo array). Every pair of adjacent voxels ``p, q`` lies in the 2x2x2 cube whose
+   across the block boundary under the connectivity. Every pair of adjacent voxels ``p, q`` lies in the 2x2x2 cube whose
    low corner is ``r = min(p, q)`` (component-wise); the block whose write region contains
    ``r`` reports the pair, and its +1 halo contains the whole cube. So face, edge and corner
    contacts (also diagonal ones such as (z, y, x) -> (z+1, y-1, x+1), whose endpoints are in
    blocks that are not face neighbours) are all found exactly once, with no per-voxel loop.
-   ``side="low"`` (dense form) does the same with a -1 halo on the low sides (mirror image).
 
 2. :func:`resolve` once, on all pairs and records: union-find (:func:`pair_components`,
    array form), merged statistics, size / peak-probability filters applied *after* merging,
@@ -37,22 +35,19 @@ Three steps (the blockwise engine runs 1, 1b and 2 over blocks in any order, on 
    That is the order in which cc3d numbers labels, so with no filter the result equals global
    cc3d labels exactly. Then per block the local labels are recomputed (cc3d is
    deterministic; recomputing from the uint8 input is cheaper than writing and re-reading a
-   uint64 provisional volume) and mapped through :func:`local_lut` to the final uint64 labels
-   (:func:`relabel_block` does the same for uint64 provisional labels).
+   uint64 provisional volume) and mapped through :func:`local_lut` to the final uint64 labels.
 
-:func:`blockwise_cc_reference` runs all of it serially over an in-memory array; it is the
-specification the blockwise engine must match.
+A serial, dense reference of all three steps (``blockwise_cc_reference`` and the dense-halo /
+uint64 forms of the steps) lives with the tests, in ``tests/cc_reference.py``.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import cc3d
-import fastremap
 import numpy as np
 import pandas as pd
 
@@ -64,7 +59,6 @@ __all__ = [
     "CCResolution",
     "block_id_offset",
     "union_mask",
-    "label_block",
     "label_block_local",
     "label_components",
     "apply_lut",
@@ -73,16 +67,13 @@ __all__ = [
     "block_faces",
     "faces_region",
     "face_equivalences",
-    "halo_equivalences",
     "local_lut",
     "resolve",
-    "relabel_block",
-    "blockwise_cc_reference",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Columns of the per-block records returned by :func:`label_block` (prob_* only with probs).
+#: Columns of the per-block records returned by :func:`label_block_local` (prob_* only with probs).
 #: first_*: first voxel in z-y-x raster order; z0..x1: half-open bbox [z0, z1); sum_*: summed
 #: voxel coordinates (exact int64); all in global voxel indices.
 RECORD_COLUMNS = (
@@ -273,19 +264,6 @@ def label_block_local(
     return local, records
 
 
-def label_block(*args, **kwargs) -> tuple[np.ndarray, pd.DataFrame]:
-    """:func:`label_block_local` (same arguments) with the labels returned as uint64 provisional ids.
-
-    Returns:
-        ``(labels, records)``: labels is uint64 (z, y, x), 0 = background, else
-        ``id_offset + local``; records as in :func:`label_block_local`.
-    """
-    local, records = label_block_local(*args, **kwargs)
-    lut = np.zeros(len(records) + 1, dtype=np.uint64)
-    lut[1:] = records["id"].to_numpy(dtype=np.uint64)
-    return np.take(lut, local), records
-
-
 #: Names of a block's six boundary slices: the first ("lo") and last ("hi") slice along z, y, x.
 FACE_NAMES = ("z_lo", "z_hi", "y_lo", "y_hi", "x_lo", "x_hi")
 
@@ -404,47 +382,6 @@ def _cube_pairs(sub: np.ndarray, r_shape: Sequence[int], offsets: np.ndarray) ->
     return out
 
 
-def halo_equivalences(
-    labels_with_halo: np.ndarray,
-    core_shape: Sequence[int],
-    connectivity: int = 26,
-    side: str = "high",
-) -> np.ndarray:
-    """Pass 1b: pairs of provisional ids that touch across the block's boundary.
-
-    Args:
-        labels_with_halo: (z, y, x) provisional labels of the block's write region plus a
-            1-voxel halo, shape ``core_shape + 1`` on every axis. ``side="high"``: the halo is
-            on the high z/y/x sides (array index 0 = block begin); ``side="low"``: on the low
-            sides (array index 1 = block begin). Halo voxels outside the volume must be 0.
-        core_shape: (z, y, x) shape of the block's write region.
-        connectivity: 6, 18 or 26.
-        side: "high" or "low", see above.
-
-    Returns:
-        (k, 2) uint64 array of unique pairs ``(a, b)``, ``a < b``, sorted; each pair has one
-        voxel labelled a and one labelled b that are neighbours under ``connectivity`` and
-        whose low corner (high corner for ``side="low"``) lies in the write region.
-    """
-    _check_3d(labels_with_halo, "labels_with_halo")
-    connectivity = _check_connectivity(connectivity)
-    core = tuple(int(c) for c in core_shape)
-    expected = tuple(c + 1 for c in core)
-    if len(core) != 3 or labels_with_halo.shape != expected:
-        raise PostprocessError(
-            f"labels_with_halo has shape {labels_with_halo.shape}; a block of write shape "
-            f"{core} with a 1-voxel halo needs {expected}"
-        )
-    if side == "low":
-        labels_with_halo = labels_with_halo[::-1, ::-1, ::-1]
-    elif side != "high":
-        raise PostprocessError(f"side must be 'high' or 'low', got {side!r}")
-    arr = labels_with_halo
-    z, y, x = core
-    return _slab_pairs(arr[z - 1:z + 1, :, :], arr[:z, y - 1:y + 1, :], arr[:z, :y, x - 1:x + 1],
-                       core, connectivity)
-
-
 def _slab_regions(core_shape: Sequence[int]) -> list[tuple[tuple, tuple]]:
     """(begin, shape) relative to the block begin of the three high-side slabs of the halo."""
     z, y, x = (int(c) for c in core_shape)
@@ -480,7 +417,7 @@ def face_equivalences(
     blocks: Iterable[tuple[Sequence[int], Mapping[str, np.ndarray]]],
     connectivity: int = 26,
 ) -> np.ndarray:
-    """Pass 1b from stored faces: :func:`halo_equivalences` of one block without its labels.
+    """Pass 1b from stored faces: the pairs of one block, without its labels.
 
     Args:
         block_begin: (z, y, x) global voxel index of the block's first voxel.
@@ -491,7 +428,8 @@ def face_equivalences(
         connectivity: 6, 18 or 26.
 
     Returns:
-        the same (k, 2) uint64 pairs as :func:`halo_equivalences` on the block's +1 halo.
+        (k, 2) uint64 array of unique pairs ``(a, b)``, ``a < b``, sorted: the provisional ids
+        of neighbouring voxels (under ``connectivity``) whose low corner lies in the block.
     """
     connectivity = _check_connectivity(connectivity)
     begin = np.asarray(block_begin, dtype=np.int64)
@@ -673,13 +611,14 @@ def resolve(
     """Pass 1c: merge touching provisional labels into instances and number them.
 
     Args:
-        equivalence_pairs: (k, 2) uint64 pairs from :func:`halo_equivalences` (or a list of
+        equivalence_pairs: (k, 2) uint64 pairs from :func:`face_equivalences` (or a list of
             such arrays, one per block).
-        records: the records of all blocks (one DataFrame or a list) from :func:`label_block`.
+        records: the records of all blocks (one DataFrame or a list) from
+            :func:`label_block_local`.
         min_size: instances with fewer voxels (after merging) are dropped (final id 0).
         max_size: if given, instances with more voxels are dropped.
         min_peak_prob: if given, instances whose ``prob_max`` is below it are dropped (same
-            scale as the probabilities given to :func:`label_block`).
+            scale as the probabilities given to :func:`label_block_local`).
 
     Returns:
         :class:`CCResolution`. Kept instances are numbered 1..N in the z-y-x raster order of
@@ -770,107 +709,3 @@ def resolve(
         n, len(pairs), n_comp, comp_order.size,
     )
     return CCResolution(provisional_ids=ids, final_ids=final_of_comp[comp], instances=instances)
-
-
-def relabel_block(
-    labels_block: np.ndarray,
-    mapping: CCResolution | Mapping[int, int] | tuple[np.ndarray, np.ndarray],
-) -> np.ndarray:
-    """Pass 2: replace provisional ids by final ids.
-
-    Args:
-        labels_block: (z, y, x) provisional labels (as written in pass 1).
-        mapping: a :class:`CCResolution`, a ``{provisional: final}`` dict, or a pair of
-            aligned arrays ``(provisional_ids sorted ascending, final_ids)``.
-
-    Returns:
-        uint64 (z, y, x) final labels (0 = background or filtered). An id missing from the
-        mapping raises :class:`PostprocessError`.
-    """
-    labels = np.ascontiguousarray(labels_block, dtype=np.uint64)
-    if isinstance(mapping, CCResolution):
-        prov, final = mapping.provisional_ids, mapping.final_ids
-    elif isinstance(mapping, tuple):
-        prov, final = (np.asarray(mapping[0], np.uint64), np.asarray(mapping[1], np.uint64))
-    else:
-        table = {int(k): int(v) for k, v in mapping.items()}
-        table.setdefault(0, 0)
-        try:
-            return fastremap.remap(labels, table, preserve_missing_labels=False, in_place=False)
-        except KeyError as err:
-            raise PostprocessError(f"label {err.args[0]} of the block has no final id") from err
-    present = fastremap.unique(labels)
-    present = present[present != 0]
-    idx = np.searchsorted(prov, present)
-    found = (idx < prov.size) & (prov[np.minimum(idx, max(prov.size - 1, 0))] == present) \
-        if prov.size else np.zeros(present.shape, bool)
-    if not np.all(found):
-        raise PostprocessError(
-            f"provisional ids {present[~found][:5].tolist()} of the block have no final id"
-        )
-    table = dict(zip(present.tolist(), final[idx].tolist()))
-    table[0] = 0
-    return fastremap.remap(labels, table, preserve_missing_labels=False, in_place=False)
-
-
-def blockwise_cc_reference(
-    mask: np.ndarray,
-    block_shape: Sequence[int],
-    connectivity: int = 26,
-    probs: np.ndarray | None = None,
-    min_size: int = 1,
-    max_size: int | None = None,
-    min_peak_prob: float | None = None,
-) -> tuple[np.ndarray, CCResolution]:
-    """Serial reference of the three-step algorithm over an in-memory volume.
-
-    Args:
-        mask: (z, y, x) foreground (non-zero).
-        block_shape: (z, y, x) block shape in voxels; need not divide the volume shape.
-        connectivity: 6, 18 or 26.
-        probs: optional (z, y, x) probabilities for ``prob_mean``/``prob_max``.
-        min_size, max_size, min_peak_prob: filters, see :func:`resolve`.
-
-    Returns:
-        ``(labels, resolution)``: uint64 (z, y, x) final labels and the :class:`CCResolution`.
-    """
-    _check_3d(mask, "mask")
-    bshape = tuple(int(b) for b in block_shape)
-    if len(bshape) != 3 or min(bshape) <= 0:
-        raise PostprocessError(f"block_shape must be 3 positive ints, got {block_shape!r}")
-    shape = mask.shape
-    corners = [
-        (z, y, x)
-        for z in range(0, shape[0], bshape[0])
-        for y in range(0, shape[1], bshape[1])
-        for x in range(0, shape[2], bshape[2])
-    ]
-
-    def region(begin):
-        return tuple(slice(b, min(b + s, n)) for b, s, n in zip(begin, bshape, shape))
-
-    records, faces = [], {}
-    for begin in corners:
-        sl = region(begin)
-        offset = block_id_offset(begin, bshape, shape)
-        local, rec = label_block_local(mask[sl], begin, connectivity, id_offset=offset,
-                                       probs_block=None if probs is None else probs[sl])
-        faces[begin] = block_faces(local, offset)
-        records.append(rec)
-    pairs = []
-    for begin in corners:
-        core = tuple(s.stop - s.start for s in region(begin))
-        near = [tuple(b + d * s for b, d, s in zip(begin, step, bshape))
-                for step in itertools.product((0, 1), repeat=3)]
-        pairs.append(face_equivalences(begin, core, [(c, faces[c]) for c in near if c in faces],
-                                       connectivity))
-    resolution = resolve(pairs, records, min_size=min_size, max_size=max_size,
-                         min_peak_prob=min_peak_prob)
-    out = np.zeros(shape, dtype=np.uint64)
-    for begin in corners:  # pass 2 recomputes the local labels, as the engine does
-        sl = region(begin)
-        local, n = label_components(mask[sl], connectivity)
-        lut = local_lut(resolution.provisional_ids, resolution.final_ids,
-                        block_id_offset(begin, bshape, shape), n)
-        out[sl] = np.take(lut, local)
-    return out, resolution

@@ -5,7 +5,7 @@ the stage writes ``ei_prob`` (probability that the synapse is excitatory: the su
 probability of the classes whose sign is +1), ``ei_label`` (the predicted class name) and
 ``classifier`` (which checkpoint said so) back to each synapse record.
 
-How it runs (:class:`ClassifyTask`, a :class:`~blockwise.task.BlockTask`):
+How it runs (:class:`ClassifyStep`, a :class:`~cleftwise.blockwise.step.BlockStep`):
 
 1. ``prepare`` (driver, once per job): reads ``id`` and the position columns of every synapse
    from the DB, maps positions (nm) to voxels, checks every synapse lies inside the raw volume
@@ -39,8 +39,10 @@ import pandas as pd
 import torch
 from funlib.geometry import Coordinate, Roi
 
-from cleftwise.blockwise.grid import Block, plan_blocks
-from cleftwise.blockwise.task import BlockTask
+from cleftwise.blockwise.grid import Block
+from cleftwise.blockwise.stages import Stage
+from cleftwise.postprocess.preflight import check_checkpoint, check_db
+from cleftwise.blockwise.step import BlockStep
 from cleftwise.models import classifiers as _classifiers  # noqa: F401  (registers the classifier families)
 from cleftwise.models.checkpoint import CheckpointMeta, load_model, read_checkpoint_meta, resolve_device
 from cleftwise.models.classifiers import prepare_input, use_fast_memory_format
@@ -50,10 +52,10 @@ from cleftwise.storage.volume import Volume, open_volume
 
 from cleftwise.postprocess.errors import PostprocessError
 
-__all__ = ["ClassifyConfig", "ClassifyTask", "ClassifierInfo", "classifier_info",
+__all__ = ["ClassifyConfig", "ClassifyStep", "ClassifierInfo", "classifier_info",
            "positions_to_voxels", "check_inside", "cube_box", "cut_cubes", "read_cubes",
            "read_cube", "predict_probs", "probs_to_labels", "positive_prob", "classify_table",
-           "classify_tasks", "FLIPS"]
+           "FLIPS", "STAGE"]
 
 log = logging.getLogger(__name__)
 
@@ -382,10 +384,14 @@ def _load(cfg: ClassifyConfig):
     return model, device
 
 
-class ClassifyTask(BlockTask):
+class ClassifyStep(BlockStep):
     """Blockwise E/I classification of the synapses in the DB (see module docstring)."""
 
     name = "classify"
+
+    #: settings that do not change the written fields (left out of the job identity, so a job
+    #: can resume on other hardware)
+    NOT_IDENTITY = ("device", "batch_size", "torch_threads", "work_dir", "db")
 
     def __init__(self, cfg: ClassifyConfig):
         if not cfg.work_dir:
@@ -395,33 +401,30 @@ class ClassifyTask(BlockTask):
         self.info = info
         self.weights_sha256 = meta.weights_sha256
         self.voxel_size = raw.voxel_size
-        self.roi = raw.roi
+        self.total_roi = raw.roi
         self.volume_shape = tuple(int(s) for s in raw.spatial_shape)
-        self.block = Coordinate(int(b) for b in cfg.block_shape)
-        half = Coordinate(int(s) // 2 for s in info.cube_shape)  # context: half a cube
-        self._blocks = plan_blocks(self.roi, self.block * self.voxel_size, half * self.voxel_size,
-                                   voxel_size=self.voxel_size)
-        self.work = os.path.abspath(cfg.work_dir)
-        self.index_path = os.path.join(self.work, "index.parquet")
+        self.write_size = Coordinate(int(b) for b in cfg.block_shape)
+        self.context = Coordinate(int(s) // 2 for s in info.cube_shape)  # half a cube
+        self.work_dir = os.path.abspath(cfg.work_dir)
+        self.index_path = os.path.join(self.work_dir, "index.parquet")
 
-    def blocks(self) -> list[Block]:
-        return self._blocks
+    @property
+    def block(self) -> Coordinate:
+        return self.write_size
 
-    def settings(self) -> dict:
-        """Job identity: what changes the written fields, plus the DB's record count (a DB that
-        gained or lost records since the job started must be re-classified with overwrite).
-        Device, batch size and threads are left out, so a job can resume on other hardware."""
-        s = {k: v for k, v in asdict(self.cfg).items() if k not in ("device", "batch_size", "torch_threads")}
+    def identity(self) -> dict:
+        """What changes the written fields, plus the DB's record count (a DB that gained or lost
+        records since the job started must be re-classified). The DB URL is stored redacted."""
+        from cleftwise.storage.db.urls import redact
+
+        s = {k: v for k, v in asdict(self.cfg).items() if k not in self.NOT_IDENTITY}
         with contextlib.closing(_open_db(self.cfg.db)) as store:
             try:
                 n = store.count()
             except StorageError as e:
-                raise PostprocessError(f"synapse DB {self.cfg.db}: {e}") from e
-        return {"step": self.name, **s, "weights_sha256": self.weights_sha256,
+                raise PostprocessError(f"synapse DB {redact(self.cfg.db)}: {e}") from e
+        return {**s, "db": redact(self.cfg.db), "weights_sha256": self.weights_sha256,
                 "threshold_used": _threshold(self.cfg, self.info), "db_records": int(n)}
-
-    def ledger_path(self) -> str:
-        return os.path.join(self.work, "ledger", self.name)
 
     def block_ids_of(self, voxels: np.ndarray) -> np.ndarray:
         """Block id (n,) of the block containing each voxel (n, 3) (raster order, as plan_blocks)."""
@@ -434,65 +437,59 @@ class ClassifyTask(BlockTask):
         cols = list(self.cfg.position_columns)
         with contextlib.closing(_open_db(self.cfg.db)) as store:
             df = _query_positions(store, self.cfg.db, cols)
-        vox = positions_to_voxels(df[cols].to_numpy(np.float64), self.roi.begin, self.voxel_size)
+        vox = positions_to_voxels(df[cols].to_numpy(np.float64), self.total_roi.begin, self.voxel_size)
         check_inside(vox, self.volume_shape, df["id"].to_numpy(), where=f"raw volume {self.cfg.raw}")
         index = pd.DataFrame({"id": df["id"].to_numpy(np.int64), "vz": vox[:, 0], "vy": vox[:, 1],
                               "vx": vox[:, 2], "block_id": self.block_ids_of(vox)})
-        os.makedirs(self.work, exist_ok=True)
+        os.makedirs(self.work_dir, exist_ok=True)
         tmp = f"{self.index_path}.tmp{os.getpid()}"
         index.to_parquet(tmp, index=False)
         os.replace(tmp, self.index_path)
         log.info("classify: %d synapses in %d of %d blocks", len(index), index["block_id"].nunique(),
-                 len(self._blocks))
+                 len(self.blocks()))
         return index
 
-    def prepare(self, fresh: bool) -> None:
+    def prepare_scratch(self, fresh: bool) -> None:
         if fresh or not os.path.exists(self.index_path):
             self.build_index()
 
     @contextlib.contextmanager
-    def worker(self) -> Iterator:
-        cfg = self.cfg
-        model, device = _load(cfg)
-        raw = open_volume(cfg.raw)
-        store = _open_db(cfg.db)
+    def open_worker(self) -> Iterator:
+        model, device = _load(self.cfg)
         index = pd.read_parquet(self.index_path)
-        groups = {int(k): g for k, g in index.groupby("block_id", sort=False)}
-        threshold = _threshold(cfg, self.info)
-
-        def process(block: Block) -> None:
-            g = groups.get(int(block.block_id))
-            if g is None or len(g) == 0:
-                return
-            vox = g[["vz", "vy", "vx"]].to_numpy(np.int64)
-            begin, end = cube_box(vox, self.info.cube_shape)
-            lo, hi = begin.min(axis=0), end.max(axis=0)
-            if not block.read_roi.contains(_voxel_roi(lo, hi, raw)):
-                raise PostprocessError(f"classify: block {block.block_id}: cubes reach outside its read ROI "
-                                       f"{block.read_roi} (index out of date? re-run with overwrite)")
-            region = raw.read(_voxel_roi(lo, hi, raw), fill_outside=True)
-            cubes = cut_cubes(region, lo, vox, self.info.cube_shape)
-            probs = predict_probs(model, cubes, cfg.batch_size, device, cfg.tta, cfg.amp)
-            result = _result_frame(g["id"].to_numpy(), probs, self.info, threshold)
-            try:
-                store.update_fields(result, fields=["ei_prob", "ei_label", "classifier"])
-            except StorageError as e:
-                raise PostprocessError(f"classify: block {block.block_id}: DB update failed: {e}") from e
-
+        store = _open_db(self.cfg.db)
         try:
-            yield process
+            yield {"model": model, "device": device, "raw": open_volume(self.cfg.raw), "store": store,
+                   "groups": {int(k): g for k, g in index.groupby("block_id", sort=False)},
+                   "threshold": _threshold(self.cfg, self.info)}
         finally:
             store.close()
+
+    def process(self, block: Block, w) -> None:
+        cfg = self.cfg
+        g = w["groups"].get(int(block.block_id))
+        if g is None or len(g) == 0:
+            return
+        raw = w["raw"]
+        vox = g[["vz", "vy", "vx"]].to_numpy(np.int64)
+        begin, end = cube_box(vox, self.info.cube_shape)
+        lo, hi = begin.min(axis=0), end.max(axis=0)
+        if not block.read_roi.contains(_voxel_roi(lo, hi, raw)):
+            raise PostprocessError(f"classify: block {block.block_id}: cubes reach outside its read ROI "
+                                   f"{block.read_roi} (index out of date? re-run with overwrite)")
+        region = raw.read(_voxel_roi(lo, hi, raw), fill_outside=True)
+        cubes = cut_cubes(region, lo, vox, self.info.cube_shape)
+        probs = predict_probs(w["model"], cubes, cfg.batch_size, w["device"], cfg.tta, cfg.amp)
+        result = _result_frame(g["id"].to_numpy(), probs, self.info, w["threshold"])
+        try:
+            w["store"].update_fields(result, fields=["ei_prob", "ei_label", "classifier"])
+        except StorageError as e:
+            raise PostprocessError(f"classify: block {block.block_id}: DB update failed: {e}") from e
 
     def drop_outputs(self) -> None:
         super().drop_outputs()
         if os.path.exists(self.index_path):
             os.remove(self.index_path)
-
-
-def classify_tasks(cfg: ClassifyConfig) -> list[BlockTask]:
-    """The blockwise tasks of the classify stage, in order (one)."""
-    return [ClassifyTask(cfg)]
 
 
 def classify_table(cfg: ClassifyConfig, synapses: Optional[pd.DataFrame] = None) -> pd.DataFrame:
@@ -514,3 +511,25 @@ def classify_table(cfg: ClassifyConfig, synapses: Optional[pd.DataFrame] = None)
     model, device = _load(cfg)
     probs = predict_probs(model, cubes, cfg.batch_size, device, cfg.tta, cfg.amp)
     return _result_frame(synapses["id"].to_numpy(), probs, info, _threshold(cfg, info))
+
+
+def _classify_steps(run, cfg: ClassifyConfig):
+    yield ClassifyStep(ClassifyConfig(**{**asdict(cfg), "raw": cfg.raw or run.raw, "db": cfg.db or run.db_url,
+                                         "work_dir": cfg.work_dir or run.stage_dir("classify")}))
+
+
+def _classify_skip(run, cfg: ClassifyConfig) -> Optional[str]:
+    if not cfg.checkpoint:
+        return "no classifier checkpoint (classify.checkpoint); neurons will have no E/I sign"
+    return None
+
+
+def _classify_preflight(run, cfg: ClassifyConfig) -> None:
+    check_checkpoint("classify", cfg.checkpoint, cfg.raw or run.raw)
+    check_db(cfg.db or run.db_url)
+
+
+#: the ``classify`` stage: E/I of every synapse in the DB
+STAGE = Stage("classify", preflight=_classify_preflight, config=ClassifyConfig, work_dir=lambda run: run.stage_dir("classify"),
+              after=("partners",), steps=_classify_steps, skip=_classify_skip,
+              doc="E/I class of every synapse in the DB, from EM cubes around it")

@@ -115,8 +115,8 @@ def pipeline_dict(cfg: DemoConfig, volume: str) -> dict:
         "backend": {"backend": cfg.backend, "workers": int(cfg.workers), "progress": bool(cfg.progress)},
         "predict": {"checkpoint": os.path.abspath(cfg.rsunet), "block_shape": block, "batch_size": 2,
                     "stride": list(DEMO_STRIDE)},
-        "segment": {"block_shape": block, "threshold": DEMO_THRESHOLD, "min_size": DEMO_MIN_SIZE,
-                    "partner_rule": "contrast"},
+        "segment": {"block_shape": block, "threshold": DEMO_THRESHOLD, "min_size": DEMO_MIN_SIZE},
+        "partners": {"partner_rule": "contrast"},
         "classify": {"checkpoint": os.path.abspath(cfg.classifier)},
     }
 

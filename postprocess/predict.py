@@ -24,16 +24,17 @@ from funlib.geometry import Coordinate, Roi
 from cleftwise.models.checkpoint import load_model, read_checkpoint_meta, weights_digest
 from cleftwise.models.errors import ModelError
 from cleftwise.models.rsunet import check_patch_shape
-from cleftwise.storage.volume import create_volume, open_volume
-from cleftwise.storage.errors import StorageError
+from cleftwise.storage.volume import open_volume
 
-from cleftwise.blockwise.errors import BlockwiseError
-from cleftwise.blockwise.grid import Block, plan_blocks
-from cleftwise.blockwise.sliding_window import (TorchPredictor, blend_window, predict_region, required_read_region,
-                             to_uint8)
-from cleftwise.blockwise.task import BlockTask
+from cleftwise.blockwise.grid import Block
+from cleftwise.blockwise.sliding_window import (TorchPredictor, blend_window, predict_region,
+                                                required_read_region, to_uint8)
+from cleftwise.blockwise.stages import Stage
+from cleftwise.postprocess.preflight import check_checkpoint
+from cleftwise.blockwise.step import ArraySpec, BlockStep
+from cleftwise.postprocess.errors import PostprocessError
 
-__all__ = ["PredictConfig", "PredictTask"]
+__all__ = ["PredictConfig", "PredictStep", "channel_names", "STAGE"]
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +73,25 @@ class PredictConfig:
     """test-time augmentation by flips (slower, averaged)"""
     torch_threads: int = 0
     """torch CPU threads per worker (0 = torch default)"""
+    work_dir: str = ""
+    """folder of the ledger (the pipeline fills it; default <output>.work)"""
+
+    #: fields that do not change the output (left out of the job identity, so a job can resume
+    #: on other hardware)
+    NOT_IDENTITY = ("device", "batch_size", "torch_threads", "work_dir", "input", "roi",
+                    "block_shape", "chunk_shape", "patch_shape", "stride", "checkpoint")
 
 
-class PredictTask(BlockTask):
+def channel_names(meta, out_channels: int) -> list:
+    """A checkpoint's output channel names (training writes them), else the names its channel
+    count implies: pre/post/union (3 channels) or cleft (1)."""
+    names = list((meta.extra or {}).get("channels") or [])
+    if len(names) == out_channels:
+        return names
+    return ["pre", "post", "union"] if out_channels == 3 else ["cleft"]
+
+
+class PredictStep(BlockStep):
     """Blockwise sliding-window prediction (see module docstring)."""
 
     name = "predict"
@@ -83,97 +100,70 @@ class PredictTask(BlockTask):
         self.cfg = cfg
         for key in ("input", "output", "checkpoint"):
             if not getattr(cfg, key):
-                raise BlockwiseError(f"predict: '{key}' is not set")
+                raise PostprocessError(f"predict: '{key}' is not set")
         src = open_volume(cfg.input)
         if src.num_channels is not None or len(src.shape) != 3:
-            raise BlockwiseError(
+            raise PostprocessError(
                 f"{cfg.input}: predict expects a 3D (z, y, x) raw volume, got shape {src.shape}")
         if src.dtype not in (np.uint8, np.float32):
-            raise BlockwiseError(
+            raise PostprocessError(
                 f"{cfg.input}: raw must be uint8 (0–255) or float32 (0–1), got {src.dtype}")
         meta = read_checkpoint_meta(cfg.checkpoint)
         self.meta = meta
         mv = tuple(int(round(v)) for v in meta.voxel_size)
         if Coordinate(mv) != src.voxel_size:
-            raise BlockwiseError(
+            raise PostprocessError(
                 f"voxel size mismatch: {cfg.input} has {tuple(src.voxel_size)} nm but the model "
                 f"{cfg.checkpoint} was trained at {mv} nm; resample the input or use a matching model")
         self.voxel_size = src.voxel_size
         self.volume_roi = src.roi
         self.volume_shape = tuple(src.spatial_shape)
-        self.roi = Roi(*cfg.roi) if cfg.roi is not None else src.roi
-        if not src.roi.contains(self.roi):
-            raise BlockwiseError(f"ROI {self.roi} is not inside the input volume {src.roi} ({cfg.input})")
+        self.total_roi = Roi(*cfg.roi) if cfg.roi is not None else src.roi
+        if not src.roi.contains(self.total_roi):
+            raise PostprocessError(f"ROI {self.total_roi} is not inside the input volume {src.roi} ({cfg.input})")
         patch = cfg.patch_shape or meta.extra.get("patch_shape") or (18, 160, 160)
         self.patch = tuple(int(p) for p in patch)
         if meta.model_type == "rsunet":
             try:
                 check_patch_shape(meta.config, self.patch)
             except ModelError as e:
-                raise BlockwiseError(f"patch {self.patch} does not suit {cfg.checkpoint}: {e}") from e
+                raise PostprocessError(f"patch {self.patch} does not suit {cfg.checkpoint}: {e}") from e
         self.stride = tuple(int(s) for s in (cfg.stride or tuple(max(1, p // 2) for p in self.patch)))
         if any(s <= 0 or s > p for s, p in zip(self.stride, self.patch)):
-            raise BlockwiseError(f"stride {self.stride} must be in 1..patch {self.patch} per axis")
+            raise PostprocessError(f"stride {self.stride} must be in 1..patch {self.patch} per axis")
         if any(p > v for p, v in zip(self.patch, self.volume_shape)):
-            raise BlockwiseError(
+            raise PostprocessError(
                 f"patch {self.patch} voxels is larger than the input volume {self.volume_shape} "
                 f"({cfg.input}); use a smaller patch or pad the volume")
         block = Coordinate(int(b) for b in cfg.block_shape)
         if any(b < p for b, p in zip(block, self.patch)):
-            raise BlockwiseError(
+            raise PostprocessError(
                 f"block shape {tuple(block)} voxels is smaller than the patch {self.patch}: every "
                 "block would re-predict most of its neighbours' patches; use blocks of at least "
                 "one patch")
-        self.block = block
+        self.write_size = block
         self.chunk = Coordinate(int(c) for c in (cfg.chunk_shape or cfg.block_shape))
         if cfg.output_dtype not in ("uint8", "float16"):
-            raise BlockwiseError(f"output_dtype must be uint8 or float16, got {cfg.output_dtype!r}")
+            raise PostprocessError(f"output_dtype must be uint8 or float16, got {cfg.output_dtype!r}")
         if cfg.blend not in ("bump", "gaussian"):
-            raise BlockwiseError(f"blend must be bump or gaussian, got {cfg.blend!r}")
+            raise PostprocessError(f"blend must be bump or gaussian, got {cfg.blend!r}")
         self.out_channels = int(meta.config.out_channels)
-        self._blocks = plan_blocks(self.roi, block * self.voxel_size, (0, 0, 0),
-                                   self.chunk * self.voxel_size, self.voxel_size)
+        self.work_dir = cfg.work_dir or cfg.output.rstrip("/") + ".work"
         self._digest = weights_digest(cfg.checkpoint)
 
-    # -- BlockTask interface --------------------------------------------------------------
-    def blocks(self) -> list[Block]:
-        return self._blocks
+    # -- declarations -----------------------------------------------------------------------
+    def outputs(self) -> list[ArraySpec]:
+        return [ArraySpec(self.cfg.output, self.cfg.output_dtype,
+                          channels=tuple(channel_names(self.meta, self.out_channels)),
+                          chunk_shape=tuple(self.chunk), attrs={"weights_sha256": self._digest})]
 
-    def settings(self) -> dict:
+    def identity(self) -> dict:
         c = self.cfg
-        return {"step": self.name, "input": os.path.abspath(c.input) if "://" not in c.input else c.input,
-                "output": c.output, "roi": [list(self.roi.begin), list(self.roi.shape)],
+        return {"input": os.path.abspath(c.input) if "://" not in c.input else c.input,
                 "weights_sha256": self._digest, "patch": list(self.patch), "stride": list(self.stride),
-                "blend": c.blend, "output_dtype": c.output_dtype, "tta": c.tta, "amp": c.amp,
-                "block_shape": list(self.block), "chunk_shape": list(self.chunk)}
+                **{k: v for k, v in asdict(c).items() if k not in PredictConfig.NOT_IDENTITY}}
 
-    def ledger_path(self) -> str:
-        return os.path.join(self.cfg.output.rstrip("/") + ".ledger", self.name)
-
-    def _channel_names(self) -> list:
-        """The checkpoint's channel names (training writes them), else pre/post/union or cleft."""
-        names = list((self.meta.extra or {}).get("channels") or [])
-        if len(names) == self.out_channels:
-            return names
-        return ["pre", "post", "union"] if self.out_channels == 3 else ["cleft"]
-
-    def prepare(self, fresh: bool) -> None:
-        if fresh:
-            create_volume(self.cfg.output, shape=self.roi.shape / self.voxel_size,
-                          voxel_size=self.voxel_size, offset=self.roi.begin,
-                          dtype=self.cfg.output_dtype, chunk_shape=self.chunk,
-                          num_channels=self.out_channels, overwrite=True,
-                          attrs={"cleftwise_step": "predict", "weights_sha256": self._digest,
-                                 "channels": self._channel_names()})
-        else:
-            try:
-                out = open_volume(self.cfg.output)
-            except StorageError as e:
-                raise BlockwiseError(
-                    f"resuming predict but its output is missing ({e}); re-run with --overwrite") from e
-            if out.roi != self.roi or out.num_channels != self.out_channels:
-                raise BlockwiseError(f"{self.cfg.output}: existing output does not match this job")
-
+    # -- work -----------------------------------------------------------------------------
     def read_roi(self, block: Block) -> tuple[Roi, tuple, tuple]:
         """Read ROI (nm) and write begin/end (voxels, global grid) of ``block``."""
         w0 = tuple(int(x) for x in (block.write_roi.begin - self.volume_roi.begin) / self.voxel_size)
@@ -184,38 +174,47 @@ class PredictTask(BlockTask):
         return roi, w0, w1, r0
 
     @contextlib.contextmanager
-    def worker(self):
+    def open_worker(self):
         import torch
 
         if self.cfg.torch_threads:
             torch.set_num_threads(int(self.cfg.torch_threads))
         model, _ = load_model(self.cfg.checkpoint, device=self.cfg.device)
-        predictor = TorchPredictor(model, device=self.cfg.device, tta=self.cfg.tta,
-                                   amp_dtype="bf16" if self.cfg.amp else None)
-        window = blend_window(self.patch, mode=self.cfg.blend)
-        src = open_volume(self.cfg.input)
-        dst = open_volume(self.cfg.output, mode="r+")
+        yield {"predictor": TorchPredictor(model, device=self.cfg.device, tta=self.cfg.tta,
+                                           amp_dtype="bf16" if self.cfg.amp else None),
+               "window": blend_window(self.patch, mode=self.cfg.blend),
+               "src": open_volume(self.cfg.input), "dst": open_volume(self.cfg.output, mode="r+"),
+               "pending": {}}
 
-        pending: dict = {}
+    def prefetch(self, block: Block, w) -> None:
+        """Start an asynchronous TensorStore read of ``block``'s input."""
+        w["pending"].clear()
+        w["pending"][block.block_id] = w["src"].read_async(self.read_roi(block)[0])
 
-        def prefetch(block: Block) -> None:
-            """Start an asynchronous TensorStore read of ``block``'s input."""
-            roi = self.read_roi(block)[0]
-            pending.clear()
-            pending[block.block_id] = src.read_async(roi)
+    def process(self, block: Block, w) -> None:
+        roi, w0, w1, r0 = self.read_roi(block)
+        fut = w["pending"].pop(block.block_id, None)
+        raw = fut.result() if fut is not None else w["src"].read(roi)  # uint8 scaled by predict_region
+        probs = predict_region(w["predictor"], raw, r0, w0, w1, self.patch, self.stride,
+                               self.volume_shape, w["window"], batch_size=self.cfg.batch_size,
+                               out_channels=self.out_channels)
+        out = to_uint8(probs) if self.cfg.output_dtype == "uint8" else probs.astype(np.float16)
+        w["dst"].write(block.write_roi, out)
 
-        def process(block: Block) -> None:
-            roi, w0, w1, r0 = self.read_roi(block)
-            fut = pending.pop(block.block_id, None)
-            raw = fut.result() if fut is not None else src.read(roi)  # uint8 scaled by predict_region
-            probs = predict_region(predictor, raw, r0, w0, w1, self.patch, self.stride,
-                                   self.volume_shape, window, batch_size=self.cfg.batch_size,
-                                   out_channels=self.out_channels)
-            if self.cfg.output_dtype == "uint8":
-                out = to_uint8(probs)
-            else:
-                out = probs.astype(np.float16)
-            dst.write(block.write_roi, out)
 
-        process.prefetch = prefetch
-        yield process
+def _predict_steps(run, cfg: PredictConfig):
+    yield PredictStep(PredictConfig(**{**asdict(cfg), "input": cfg.input or run.raw,
+                                       "output": cfg.output or run.predictions_url,
+                                       "roi": cfg.roi if cfg.roi is not None else run.roi,
+                                       "work_dir": cfg.work_dir or run.stage_dir("predict")}))
+
+
+def _predict_preflight(run, cfg: PredictConfig) -> None:
+    check_checkpoint("predict", cfg.checkpoint, cfg.input or run.raw)
+
+
+#: the ``predict`` stage: raw EM → (c, z, y, x) probabilities; a changed identity is refused
+#: (predictions are costly: --overwrite discards them)
+STAGE = Stage("predict", preflight=_predict_preflight, config=PredictConfig, work_dir=lambda run: run.stage_dir("predict"),
+              steps=_predict_steps, rerun_on_change=False,
+              doc="blockwise CNN → probability volume <output_dir>/predictions.zarr/pred")

@@ -13,6 +13,7 @@ from typing import Any, Optional, Type, TypeVar
 
 import yaml
 
+from cleftwise.errors import CleftwiseError
 from cleftwise.storage.errors import StorageError
 
 __all__ = ["ConfigError", "from_dict", "load_config", "to_dict", "field_docs"]
@@ -21,10 +22,11 @@ T = TypeVar("T")
 
 
 class ConfigError(StorageError):
-    """A config file or mapping is invalid; the message names the key at fault."""
+    """Deprecated, raised by nothing: config parsing raises the caller's ``error`` (StorageError
+    by default). Kept only until the last importers are gone."""
 
 
-def _check_type(value: Any, tp: Any, where: str) -> Any:
+def _check_type(value: Any, tp: Any, where: str, error: type) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -37,86 +39,97 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _check_type(value, a, where)
-            except ConfigError as e:
+                return _check_type(value, a, where, error)
+            except error as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        raise error(errors[0] if errors else f"{where}: invalid value {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
-        return from_dict(tp, value, where)
+            raise error(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return from_dict(tp, value, where, error=error)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            raise error(f"{where}: expected a list, got {type(value).__name__} {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
-            return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+                raise error(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
+            return tuple(_check_type(v, a, f"{where}[{i}]", error) for i, (v, a) in enumerate(zip(value, args)))
         inner = args[0] if args else Any
-        out = [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        out = [_check_type(v, inner, f"{where}[{i}]", error) for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise error(f"{where}: expected a mapping, got {type(value).__name__}")
         return dict(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise error(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise error(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+            raise error(f"{where}: expected true/false, got {value!r}")
         return value
     if tp is str:
         if not isinstance(value, (str, os.PathLike)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise error(f"{where}: expected a string, got {value!r}")
         return str(value)
     return value
 
 
-def from_dict(cls: Type[T], data: Optional[dict], where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise ConfigError."""
+def from_dict(cls: Type[T], data: Optional[dict], where: str = "config", *,
+              error: type = StorageError) -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise ``error``.
+
+    ``error`` is the calling layer's exception type; a ValueError/TypeError, or another layer's
+    error, from a dataclass's own validation is raised as ``error`` too (prefixed by ``where``).
+    """
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys are "
-                          f"{', '.join(sorted(fields))}")
+        raise error(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys are "
+                    f"{', '.join(sorted(fields))}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _check_type(data[name], hints[name], f"{where}.{name}")
+            kwargs[name] = _check_type(data[name], hints[name], f"{where}.{name}", error)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key {name!r}")
+            raise error(f"{where}: missing required key {name!r}")
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{where}: {e}") from e
+    except error:
+        raise
+    except (ValueError, TypeError, CleftwiseError) as e:
+        raise error(f"{where}: {e}") from e
 
 
-def load_config(cls: Type[T], path: str, section: Optional[str] = None) -> T:
-    """Read YAML ``path`` (optionally one top-level ``section``) into dataclass ``cls``."""
+def load_config(cls: Type[T], path: str, section: Optional[str] = None, *,
+                error: type = StorageError) -> T:
+    """Read YAML ``path`` (optionally one top-level ``section``) into dataclass ``cls``.
+
+    A missing file, invalid YAML, unknown keys and bad values raise ``error`` naming the file.
+    """
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     except FileNotFoundError as e:
-        raise ConfigError(f"config file {path} not found") from e
+        raise error(f"config file {path} not found") from e
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        raise error(f"config file {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping")
+        raise error(f"config file {path}: top level must be a mapping")
     if section is not None:
         data = data.get(section, {}) or {}
-    return from_dict(cls, data, where=f"{path}" + (f":{section}" if section else ""))
+    return from_dict(cls, data, where=f"{path}" + (f":{section}" if section else ""), error=error)
 
 
 def to_dict(obj: Any) -> dict:
@@ -133,21 +146,28 @@ def to_dict(obj: Any) -> dict:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings (string literal after each field) of a dataclass."""
+    """The attribute docstrings (string literal after each field) of a dataclass and its bases."""
     import ast
     import inspect
     import textwrap
 
-    try:
-        src = textwrap.dedent(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    tree = ast.parse(src)
     docs: dict[str, str] = {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and \
-                isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant) and \
-                isinstance(b.value.value, str):
-            docs[a.target.id] = b.value.value.strip()
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        declared = klass.__dict__.get("__field_docs__")
+        if declared is not None:  # a class built at run time (no source) declares its docs
+            docs.update(declared)
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        tree = ast.parse(src)
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and \
+                    isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant) and \
+                    isinstance(b.value.value, str):
+                docs[a.target.id] = b.value.value.strip()
     return docs

@@ -209,6 +209,26 @@ class Volume:
     def attrs(self) -> dict:
         return dict(self._attrs)
 
+    @property
+    def channel_names(self) -> Optional[list]:
+        """Names of the channels of a (c, z, y, x) array (attribute ``channels``), or None."""
+        names = self._attrs.get("channels")
+        if self.num_channels is None or not isinstance(names, list) or len(names) != self.num_channels:
+            return None
+        return [str(n) for n in names]
+
+    def channel_index(self, name: str, default_names: Optional[Sequence[str]] = None) -> int:
+        """Index of channel ``name``; ``default_names`` stands in for an array without channel
+        names (e.g. written by another tool). Raises :class:`StorageError` naming the array."""
+        names = self.channel_names or (list(default_names) if default_names is not None and
+                                       self.num_channels == len(default_names) else None)
+        if names is None:
+            raise StorageError(f"{self.url}: the array has no channel names (attribute 'channels'), "
+                               f"so channel {name!r} cannot be found; shape {self.shape}")
+        if name not in names:
+            raise StorageError(f"{self.url}: no channel named {name!r}; its channels are {names}")
+        return names.index(name)
+
     def __repr__(self) -> str:
         return (f"Volume({self.url!r}, format={self.format}, shape={self.shape}, "
                 f"dtype={self.dtype}, voxel_size={tuple(self.voxel_size)}, "

@@ -14,7 +14,7 @@ from funlib.geometry import Coordinate, Roi
 from scipy import ndimage
 
 from cleftwise.blockwise.errors import BlockwiseError
-from cleftwise.blockwise.filter_task import FilterConfig, FilterTask
+from cleftwise.blockwise.filter_step import FilterConfig, FilterStep
 from cleftwise.blockwise.grid import block_at, grid_shape, neighbours, plan_blocks
 from cleftwise.blockwise.ledger import Ledger
 from cleftwise.blockwise.runner import BackendConfig, run_task, task_status
@@ -94,7 +94,7 @@ def test_local_blockwise_equals_whole(tmp_path, block_nm):
     url, data = _input(tmp_path)
     cfg = FilterConfig(url, f"{tmp_path}/out.zarr/smooth", sigma_nm=(40, 8, 8),
                        block_shape_nm=block_nm)
-    report = run_task(FilterTask(cfg), BackendConfig("local", progress=False))
+    report = run_task(FilterStep(cfg), BackendConfig("local", progress=False))
     assert report.processed == report.total
     out = open_volume(cfg.output).read()
     np.testing.assert_allclose(out, _reference(data, cfg), atol=1e-4)
@@ -103,7 +103,7 @@ def test_local_blockwise_equals_whole(tmp_path, block_nm):
 def _run_backend(tmp_path, name, backend):
     url, data = _input(tmp_path)
     cfg = FilterConfig(url, f"{tmp_path}/{name}.zarr/smooth", block_shape_nm=(160, 80, 80))
-    run_task(FilterTask(cfg), backend)
+    run_task(FilterStep(cfg), backend)
     return open_volume(cfg.output).read(), _reference(data, cfg)
 
 
@@ -127,7 +127,7 @@ def test_dask_backend_two_workers(tmp_path, dask_address):
     np.testing.assert_allclose(out, ref, atol=1e-4)
 
 
-class FlakyFilter(FilterTask):
+class FlakyFilter(FilterStep):
     """Raises on chosen blocks: ``flaky`` fail once (retried), ``broken`` always fail."""
 
     def __init__(self, cfg, flaky=(), broken=(), marker_dir=None):
@@ -139,7 +139,7 @@ class FlakyFilter(FilterTask):
 
         @contextlib.contextmanager
         def cm():
-            with FilterTask.worker(self) as fn:
+            with FilterStep.worker(self) as fn:
                 def process(block):
                     if block.block_id in self.broken:
                         raise ValueError(f"synthetic failure in block {block.block_id}")
@@ -171,7 +171,7 @@ def test_retry_and_failure_report(tmp_path, backend):
     mask[tuple(slice(x // v, (x + n) // v) for x, n, v in zip(b4.begin, b4.shape, VS))] = False
     np.testing.assert_allclose(out[mask], ref[mask], atol=1e-4)
     # fixed: re-run only processes block 4
-    report = run_task(FilterTask(cfg), BackendConfig("local", progress=False))
+    report = run_task(FilterStep(cfg), BackendConfig("local", progress=False))
     assert report.processed == 1 and report.skipped == report.total - 1
     np.testing.assert_allclose(open_volume(cfg.output).read(), ref, atol=1e-4)
 
@@ -179,11 +179,11 @@ def test_retry_and_failure_report(tmp_path, backend):
 def test_changed_config_refuses_resume(tmp_path):
     url, _ = _input(tmp_path)
     cfg = FilterConfig(url, f"{tmp_path}/out.zarr/smooth", block_shape_nm=(160, 80, 80))
-    run_task(FilterTask(cfg), BackendConfig(progress=False))
+    run_task(FilterStep(cfg), BackendConfig(progress=False))
     cfg2 = FilterConfig(url, cfg.output, sigma_nm=(80, 8, 8), block_shape_nm=(160, 80, 80))
     with pytest.raises(BlockwiseError, match="changed: sigma_nm"):
-        run_task(FilterTask(cfg2), BackendConfig(progress=False))
-    rep = run_task(FilterTask(cfg2), BackendConfig(progress=False), overwrite=True)
+        run_task(FilterStep(cfg2), BackendConfig(progress=False))
+    rep = run_task(FilterStep(cfg2), BackendConfig(progress=False), overwrite=True)
     assert rep.processed == rep.total
 
 
@@ -192,11 +192,11 @@ def test_kill_9_and_resume_is_identical(tmp_path):
     out_url = f"{tmp_path}/out.zarr/smooth"
     script = textwrap.dedent(f"""
         import time, sys
-        from cleftwise.blockwise.filter_task import FilterConfig, FilterTask
+        from cleftwise.blockwise.filter_step import FilterConfig, FilterStep
         from cleftwise.blockwise.runner import BackendConfig, run_task
-        import cleftwise.blockwise.filter_task as ft
-        orig = ft.FilterTask.worker
-        class Slow(ft.FilterTask):
+        import cleftwise.blockwise.filter_step as ft
+        orig = ft.FilterStep.worker
+        class Slow(ft.FilterStep):
             def worker(self):
                 import contextlib
                 @contextlib.contextmanager
@@ -212,7 +212,7 @@ def test_kill_9_and_resume_is_identical(tmp_path):
     path = tmp_path / "job.py"
     path.write_text(script)
     cfg = FilterConfig(url, out_url, block_shape_nm=(160, 80, 80))
-    task = FilterTask(cfg)
+    task = FilterStep(cfg)
     total = len(task.blocks())
     proc = subprocess.Popen([sys.executable, str(path), "local"], start_new_session=True)
     deadline = time.time() + 60
@@ -223,13 +223,13 @@ def test_kill_9_and_resume_is_identical(tmp_path):
     done_before = task_status(task).done
     assert 0 < done_before < total
     marks_before = {r["block_id"]: r["time"] for r in Ledger(task.ledger_path()).records()}
-    report = run_task(FilterTask(cfg), BackendConfig("daisy", workers=2, progress=False))
+    report = run_task(FilterStep(cfg), BackendConfig("daisy", workers=2, progress=False))
     assert report.skipped == done_before and report.processed == total - done_before
     marks_after = {r["block_id"]: r["time"] for r in Ledger(task.ledger_path()).records()}
     assert all(marks_after[b] == t for b, t in marks_before.items())  # not recomputed
     # byte-identical to an uninterrupted run
     ref_cfg = FilterConfig(url, f"{tmp_path}/ref.zarr/smooth", block_shape_nm=(160, 80, 80))
-    run_task(FilterTask(ref_cfg), BackendConfig(progress=False))
+    run_task(FilterStep(ref_cfg), BackendConfig(progress=False))
     a, b = open_volume(out_url).read(), open_volume(ref_cfg.output).read()
     assert a.tobytes() == b.tobytes()
 

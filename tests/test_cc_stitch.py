@@ -6,14 +6,8 @@ import cc3d
 import numpy as np
 import pytest
 
-from cleftwise.postprocess.cc_stitch import (
-    block_id_offset,
-    blockwise_cc_reference,
-    halo_equivalences,
-    label_block,
-    relabel_block,
-    resolve,
-)
+from cc_reference import blockwise_cc_reference, halo_equivalences, label_block, relabel_block
+from cleftwise.postprocess.cc_stitch import block_id_offset, resolve
 from cleftwise.postprocess.errors import PostprocessError
 
 SHAPE = (19, 23, 21)

@@ -1,4 +1,4 @@
-"""train/cv_folds.py: the two y-folds of a training band and the per-fold configs."""
+"""train/cv_folds.py and launch/cv_folds.py: the two y-folds of a training band, the per-fold configs, the CLI."""
 
 import pytest
 
@@ -37,7 +37,7 @@ def test_fold_config_replaces_train_val_run_dir_and_init():
 
 
 def test_cli_refuses_a_missing_init_and_a_bad_first_stage(tmp_path, capsys):
-    from cleftwise.train.cv_folds import main
+    from cleftwise.launch.cv_folds import main
     base = ["--fold", "a", "--cut-y-nm", "2120", "--run-root", str(tmp_path), "--stage", "x.yaml"]
     with pytest.raises(SystemExit):
         main(base + ["--first-stage", "3", "--init", str(tmp_path / "missing.pt")])

@@ -751,7 +751,7 @@ def test_mongodb_url_errors_and_foreign_collection():
 
 
 def test_mongodb_password_is_redacted():
-    from cleftwise.storage.db.mongo import redact
+    from cleftwise.storage.db.urls import redact
 
     assert redact("mongodb://alice:s3cret@db.example:27017/x") == "mongodb://alice:***@db.example:27017/x"
 

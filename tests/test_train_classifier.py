@@ -15,9 +15,12 @@ from cleftwise.train.cubes import CubeDataConfig, SourceSpec, build_cube_sets
 from cleftwise.train.errors import TrainError
 from cleftwise.train.evaluate_classifier import (accuracy_vs_synapses, choose_threshold, evaluate_sets,
                                        export_classifier, neuron_table, synapse_metrics, write_report)
-from cleftwise.train.train_classifier import (AugmentConfig, ClassifierTrainConfig, LossConfig, augment_batch,
-                                    batch_indices, classification_loss, load_classifier_config,
-                                    parse_classifier_config, train_classifier)
+from cleftwise.train.augment import CubeAugmentConfig
+from cleftwise.train.loop import load_train_config
+from cleftwise.train.train_classifier import (ClassifierTrainConfig, LossConfig, augment_batch, batch_indices,
+                                              classification_loss, load_classifier_config,
+                                              parse_classifier_config, train_classifier)
+from cleftwise.storage.config_io import to_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUBE = (4, 16, 16)
@@ -159,18 +162,50 @@ def test_shipped_config_parses():
     assert len(cfg.data.sources) >= 3 and {s.split for s in cfg.data.sources} == {"train", "val", "test"}
 
 
+# the augment sections' keys and defaults before the two AugmentConfigs shared a base
+_CUBE_AUGMENT = {"enabled": True, "shift": True, "flip_z": True, "flip_yx": True, "rot90": True,
+                 "intensity_p": 0.8, "contrast": [0.75, 1.25], "brightness": 0.08, "gamma": [0.8, 1.25],
+                 "noise_std": 0.03, "mixup_alpha": 0.0, "mixup_p": 0.5}
+_PATCH_AUGMENT = {"enabled": True, "flip_z": True, "flip_yx": True, "transpose": True, "rot90": True,
+                  "intensity_p": 0.8, "contrast_range": [0.75, 1.25], "brightness_range": [-0.1, 0.1],
+                  "gamma_range": [0.75, 1.35], "section_jitter": 0.03, "noise_std_max": 0.03,
+                  "missing_section_p": 0.03, "missing_value": 0.0, "misalign_p": 0.2, "misalign_max_px": 8,
+                  "misalign_slip_fraction": 0.5}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(REPO, "train", "configs"))
+                                         if n.endswith(".yaml")))
+def test_shipped_configs_keep_their_augment_values(name):
+    """Every shipped training YAML loads, and its augment section means what it did."""
+    path = os.path.join(REPO, "train", "configs", name)
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    if "model_type" in raw:
+        got, written, defaults = to_dict(load_classifier_config(path).augment), raw.get("augment"), _CUBE_AUGMENT
+    else:
+        got, written, defaults = (to_dict(load_train_config(path).data.augment),
+                                  raw.get("data", {}).get("augment"), _PATCH_AUGMENT)
+    assert got == {**defaults, **(written or {})}
+
+
+def test_cube_augment_keys_are_unchanged():
+    with pytest.raises(TrainError, match="unknown key"):
+        parse_classifier_config({"augment": {"misalign_p": 0.1}})
+    assert set(to_dict(CubeAugmentConfig())) == set(_CUBE_AUGMENT)
+
+
 def test_batches_and_augmentation_are_pure_functions_of_seed_and_step():
     a = batch_indices(50, 16, 7, seed=1)
     assert a.tolist() == batch_indices(50, 16, 7, seed=1).tolist()
     epoch = np.concatenate([batch_indices(48, 16, s, seed=2) for s in range(3)])
     assert sorted(epoch.tolist()) == list(range(48))  # one epoch = a permutation
     cubes = np.random.default_rng(0).integers(0, 255, (6, 4, 20, 20), dtype=np.uint8)
-    cfg = AugmentConfig()
+    cfg = CubeAugmentConfig()
     x1 = augment_batch(cubes, (4, 16, 16), np.random.default_rng([1, 2]), cfg)
     x2 = augment_batch(cubes, (4, 16, 16), np.random.default_rng([1, 2]), cfg)
     assert x1.shape == (6, 4, 16, 16) and x1.dtype == np.float32 and np.array_equal(x1, x2)
     assert 0 <= x1.min() and x1.max() <= 1
-    plain = augment_batch(cubes, (4, 16, 16), np.random.default_rng(0), AugmentConfig(enabled=False))
+    plain = augment_batch(cubes, (4, 16, 16), np.random.default_rng(0), CubeAugmentConfig(enabled=False))
     np.testing.assert_array_equal(plain, cubes[:, :, 2:18, 2:18] / np.float32(255))
 
 

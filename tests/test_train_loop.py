@@ -137,7 +137,7 @@ def test_export_then_predict_and_cli(volumes, tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "weights" / "model.pt"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "train", "train_rsunet.py"), "--config",
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train_rsunet.py"), "--config",
                            str(path), "--max-steps", "3", "--device", "cpu", "--export", str(out)],
                           capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -159,7 +159,7 @@ def test_export_then_predict_and_cli(volumes, tmp_path):
     # a bad config through the CLI: exit code 2 and the reason on stderr
     bad = dict(cfg, data=dict(cfg["data"], patch_shape=[32, 48, 48]))
     path.write_text(yaml.safe_dump(bad))
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "train", "train_rsunet.py"), "--config",
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", "train_rsunet.py"), "--config",
                            str(path), "--overwrite"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "larger than" in proc.stderr
     with pytest.raises(TrainError, match="no best checkpoint"):

@@ -1,19 +1,9 @@
 """train/tune_segment.py: validation counts are summed over volumes before F1 is computed."""
 
-import importlib.util
-import os
-
 import pandas as pd
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("tune_segment", os.path.join(REPO, "train", "tune_segment.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from cleftwise.train.tune_segment import aggregate, best_setting
 
 
 def test_aggregate_sums_counts_over_volumes_per_setting():
@@ -25,7 +15,7 @@ def test_aggregate_sums_counts_over_volumes_per_setting():
         {"threshold": 0.4, "min_size": 1000, "max_neuron_fraction": 0.9, "n_pred": 4, "tp": 4, "fp": 0, "fn": 3,
          "prepost_accuracy": 0.5},
     ])
-    out = _module().aggregate(rows)
+    out = aggregate(rows)
     assert len(out) == 2
     none = out[out["max_neuron_fraction"].isna()].iloc[0]
     assert (none["tp"], none["fp"], none["fn"], none["n_pred"]) == (12, 3, 4, 15)
@@ -33,3 +23,5 @@ def test_aggregate_sums_counts_over_volumes_per_setting():
     assert none["prepost_accuracy"] == pytest.approx(10 / 12)
     filt = out[out["max_neuron_fraction"] == 0.9].iloc[0]
     assert filt["precision"] == 1.0 and filt["recall"] == pytest.approx(4 / 7)
+    best = best_setting(out)
+    assert best == {"threshold": 0.4, "min_size": 1000, "max_neuron_fraction": None, "f1": pytest.approx(24 / 31)}

@@ -1,5 +1,9 @@
 """Patch augmentation for anisotropic EM: geometry, intensity and section defects.
 
+:class:`AugmentConfig` (RSUNet patches, ``data.augment``) and :class:`CubeAugmentConfig`
+(classifier cubes, ``augment``; applied by ``train_classifier.augment_batch``) share the
+switches of :class:`AugmentBase`.
+
 Arrays are (z, y, x), or (c, z, y, x) for multi-channel targets; raw is float32 in [0, 1].
 Every function draws its randomness from the ``numpy.random.Generator`` it is given, so a
 sample is a pure function of its seed.
@@ -26,13 +30,13 @@ import numpy as np
 
 from cleftwise.train.errors import TrainError
 
-__all__ = ["AugmentConfig", "geometric_params", "apply_geometric", "misalign_offsets",
-           "crop_misaligned", "intensity_augment", "missing_sections", "augment_patch"]
+__all__ = ["AugmentBase", "AugmentConfig", "CubeAugmentConfig", "geometric_params", "apply_geometric",
+           "misalign_offsets", "crop_misaligned", "intensity_augment", "missing_sections", "augment_patch"]
 
 
 @dataclass
-class AugmentConfig:
-    """Which augmentations run and how strong they are (pixels are in-plane voxels)."""
+class AugmentBase:
+    """The switches shared by RSUNet patch and classifier cube augmentation."""
 
     enabled: bool = True
     """False = no augmentation at all (validation data never is augmented)."""
@@ -40,12 +44,19 @@ class AugmentConfig:
     """Random flip along z."""
     flip_yx: bool = True
     """Random flips along y and x."""
+    rot90: bool = True
+    """Random in-plane rotation by k·90° (k·180° when the in-plane shape is not square)."""
+    intensity_p: float = 0.8
+    """Probability of the contrast/brightness/gamma change (per patch or cube)."""
+
+
+@dataclass
+class AugmentConfig(AugmentBase):
+    """RSUNet patch augmentation: which augmentations run and how strong they are (pixels are
+    in-plane voxels)."""
+
     transpose: bool = True
     """Random y↔x transpose (square in-plane patches only)."""
-    rot90: bool = True
-    """Random in-plane rotation by k·90° (k·180° for non-square patches)."""
-    intensity_p: float = 0.8
-    """Probability of the contrast/brightness/gamma change."""
     contrast_range: tuple[float, float] = (0.75, 1.25)
     """Contrast factor around the patch mean."""
     brightness_range: tuple[float, float] = (-0.1, 0.1)
@@ -90,6 +101,26 @@ class AugmentConfig:
         if not self.enabled or self.misalign_p <= 0:
             return 0
         return self.misalign_max_px
+
+
+@dataclass
+class CubeAugmentConfig(AugmentBase):
+    """Classifier training-cube augmentation (validation/test cubes are never augmented)."""
+
+    shift: bool = True
+    """random shift of the cube within data.margin"""
+    contrast: tuple[float, float] = (0.75, 1.25)
+    """contrast factor around the cube mean"""
+    brightness: float = 0.08
+    """largest brightness shift (intensity units, 1 = white)"""
+    gamma: tuple[float, float] = (0.8, 1.25)
+    """gamma range"""
+    noise_std: float = 0.03
+    """largest standard deviation of additive Gaussian noise"""
+    mixup_alpha: float = 0.0
+    """MixUp Beta(α, α) (0 = off)"""
+    mixup_p: float = 0.5
+    """probability that a batch is mixed (when mixup_alpha > 0)"""
 
 
 def geometric_params(rng: np.random.Generator, cfg: AugmentConfig, square: bool) -> dict:

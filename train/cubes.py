@@ -23,7 +23,6 @@ shift cubes randomly (:func:`crop_cubes`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -489,8 +488,3 @@ def split_summary(sets: dict[str, CubeSet], classes: Sequence[str]) -> dict:
         out[name] = {"synapses": int(len(s)), "neurons": int(len(set(s.neurons.tolist()))),
                      "per_class": {c: int(n) for c, n in zip(classes, counts)}}
     return out
-
-
-def table_digest(df: pd.DataFrame) -> str:
-    """Short sha256 of a table's contents (for provenance)."""
-    return hashlib.sha256(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes()).hexdigest()[:16]

@@ -1,12 +1,11 @@
-#!/usr/bin/env python
 """Out-of-fold models for choosing post-processing without touching the held-out region.
 
 A model's own training band is a poor place to choose its segment settings (threshold,
 min_size): the model is more confident there than on tissue it has not seen, so small
-components survive that would be false detections elsewhere. This script retrains the same
+components survive that would be false detections elsewhere. ``cleftwise cv-folds`` retrains the same
 recipe on two y-folds of the training band: fold ``a`` trains on y >= cut and never sees
 y < cut, fold ``b`` the reverse. Each fold model then predicts the fold it did not see
-(``train/evaluate_real.py --choose-on``), and the settings are chosen on those out-of-fold
+(``cleftwise evaluate-real --choose-on``), and the settings are chosen on those out-of-fold
 predictions. The held-out region outside the training band is used by neither fold.
 
 The recipe may have several stages (e.g. ``vnc_cleft.yaml`` then the fine-tuning
@@ -15,7 +14,7 @@ The recipe may have several stages (e.g. ``vnc_cleft.yaml`` then the fine-tuning
 ``<run-root>/<fold>/stage<k>.pt`` (exported best EMA weights). Each stage's first data.train
 entry gives the volume and the band (its ``roi``); the fold's held-out part becomes data.val.
 
-    python train/cv_folds.py --fold a --cut-y-nm 2120 --run-root runs/vnc_cv \\
+    cleftwise cv-folds --fold a --cut-y-nm 2120 --run-root runs/vnc_cv \\
         --stage train/configs/vnc_cleft.yaml --stage-steps 700 --schedule-steps 2000 \\
         --stage train/configs/vnc_cleft_ft.yaml
 
@@ -25,24 +24,15 @@ A later stage can be added to existing folds: ``--first-stage 3 --init runs/vnc_
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import logging
 import os
-import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0]) == _HERE:  # run as a script: import from the repo root
-    sys.path[0] = os.path.dirname(_HERE)
+import yaml
 
-import yaml  # noqa: E402
-
-from cleftwise.train.errors import TrainError  # noqa: E402
-from cleftwise.train.loop import export_weights, parse_train_config, train  # noqa: E402
-
-log = logging.getLogger("cv_folds")
-
+from cleftwise.train.errors import TrainError
+from cleftwise.train.loop import export_weights, parse_train_config, train
 
 def fold_regions(band: list, cut_y_nm: float, fold: str) -> tuple[list, list]:
     """(train roi, unseen roi), each ``[[z, y, x] begin nm, [z, y, x] shape nm]``, of one fold
@@ -76,54 +66,53 @@ def fold_config(stage: dict, fold: str, cut_y_nm: float, run_dir: str, init: str
     return cfg
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--fold", required=True, choices=["a", "b"])
-    p.add_argument("--cut-y-nm", type=float, required=True, help="absolute y (nm) where the band is split")
-    p.add_argument("--run-root", required=True)
-    p.add_argument("--stage", action="append", required=True, help="training YAML of a stage, in order")
-    p.add_argument("--stage-steps", type=int, action="append", default=[],
-                   help="max_steps of the stages, in order (default: each YAML's)")
-    p.add_argument("--schedule-steps", type=int, action="append", default=[],
-                   help="lr schedule length of the stages, in order (default: their max_steps)")
-    p.add_argument("--first-stage", type=int, default=1,
-                   help="number of the first --stage (its outputs: stage<K>/, stage<K>.pt)")
-    p.add_argument("--init", help="weights the first --stage starts from (default: its YAML's "
-                                  "init_weights); e.g. the fold's stage<K-1>.pt")
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.first_stage < 1:
-        p.error("--first-stage must be >= 1")
-    if args.init is not None and not os.path.isfile(args.init):
-        p.error(f"--init {args.init}: no such file")
-    init = args.init
+@dataclass
+class CVFoldsConfig:
+    """One fold's run of a multi-stage recipe (see the module docstring)."""
+
+    fold: str
+    """``a`` (trains on y >= cut) or ``b`` (trains below)."""
+    cut_y_nm: float
+    """absolute y (nm) where the band is split."""
+    run_root: str
+    """outputs: ``<run_root>/<fold>/stage<k>/`` and ``<run_root>/<fold>/stage<k>.pt``."""
+    stages: Sequence[str]
+    """training YAMLs of the stages, in order."""
+    stage_steps: Sequence[int] = ()
+    """max_steps of the stages, in order (missing: each YAML's)."""
+    schedule_steps: Sequence[int] = ()
+    """lr schedule length of the stages, in order (missing: their max_steps)."""
+    first_stage: int = 1
+    """number k of the first stage (its outputs: stage<k>/, stage<k>.pt)."""
+    init: Optional[str] = None
+    """weights the first stage starts from (None: its YAML's init_weights)."""
+    threads: int = 1
+    """torch CPU threads."""
+
+
+def train_folds(cfg: CVFoldsConfig) -> dict:
+    """Train every stage of one fold in turn, each from the previous stage's exported weights;
+    returns ``{"stage<k>": {weights, step, best_step, best_metric, elapsed_s}}``."""
+    if cfg.first_stage < 1:
+        raise TrainError("first_stage must be >= 1")
+    init = cfg.init
     out = {}
-    try:
-        for i, path in enumerate(args.stage):
-            k = args.first_stage + i
-            with open(path) as f:
-                stage = yaml.safe_load(f)
-            run_dir = os.path.join(args.run_root, args.fold, f"stage{k}")
-            cfg = fold_config(stage, args.fold, args.cut_y_nm, run_dir, init)
-            cfg["threads"] = args.threads
-            if len(args.stage_steps) > i:
-                cfg["max_steps"] = args.stage_steps[i]
-            if len(args.schedule_steps) > i:
-                cfg.setdefault("optim", {})["schedule_steps"] = args.schedule_steps[i]
-            os.makedirs(run_dir, exist_ok=True)
-            with open(os.path.join(run_dir, "fold_config.yaml"), "w") as f:
-                yaml.safe_dump(cfg, f, sort_keys=False)
-            summary = train(parse_train_config(cfg, where=path), overwrite=True)
-            init = export_weights(run_dir, os.path.join(args.run_root, args.fold, f"stage{k}.pt"))
-            out[f"stage{k}"] = {"weights": init, "step": summary["step"], "best_step": summary["best_step"],
-                                "best_metric": summary["best_metric"], "elapsed_s": round(summary["elapsed_s"], 1)}
-    except TrainError as e:
-        log.error("%s", e)
-        return 2
-    sys.stdout.write(json.dumps(out, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    for i, path in enumerate(cfg.stages):
+        k = cfg.first_stage + i
+        with open(path) as f:
+            stage = yaml.safe_load(f)
+        run_dir = os.path.join(cfg.run_root, cfg.fold, f"stage{k}")
+        fcfg = fold_config(stage, cfg.fold, cfg.cut_y_nm, run_dir, init)
+        fcfg["threads"] = cfg.threads
+        if len(cfg.stage_steps) > i:
+            fcfg["max_steps"] = cfg.stage_steps[i]
+        if len(cfg.schedule_steps) > i:
+            fcfg.setdefault("optim", {})["schedule_steps"] = cfg.schedule_steps[i]
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "fold_config.yaml"), "w") as f:
+            yaml.safe_dump(fcfg, f, sort_keys=False)
+        summary = train(parse_train_config(fcfg, where=path), overwrite=True)
+        init = export_weights(run_dir, os.path.join(cfg.run_root, cfg.fold, f"stage{k}.pt"))
+        out[f"stage{k}"] = {"weights": init, "step": summary["step"], "best_step": summary["best_step"],
+                            "best_metric": summary["best_metric"], "elapsed_s": round(summary["elapsed_s"], 1)}
+    return out

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Evaluate shipped RSUNet weights through the real blockwise pipeline on a labelled volume.
 
-``python train/evaluate.py --checkpoint models/weights/rsunet_polarity.pt --volume eval.zarr``
+``cleftwise evaluate --checkpoint models/weights/rsunet_polarity.pt --volume eval.zarr``
 
 The volume is a zarr container with the synthetic generator's datasets ``raw``, ``neurons``,
 ``synapses`` (instance ids), ``polarity`` (3, z, y, x) and ``cleft``. Pipeline (local backend):
@@ -24,38 +23,32 @@ The volume is a zarr container with the synthetic generator's datasets ``raw``, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == _HERE:
-    sys.path[0] = os.path.dirname(_HERE)
+import fastremap
+import numpy as np
+import pandas as pd
 
-import fastremap  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from cleftwise.blockwise.errors import BlockwiseError  # noqa: E402
-from cleftwise.postprocess.predict import PredictConfig, PredictTask  # noqa: E402
-from cleftwise.blockwise.runner import BackendConfig, run_task  # noqa: E402
-from cleftwise.models.checkpoint import read_checkpoint_meta  # noqa: E402
-from cleftwise.models.errors import ModelError  # noqa: E402
-from cleftwise.postprocess.errors import PostprocessError  # noqa: E402
-from cleftwise.postprocess.metrics import (assignment_metrics, cremi_cleft_metrics, instance_f1,  # noqa: E402
+from cleftwise.blockwise.errors import BlockwiseError
+from cleftwise.postprocess.predict import PredictConfig, PredictTask
+from cleftwise.blockwise.runner import BackendConfig, run_task
+from cleftwise.models.checkpoint import read_checkpoint_meta
+from cleftwise.models.errors import ModelError
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.postprocess.metrics import (assignment_metrics, cremi_cleft_metrics, instance_f1,
                                  table_labels, true_partners)
-from cleftwise.postprocess.segment import (PartnersTask, SegmentConfig, SegmentLabelTask,  # noqa: E402
+from cleftwise.postprocess.segment import (PartnersTask, SegmentConfig, SegmentLabelTask,
                                  SegmentRelabelTask, SegmentStitchTask)
-from cleftwise.storage.errors import StorageError  # noqa: E402
-from cleftwise.storage.volume import open_volume  # noqa: E402
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.volume import open_volume
 
-from cleftwise.train.errors import TrainError  # noqa: E402
+from cleftwise.train.errors import TrainError
 
 __all__ = ["EvalConfig", "true_partners", "assignment_metrics", "evaluate", "write_report"]
 
@@ -309,51 +302,3 @@ def _figure(path, raw, pol, pred, pred_labels, true_labels, report) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d = EvalConfig()
-    p.add_argument("--checkpoint", default=d.checkpoint)
-    p.add_argument("--volume", required=True, help="zarr container with raw/neurons/synapses/polarity/cleft")
-    p.add_argument("--work-dir", default=d.work_dir)
-    p.add_argument("--out", default=d.out, help="report prefix (.json/.md/.png)")
-    p.add_argument("--stride", type=int, nargs=3, metavar=("Z", "Y", "X"), help="patch stride (voxels)")
-    p.add_argument("--block-shape", type=int, nargs=3, metavar=("Z", "Y", "X"), default=d.block_shape)
-    p.add_argument("--threshold", type=float, default=d.threshold)
-    p.add_argument("--min-size", type=int, default=d.min_size)
-    p.add_argument("--partner-rule", choices=["majority", "contrast"], default=d.partner_rule)
-    p.add_argument("--max-neuron-fraction", type=float, default=d.max_neuron_fraction,
-                   help="drop detections lying for more than this share in one neuron")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=d.torch_threads)
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: mean over the 8 flips")
-    p.add_argument("--training-info", help="JSON file whose content is added to the report as 'training'")
-    return p
-
-
-def main(argv: Optional[list] = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = EvalConfig(checkpoint=args.checkpoint, volume=args.volume, work_dir=args.work_dir, out=args.out,
-                     threshold=args.threshold, min_size=args.min_size, device=args.device,
-                     torch_threads=args.threads, partner_rule=args.partner_rule, block_shape=tuple(args.block_shape),
-                     max_neuron_fraction=args.max_neuron_fraction, tta=args.tta,
-                     stride=None if args.stride is None else tuple(args.stride))
-    training = None
-    if args.training_info:
-        with open(args.training_info) as f:
-            training = json.load(f)
-    try:
-        report = evaluate(cfg, training)
-    except TrainError as e:
-        log.error("%s", e)
-        return 2
-    sys.stdout.write(json.dumps({k: report[k] for k in ("instance", "assignment", "cremi_union")},
-                                indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -22,19 +22,20 @@ per neuron are known (k = 1, 2, …; neurons with at least k synapses, ``repeats
 Outputs (:func:`write_report`): ``<prefix>_eval.json``, ``<prefix>_eval.md`` and the figures
 ``<prefix>_confusion.png``, ``<prefix>_roc.png``, ``<prefix>_pr.png``, ``<prefix>_acc_vs_count.png``.
 
+:func:`evaluate_checkpoint` runs all of it for one checkpoint (:class:`ClassifierEvalConfig`).
 CLI::
 
-    python -m cleftwise.train.evaluate_classifier --config train/configs/ei_3d.yaml \
+    cleftwise evaluate-classifier --config train/configs/ei_3d.yaml \
         --checkpoint runs/ei/best.pt --out docs --prefix ei [--tta] [--export models/weights/ei_vgg3d.pt]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -52,7 +53,8 @@ from cleftwise.train.errors import TrainError
 from cleftwise.train.train_classifier import balanced_accuracy, load_classifier_config
 
 __all__ = ["synapse_metrics", "choose_threshold", "neuron_table", "neuron_metrics",
-           "accuracy_vs_synapses", "evaluate_sets", "write_report", "export_classifier", "main"]
+           "accuracy_vs_synapses", "evaluate_sets", "write_report", "export_classifier",
+           "ClassifierEvalConfig", "evaluate_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -384,70 +386,61 @@ def export_classifier(checkpoint: str, out_path: str, threshold: Optional[float]
     return str(saved.weights_path)
 
 
-# ------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------
+@dataclass
+class ClassifierEvalConfig:
+    """One evaluation of a classifier checkpoint (:func:`evaluate_checkpoint`)."""
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="the training YAML (its data section and split)")
-    p.add_argument("--checkpoint", required=True, help="classifier checkpoint (.pt/.json)")
-    p.add_argument("--out", required=True, help="folder for the JSON, Markdown and PNGs")
-    p.add_argument("--prefix", default="ei", help="file name prefix (default ei)")
-    p.add_argument("--tta", action="store_true", help="8-flip test-time augmentation")
-    p.add_argument("--threshold", type=float, help="use this τ instead of choosing it on validation")
-    p.add_argument("--min-synapses", type=int, default=5, help="neurons counted in the neuron accuracy")
-    p.add_argument("--export", help="write the checkpoint with τ and metrics here (e.g. models/weights/x.pt)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--title", default="E/I synapse classifier evaluation")
-    p.add_argument("--note", action="append", default=[], help="a paragraph appended to the Markdown")
-    return p
+    config: str
+    """the training YAML (its data section and split)"""
+    checkpoint: str
+    """classifier checkpoint (.pt/.json)"""
+    out: str
+    """folder for the JSON, Markdown and PNGs"""
+    prefix: str = "ei"
+    """file name prefix"""
+    tta: bool = False
+    """8-flip test-time augmentation"""
+    threshold: Optional[float] = None
+    """use this τ instead of choosing it on validation"""
+    min_synapses: int = 5
+    """neurons counted in the neuron accuracy"""
+    export: Optional[str] = None
+    """write the checkpoint with τ and metrics here (e.g. models/weights/x.pt)"""
+    device: str = "auto"
+    """auto, cpu or cuda"""
+    title: str = "E/I synapse classifier evaluation"
+    """title of the Markdown report"""
+    notes: Sequence[str] = field(default_factory=tuple)
+    """paragraphs appended to the Markdown"""
 
 
-def main(argv: Optional[list] = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def evaluate_checkpoint(cfg: ClassifierEvalConfig) -> tuple[dict, dict]:
+    """Evaluate ``cfg.checkpoint`` on the validation and test splits of ``cfg.config``'s data,
+    optionally export it with τ, and write the report; returns (report, {kind: path})."""
+    tcfg = load_classifier_config(cfg.config)
+    if tcfg.data.split_file is None:
+        tcfg.data.split_file = os.path.join(tcfg.run_dir, "split.json")
+    sets = build_cube_sets(tcfg.data, splits=("val", "test"))
+    device = resolve_device(cfg.device)
     try:
-        cfg = load_classifier_config(args.config)
-        if cfg.data.split_file is None:
-            cfg.data.split_file = os.path.join(cfg.run_dir, "split.json")
-        sets = build_cube_sets(cfg.data, splits=("val", "test"))
-        device = resolve_device(args.device)
-        try:
-            model, meta = load_model(args.checkpoint, device=device)
-        except ModelError as e:
-            raise TrainError(str(e)) from e
-        ex_shape = tuple(meta.extra.get("cube_shape") or ())
-        if ex_shape and ex_shape != tuple(cfg.data.cube_shape):
-            raise TrainError(f"checkpoint {args.checkpoint} takes cubes {ex_shape} but data.cube_shape is "
-                             f"{tuple(cfg.data.cube_shape)}")
-        report = evaluate_sets(model, sets["val"], sets["test"], cfg.data.classes, cfg.data.cube_shape,
-                               device=device, tta=args.tta, threshold=args.threshold,
-                               min_synapses=args.min_synapses, seed=cfg.seed)
-        report.update(title=args.title, checkpoint=args.checkpoint, weights_sha256=meta.weights_sha256,
-                      splits=split_summary(sets, cfg.data.classes),
-                      training=meta.extra.get("training"), trained_step=meta.extra.get("step"),
-                      notes=list(args.note))
-        if args.export:
-            summary = {"tau": report["threshold"], "test": {k: report["test"][k] for k in
-                       ("n", "accuracy", "balanced_accuracy", "roc_auc", "pr_auc")},
-                       "test_neurons": report["test_neurons"], "tta": args.tta}
-            report["exported"] = export_classifier(args.checkpoint, args.export, report["threshold"],
-                                                   jsonable(summary))
-        paths = write_report(report, args.out, args.prefix)
-    except TrainError as e:
-        log.error("%s", e)
-        return 2
-    print(json.dumps({"test": {k: report["test"][k] for k in ("accuracy", "balanced_accuracy", "roc_auc")},
-                      "test_neurons": report["test_neurons"], "threshold": report["threshold"],
-                      "files": paths}, indent=1, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        model, meta = load_model(cfg.checkpoint, device=device)
+    except ModelError as e:
+        raise TrainError(str(e)) from e
+    ex_shape = tuple(meta.extra.get("cube_shape") or ())
+    if ex_shape and ex_shape != tuple(tcfg.data.cube_shape):
+        raise TrainError(f"checkpoint {cfg.checkpoint} takes cubes {ex_shape} but data.cube_shape is "
+                         f"{tuple(tcfg.data.cube_shape)}")
+    report = evaluate_sets(model, sets["val"], sets["test"], tcfg.data.classes, tcfg.data.cube_shape,
+                           device=device, tta=cfg.tta, threshold=cfg.threshold,
+                           min_synapses=cfg.min_synapses, seed=tcfg.seed)
+    report.update(title=cfg.title, checkpoint=cfg.checkpoint, weights_sha256=meta.weights_sha256,
+                  splits=split_summary(sets, tcfg.data.classes),
+                  training=meta.extra.get("training"), trained_step=meta.extra.get("step"),
+                  notes=list(cfg.notes))
+    if cfg.export:
+        summary = {"tau": report["threshold"], "test": {k: report["test"][k] for k in
+                   ("n", "accuracy", "balanced_accuracy", "roc_auc", "pr_auc")},
+                   "test_neurons": report["test_neurons"], "tta": cfg.tta}
+        report["exported"] = export_classifier(cfg.checkpoint, cfg.export, report["threshold"],
+                                               jsonable(summary))
+    return report, write_report(report, cfg.out, cfg.prefix)

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Evaluate a cleft model on a held-out band of a real EM stack through the blockwise pipeline.
 
-``python train/evaluate_real.py`` (defaults: the VNC ssTEM stack imported into
+``cleftwise evaluate-real`` (defaults: the VNC ssTEM stack imported into
 ``runs/vnc/vnc.zarr``, weights ``models/weights/vnc_cleft.pt``, report ``docs/real_data.*``).
 
 The volume is a zarr container with ``raw`` (uint8, z y x), ``synapse_mask`` (uint8 0/1, the
@@ -33,43 +32,38 @@ Steps:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import platform
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional, Sequence
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == _HERE:
-    sys.path[0] = os.path.dirname(_HERE)
+import cc3d
+import fastremap
+import numpy as np
+import pandas as pd
+from funlib.geometry import Coordinate, Roi
+from scipy.optimize import linear_sum_assignment
 
-import cc3d  # noqa: E402
-import fastremap  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from funlib.geometry import Coordinate, Roi  # noqa: E402
-from scipy.optimize import linear_sum_assignment  # noqa: E402
+from cleftwise.blockwise.errors import BlockwiseError
+from cleftwise.postprocess.predict import PredictConfig, PredictTask
+from cleftwise.blockwise.runner import BackendConfig, run_task
+from cleftwise.models.checkpoint import read_checkpoint_meta, weights_digest
+from cleftwise.models.errors import ModelError
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.postprocess.metrics import cremi_cleft_metrics, instance_f1, instance_overlaps
+from cleftwise.postprocess.segment import SegmentConfig, segment_tasks
+from cleftwise.storage.errors import StorageError
+from cleftwise.storage.volume import open_volume
 
-from cleftwise.blockwise.errors import BlockwiseError  # noqa: E402
-from cleftwise.postprocess.predict import PredictConfig, PredictTask  # noqa: E402
-from cleftwise.blockwise.runner import BackendConfig, run_task  # noqa: E402
-from cleftwise.models.checkpoint import read_checkpoint_meta, weights_digest  # noqa: E402
-from cleftwise.models.errors import ModelError  # noqa: E402
-from cleftwise.postprocess.errors import PostprocessError  # noqa: E402
-from cleftwise.postprocess.metrics import cremi_cleft_metrics, instance_f1, instance_overlaps  # noqa: E402
-from cleftwise.postprocess.segment import SegmentConfig, segment_tasks  # noqa: E402
-from cleftwise.storage.errors import StorageError  # noqa: E402
-from cleftwise.storage.volume import open_volume  # noqa: E402
-
-from cleftwise.train.errors import TrainError  # noqa: E402
+from cleftwise.train.errors import TrainError
 
 __all__ = ["RealEvalConfig", "centroids", "centroid_match", "label_predictions", "choose_postprocess",
-           "predict_band", "segment_band", "evaluate_real", "write_real_report"]
+           "predict_band", "segment_band", "evaluate_real", "write_real_report", "training_info",
+           "evaluate_with_comparisons"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +85,7 @@ class RealEvalConfig:
     choose_on: tuple = ()
     """out-of-fold choice of the settings: ``((checkpoint, region), ...)``, each checkpoint
     trained with this recipe but without its region (voxels, inside the training band; see
-    ``train/cv_folds.py``) predicts that region, and the grid is scored on all of them together.
+    ``cleftwise cv-folds``) predicts that region, and the grid is scored on all of them together.
     Empty: the evaluated model itself on ``train_region`` (optimistic: it was trained there)"""
     channel: Optional[int] = None
     """probability channel segmented; default the checkpoint's ``cleft`` (else ``union``) channel,
@@ -716,78 +710,24 @@ def training_info(run_dir: str) -> dict:
     return info
 
 
-def _parser() -> argparse.ArgumentParser:
-    d = RealEvalConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=d.checkpoint)
-    p.add_argument("--volume", default=d.volume, help="zarr with raw, synapse_mask, synapses")
-    p.add_argument("--raw", default=d.raw, help="raw dataset name inside --volume")
-    p.add_argument("--heldout", type=int, nargs=6, metavar="N", help="z y x begin, z y x shape (voxels)")
-    p.add_argument("--train-region", type=int, nargs=6, metavar="N", help="z y x begin, z y x shape (voxels)")
-    p.add_argument("--choose-on", nargs=7, action="append", metavar=("CHECKPOINT", "Z", "Y", "X", "DZ", "DY", "DX"),
-                   help="out-of-fold choice of threshold/min_size: a checkpoint trained without this region "
-                        "(voxels: begin, shape) predicts it; repeatable (see train/cv_folds.py)")
-    p.add_argument("--threshold", type=float, help="fixed threshold (default: chosen on the training band)")
-    p.add_argument("--min-size", type=int, help="fixed min_size (default: chosen on the training band)")
-    p.add_argument("--work-dir", default=d.work_dir)
-    p.add_argument("--out", default=d.out, help="report prefix (.json, .md, _montage.png)")
-    p.add_argument("--run-dir", default="runs/vnc_cleft", help="training run whose log.csv gives steps/time")
-    p.add_argument("--hardware", default=None, help="training hardware, for the report")
-    p.add_argument("--compare", nargs=3, action="append", metavar=("CHECKPOINT", "RAW", "TITLE"),
-                   help="also evaluate another model on the same band (e.g. the synthetic-trained "
-                        "polarity model on a raw copy declared at its voxel size); repeatable")
-    p.add_argument("--threads", type=int, default=d.torch_threads)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--note-file", help="Markdown file whose text is appended to the report (e.g. how the "
-                   "shipped model was chosen)")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: mean over the 8 flips")
-    return p
-
-
-def main(argv: Optional[list] = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    d = RealEvalConfig()
-    heldout = (tuple(args.heldout[:3]), tuple(args.heldout[3:])) if args.heldout else d.heldout
-    train_region = (tuple(args.train_region[:3]), tuple(args.train_region[3:])) if args.train_region else d.train_region
-    training = training_info(args.run_dir)
-    if args.hardware:
-        training["hardware"] = args.hardware
-    choose_on = tuple((c[0], (tuple(int(v) for v in c[1:4]), tuple(int(v) for v in c[4:7])))
-                      for c in args.choose_on or [])
-    base = dict(volume=args.volume, heldout=heldout, train_region=train_region, torch_threads=args.threads,
-                device=args.device, tta=args.tta)
-    try:
-        main_cfg = RealEvalConfig(checkpoint=args.checkpoint, raw=args.raw, threshold=args.threshold,
-                                  min_size=args.min_size, work_dir=args.work_dir, out=None, choose_on=choose_on,
-                                  title="real-data cleft model (vnc_cleft)", training=training, **base)
-        reports = [evaluate_real(main_cfg)]
-        for ckpt, raw, title in args.compare or []:
-            reports.append(evaluate_real(RealEvalConfig(
-                checkpoint=ckpt, raw=raw, work_dir=os.path.join(args.work_dir, f"compare{len(reports)}"),
-                out=None, title=title, **base)))
-        if args.out:
-            cfg = main_cfg
-            pv = open_volume(os.path.join(os.path.abspath(cfg.work_dir), "predictions.zarr", "heldout"))
-            lv = open_volume(os.path.join(os.path.abspath(cfg.work_dir), "segment_heldout", "labels.zarr", "final"))
-            raw = _read_region(f"{cfg.volume.rstrip('/')}/{cfg.raw}", cfg.heldout)
-            true = _read_region(f"{cfg.volume.rstrip('/')}/synapses", cfg.heldout)
-            note = ""
-            if args.note_file:
-                with open(args.note_file) as f:
-                    note = f.read().strip()
-            write_real_report(reports, args.out, note=note,
-                              montage=(raw, true, lv.read(lv.roi), pv.read(pv.roi)[reports[0]["channel"]]))
-    except TrainError as e:
-        log.error("%s", e)
-        return 2
-    summary = {x["title"]: {"f1_iou": x["instance_iou_headline"]["f1"], "f1_iou_strict": x["instance_iou_strict"]["f1"],
-                            "f1_centroid": x["instance_centroid"]["f1"], "cremi_f1": x["cremi"]["f1"],
-                            "cremi_score_nm": x["cremi"]["cremi_score"]} for x in reports}
-    sys.stdout.write(json.dumps(summary, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def evaluate_with_comparisons(cfg: RealEvalConfig, compare: Sequence[tuple] = (), out: Optional[str] = None,
+                              note: str = "") -> list[dict]:
+    """:func:`evaluate_real` of ``cfg`` (its own ``out`` is not written) and of every
+    ``(checkpoint, raw, title)`` of ``compare`` on the same band and volume (work folders
+    ``<work_dir>/compare<k>``); with ``out``, one report of all of them with the montage of
+    ``cfg``'s model (:func:`write_real_report`). Returns the reports, ``cfg``'s first."""
+    cfg = replace(cfg, out=None)
+    reports = [evaluate_real(cfg)]
+    for ckpt, raw, title in compare:
+        reports.append(evaluate_real(RealEvalConfig(
+            checkpoint=ckpt, raw=raw, work_dir=os.path.join(cfg.work_dir, f"compare{len(reports)}"),
+            out=None, title=title, volume=cfg.volume, heldout=cfg.heldout, train_region=cfg.train_region,
+            torch_threads=cfg.torch_threads, device=cfg.device, tta=cfg.tta)))
+    if out:
+        pv = open_volume(os.path.join(os.path.abspath(cfg.work_dir), "predictions.zarr", "heldout"))
+        lv = open_volume(os.path.join(os.path.abspath(cfg.work_dir), "segment_heldout", "labels.zarr", "final"))
+        raw = _read_region(f"{cfg.volume.rstrip('/')}/{cfg.raw}", cfg.heldout)
+        true = _read_region(f"{cfg.volume.rstrip('/')}/synapses", cfg.heldout)
+        write_real_report(reports, out, note=note,
+                          montage=(raw, true, lv.read(lv.roi), pv.read(pv.roi)[reports[0]["channel"]]))
+    return reports

@@ -17,15 +17,13 @@ probabilities (``nt*Prob``); edges and neurons with the same sign are counted an
 
 Outputs (:func:`write_report`): ``real_tables.json``, ``real_tables.md``, ``real_tables.png``.
 
-CLI::
+:func:`build_report` runs both. CLI::
 
-    python -m cleftwise.train.evaluate_tables --data ../shared/data/tables --out docs [--repeats 10]
+    cleftwise evaluate-tables --data ../shared/data/tables --out docs [--repeats 10]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import tempfile
@@ -44,7 +42,7 @@ from cleftwise.storage.errors import StorageError
 from cleftwise.train.errors import TrainError
 from cleftwise.train.report_io import write_json_and_markdown
 
-__all__ = ["SEEDS_REFERENCE", "MANC_PROB_COLS", "microns_report", "manc_report", "write_report", "main"]
+__all__ = ["SEEDS_REFERENCE", "MANC_PROB_COLS", "microns_report", "manc_report", "build_report", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -450,34 +448,10 @@ def write_report(report: dict, out_dir: str, prefix: str = "real_tables") -> dic
     return {"json": js, "markdown": md, "figure": png}
 
 
-def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default=os.path.join("..", "shared", "data", "tables"),
-                   help="folder with microns-pinky100/ and manc-nt/")
-    p.add_argument("--out", default="docs", help="output folder for real_tables.{md,json,png}")
-    p.add_argument("--repeats", type=int, default=10, help="CV repeats (5 folds each)")
-    p.add_argument("--db", help="synapse DB URL for the MANC import (default: a temporary SQLite file)")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        report = {"generated": time.strftime("%Y-%m-%d"),
-                  "microns": microns_report(a.data, NeuronClassifierConfig(n_repeats=a.repeats)),
-                  "manc": manc_report(a.data, a.db)}
-    except (TrainError, PostprocessError, StorageError) as e:
-        print(f"error: {e}")
-        return 1
-    files = write_report(report, a.out)
-    m = report["microns"]["main"]["metrics"]
-    ag = report["manc"]["agreement"]
-    print(json.dumps({"microns": {k: round(m[k]["mean"], 4) for k in ("accuracy", "balanced_accuracy", "roc_auc")},
-                      "manc_edges_same_sign": {k: v["fraction_same"] for k, v in ag["edges"].items()},
-                      "manc_neurons_same_sign": {k: v["fraction_same"] for k, v in ag["all_neurons"].items()},
-                      "files": files}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def build_report(data_dir: str, repeats: int = 10, db_url: Optional[str] = None) -> dict:
+    """The MICrONS (``repeats`` CV repeats) and MANC reports of the tables under ``data_dir``
+    (``microns-pinky100/``, ``manc-nt/``); ``db_url``: synapse DB of the MANC import (default a
+    temporary SQLite file)."""
+    return {"generated": time.strftime("%Y-%m-%d"),
+            "microns": microns_report(data_dir, NeuronClassifierConfig(n_repeats=repeats)),
+            "manc": manc_report(data_dir, db_url)}

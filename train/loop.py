@@ -22,7 +22,6 @@ run. :func:`export_weights` writes a run's best (EMA) weights as a cleftwise che
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import glob
@@ -42,12 +41,13 @@ from torch import nn
 from cleftwise.models.checkpoint import load_model, resolve_device, save_checkpoint
 from cleftwise.models.errors import ModelError
 from cleftwise.models.rsunet import RSUNetConfig, build_rsunet, check_patch_shape
-from cleftwise.storage.config_io import to_dict
+from cleftwise.storage.config_io import from_dict, load_config, to_dict
 
 from cleftwise.train.data import (TARGET_CHANNEL_NAMES, DataConfig, PatchDataset, make_loader, open_sources,
                    target_channels)
-from cleftwise.train.errors import TrainError, load_as, parse_as
+from cleftwise.train.errors import TrainError
 from cleftwise.train.losses import LossConfig, compute_loss
+from cleftwise.train.schedule import EMA, lr_factor, unwrap as _unwrap
 
 __all__ = ["OptimConfig", "TrainConfig", "load_train_config", "parse_train_config", "EMA",
            "lr_factor", "train", "validate", "export_weights", "plot_curves", "latest_checkpoint",
@@ -183,61 +183,15 @@ def _init_from(model: nn.Module, cfg: TrainConfig, voxel_size: tuple) -> None:
 
 def parse_train_config(data: dict, where: str = "train config") -> TrainConfig:
     """A :class:`TrainConfig` from a plain dict; every error becomes a TrainError."""
-    return parse_as(TrainConfig, data, where)
+    return from_dict(TrainConfig, data, where, error=TrainError)
 
 
 def load_train_config(path: str) -> TrainConfig:
     """Read a training YAML into a :class:`TrainConfig` (unknown keys and bad values raise)."""
-    return load_as(TrainConfig, path)
+    return load_config(TrainConfig, path, error=TrainError)
 
 
 # -- pieces ---------------------------------------------------------------------------------
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The bare module under a ``torch.compile`` wrapper."""
-    return getattr(model, "_orig_mod", model)
-
-
-class EMA:
-    """Exponential moving average of a model's parameters (buffers are copied).
-
-    The effective decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so
-    early averages are not dominated by the random initialisation.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = float(decay)
-        self.model = copy.deepcopy(_unwrap(model)).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        src = _unwrap(model)
-        for e, p in zip(self.model.parameters(), src.parameters()):
-            e.mul_(d).add_(p.detach(), alpha=1.0 - d)
-        for e, b in zip(self.model.buffers(), src.buffers()):
-            e.copy_(b)
-        self.updates += 1
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "updates": self.updates, "decay": self.decay}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.updates = int(state["updates"])
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr at ``step`` (0-based): linear warm-up, then cosine to ``min_ratio``."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    span = max(1, total - warmup)
-    t = min(1.0, (step - warmup) / span)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-
 
 def _rng_state() -> dict:
     np_state = np.random.get_state()

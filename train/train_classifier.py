@@ -22,17 +22,14 @@ early-stopping state) continues exactly as the uninterrupted run would (on CPU: 
 
 CLI::
 
-    python -m cleftwise.train.train_classifier --config train/configs/ei_3d.yaml [--resume] [--threads 1]
+    cleftwise train-classifier --config train/configs/ei_3d.yaml [--resume] [--threads 1]
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import csv
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -47,14 +44,16 @@ from cleftwise.models.checkpoint import resolve_device, save_checkpoint
 from cleftwise.models.classifiers import CLASSIFIER_TYPES, build_classifier, classifier_config, use_fast_memory_format
 from cleftwise.models.errors import ModelError
 from cleftwise.postprocess.classify import predict_probs
-from cleftwise.storage.config_io import to_dict
+from cleftwise.storage.config_io import from_dict, load_config, to_dict
 
 from cleftwise.train.cubes import CubeDataConfig, CubeSet, build_cube_sets, crop_cubes, split_summary
-from cleftwise.train.errors import TrainError, load_as, parse_as
+from cleftwise.train.augment import CubeAugmentConfig
+from cleftwise.train.errors import TrainError
+from cleftwise.train.schedule import EMA, lr_factor
 
-__all__ = ["LossConfig", "AugmentConfig", "ClassifierTrainConfig", "load_classifier_config",
+__all__ = ["LossConfig", "CubeAugmentConfig", "ClassifierTrainConfig", "load_classifier_config",
            "parse_classifier_config", "model_config_for", "batch_indices", "augment_batch",
-           "classification_loss", "balanced_accuracy", "train_classifier", "TrainResult", "main"]
+           "classification_loss", "balanced_accuracy", "train_classifier", "TrainResult"]
 
 log = logging.getLogger(__name__)
 
@@ -81,36 +80,6 @@ class LossConfig:
 
 
 @dataclass
-class AugmentConfig:
-    """Training-time cube augmentation (validation/test cubes are never augmented)."""
-
-    enabled: bool = True
-    """False = no augmentation at all"""
-    shift: bool = True
-    """random shift of the cube within data.margin"""
-    flip_z: bool = True
-    """random flip along z"""
-    flip_yx: bool = True
-    """random flips along y and x"""
-    rot90: bool = True
-    """random in-plane rotation by k·90° (square in-plane cubes)"""
-    intensity_p: float = 0.8
-    """probability of the contrast/brightness/gamma change per cube"""
-    contrast: tuple[float, float] = (0.75, 1.25)
-    """contrast factor around the cube mean"""
-    brightness: float = 0.08
-    """largest brightness shift (intensity units, 1 = white)"""
-    gamma: tuple[float, float] = (0.8, 1.25)
-    """gamma range"""
-    noise_std: float = 0.03
-    """largest standard deviation of additive Gaussian noise"""
-    mixup_alpha: float = 0.0
-    """MixUp Beta(α, α) (0 = off)"""
-    mixup_p: float = 0.5
-    """probability that a batch is mixed (when mixup_alpha > 0)"""
-
-
-@dataclass
 class ClassifierTrainConfig:
     """One classifier training run (see module docstring)."""
 
@@ -126,7 +95,7 @@ class ClassifierTrainConfig:
     """the family's config (models.classifiers); input_shape / num_classes default from data"""
     loss: LossConfig = field(default_factory=LossConfig)
     """loss kind and class balancing"""
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: CubeAugmentConfig = field(default_factory=CubeAugmentConfig)
     """augmentation"""
     batch_size: int = 32
     """cubes per step"""
@@ -211,12 +180,12 @@ def model_config_for(cfg: ClassifierTrainConfig):
 
 def parse_classifier_config(data: dict, where: str = "classifier config") -> ClassifierTrainConfig:
     """A :class:`ClassifierTrainConfig` from a dict; every error becomes a TrainError."""
-    return parse_as(ClassifierTrainConfig, data, where)
+    return from_dict(ClassifierTrainConfig, data, where, error=TrainError)
 
 
 def load_classifier_config(path: str) -> ClassifierTrainConfig:
     """Read a classifier training YAML (unknown keys and bad values raise TrainError)."""
-    return load_as(ClassifierTrainConfig, path)
+    return load_config(ClassifierTrainConfig, path, error=TrainError)
 
 
 # ------------------------------------------------------------------------------------------
@@ -237,7 +206,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
 
 
 def augment_batch(cubes: np.ndarray, cube_shape: tuple, rng: np.random.Generator,
-                  cfg: AugmentConfig) -> np.ndarray:
+                  cfg: CubeAugmentConfig) -> np.ndarray:
     """Augmented float32 batch (n, *cube_shape) in [0, 1] from raw cubes (n, Z, Y, X) (uint8 or float).
 
     Random shift within the margin, flips, in-plane rot90 (square cubes), intensity changes.
@@ -301,33 +270,6 @@ def balanced_accuracy(true: np.ndarray, pred: np.ndarray, num_classes: int) -> f
     """Mean recall over the classes present in ``true``."""
     recalls = [float((pred[true == c] == c).mean()) for c in range(num_classes) if (true == c).any()]
     return float(np.mean(recalls)) if recalls else float("nan")
-
-
-def _lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-class _EMA:
-    """Exponential moving average of parameters (buffers copied); decay ramps up early."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.mul_(d).add_(p.detach(), alpha=1.0 - d)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
-        self.updates += 1
 
 
 def _class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -414,7 +356,7 @@ def train_classifier(cfg: ClassifierTrainConfig, resume: bool = False, stop_at: 
     torch.manual_seed(cfg.seed)
     model = use_fast_memory_format(build_classifier(cfg.model_type, mcfg).to(device))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = _EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     weights = _class_weights(train_set.labels, nc) if cfg.loss.class_balanced else None
     ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -480,7 +422,7 @@ def train_classifier(cfg: ClassifierTrainConfig, resume: bool = False, stop_at: 
             x = lam * x + (1 - lam) * x[perm]
             t = lam * t + (1 - lam) * t[perm]
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+            g["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             logits = model(x)
         loss = classification_loss(logits, t, cfg.loss, weights)
@@ -547,45 +489,3 @@ def _voxel_size(cfg: ClassifierTrainConfig) -> tuple:
     if len(sizes) != 1:
         raise TrainError(f"data.sources have different voxel sizes {sorted(sizes)}; resample them to one")
     return sizes.pop()
-
-
-# ------------------------------------------------------------------------------------------
-# CLI
-# ------------------------------------------------------------------------------------------
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="training YAML (ClassifierTrainConfig)")
-    p.add_argument("--run-dir", help="override run_dir")
-    p.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/last.pt")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--max-minutes", type=float, help="wall-time budget of this process")
-    p.add_argument("--max-steps", type=int, help="override max_steps")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p
-
-
-def main(argv: Optional[list] = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    try:
-        cfg = load_classifier_config(args.config)
-        if args.run_dir:
-            cfg.run_dir = args.run_dir
-        if args.threads is not None:
-            cfg.threads = args.threads
-        if args.max_minutes is not None:
-            cfg.max_minutes = args.max_minutes
-        if args.max_steps is not None:
-            cfg.max_steps = args.max_steps
-        res = train_classifier(cfg, resume=args.resume)
-    except TrainError as e:
-        log.error("%s", e)
-        return 2
-    print(json.dumps({k: v for k, v in res.__dict__.items()}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

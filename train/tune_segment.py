@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Choose the segment step's threshold and minimum size on a *validation* volume.
 
-``python train/tune_segment.py --checkpoint models/weights/rsunet_polarity.pt --volume val.zarr``
+``cleftwise tune-segment --checkpoint models/weights/rsunet_polarity.pt --volume val.zarr``
 
 Predicts the volume once (blockwise, as the pipeline does), then runs the segment + partners
 passes for every (threshold, min_size) pair and scores instance F1 (IoU >= 0.5) and pre/post
@@ -14,22 +13,16 @@ Use a validation volume, never the test volume the report is made on.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
+from typing import Optional, Sequence
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if __name__ == "__main__" and sys.path and os.path.abspath(sys.path[0]) == _HERE:
-    sys.path[0] = os.path.dirname(_HERE)
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from cleftwise.postprocess.predict import PredictConfig, PredictTask  # noqa: E402
-from cleftwise.blockwise.runner import BackendConfig, run_task  # noqa: E402
-from cleftwise.postprocess.metrics import assignment_metrics, instance_f1, table_labels, true_partners  # noqa: E402
-from cleftwise.postprocess.segment import PartnersTask, SegmentConfig, segment_tasks  # noqa: E402
-from cleftwise.storage.volume import open_volume  # noqa: E402
+from cleftwise.blockwise.runner import BackendConfig, run_task
+from cleftwise.postprocess.metrics import assignment_metrics, instance_f1, table_labels, true_partners
+from cleftwise.postprocess.predict import PredictConfig, PredictTask
+from cleftwise.postprocess.segment import PartnersTask, SegmentConfig, segment_tasks
+from cleftwise.storage.volume import open_volume
 
 
 def sweep(checkpoint: str, volume: str, work: str, thresholds, min_sizes, stride=None,
@@ -103,44 +96,27 @@ def _neuron_fraction(sc: SegmentConfig) -> dict:
     return dict(zip(merged["id"].astype("int64"), merged["neuron_fraction"]))
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--volume", required=True, nargs="+",
-                   help="validation zarr(s) with raw/neurons/synapses/polarity; counts are summed over them")
-    p.add_argument("--work-dir", default="runs/tune_segment")
-    p.add_argument("--thresholds", type=float, nargs="+", default=[0.4, 0.5, 0.6])
-    p.add_argument("--min-sizes", type=int, nargs="+", default=[200, 1000, 2000, 4000])
-    p.add_argument("--stride", type=int, nargs=3)
-    p.add_argument("--partner-rule", default="contrast", choices=["majority", "contrast"])
-    p.add_argument("--neuron-fractions", type=float, nargs="*", default=[],
-                   help="max_neuron_fraction values to try besides no filter")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tta", action="store_true", help="predict with test-time augmentation (8 flips)")
-    p.add_argument("--out", help="JSON file for the table")
-    args = p.parse_args(argv)
+def sweep_volumes(checkpoint: str, volumes: Sequence[str], work_dir: str, thresholds, min_sizes, stride=None,
+                  partner_rule: str = "contrast", threads: int = 2, neuron_fractions=(),
+                  tta: bool = False) -> list[dict]:
+    """:func:`sweep` on every volume (work folder ``work_dir``, or ``work_dir/v<k>`` for several);
+    ``neuron_fractions`` are tried besides no filter. One dict per volume and setting, with
+    ``volume``."""
     rows = []
-    for k, volume in enumerate(args.volume):
-        work = args.work_dir if len(args.volume) == 1 else os.path.join(args.work_dir, f"v{k}")
-        for row in sweep(args.checkpoint, volume, work, args.thresholds, args.min_sizes, args.stride,
-                         partner_rule=args.partner_rule, threads=args.threads,
-                         neuron_fractions=[None] + list(args.neuron_fractions), tta=args.tta):
+    for k, volume in enumerate(volumes):
+        work = work_dir if len(volumes) == 1 else os.path.join(work_dir, f"v{k}")
+        for row in sweep(checkpoint, volume, work, thresholds, min_sizes, stride,
+                         partner_rule=partner_rule, threads=threads,
+                         neuron_fractions=[None] + list(neuron_fractions), tta=tta):
             rows.append({"volume": volume, **row})
-    df = aggregate(pd.DataFrame(rows))
-    sys.stdout.write(df.round(3).to_string(index=False) + "\n")
-    df["nf_sort"] = df["max_neuron_fraction"].fillna(2.0)  # ties: the weakest filter
+    return rows
+
+
+def best_setting(summed: pd.DataFrame) -> dict:
+    """The best row of :func:`aggregate`'s table by F1 (ties: larger min_size, then the weakest
+    neuron filter): ``{threshold, min_size, max_neuron_fraction, f1}``."""
+    df = summed.assign(nf_sort=summed["max_neuron_fraction"].fillna(2.0))
     best = df.sort_values(["f1", "min_size", "nf_sort"], ascending=[False, False, False]).iloc[0]
-    nf = None if pd.isna(best["max_neuron_fraction"]) else float(best["max_neuron_fraction"])
-    sys.stdout.write(f"best on {', '.join(args.volume)}: threshold {best['threshold']}, min_size "
-                     f"{int(best['min_size'])}, max_neuron_fraction {nf} (F1 {best['f1']:.3f})\n")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"volumes": args.volume, "checkpoint": args.checkpoint, "rows": rows,
-                       "summed": df.drop(columns="nf_sort").to_dict(orient="records"),
-                       "best": {"threshold": float(best["threshold"]), "min_size": int(best["min_size"]),
-                                "max_neuron_fraction": nf}}, f, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    nf: Optional[float] = None if pd.isna(best["max_neuron_fraction"]) else float(best["max_neuron_fraction"])
+    return {"threshold": float(best["threshold"]), "min_size": int(best["min_size"]),
+            "max_neuron_fraction": nf, "f1": float(best["f1"])}

@@ -31,6 +31,7 @@ import pandas as pd
 
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.db.base import ONE_BATCH, SynapseStore
+from cleftwise.storage.db.urls import redact
 from cleftwise.storage.db.schema import (
     COLUMN_NAMES,
     SCHEMA_KIND,
@@ -46,11 +47,6 @@ log = logging.getLogger(__name__)
 _DUPLICATE_KEY = 11000
 _mock_lock = threading.Lock()
 _mock_clients: dict[str, Any] = {}
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
-    return re.sub(r"(://[^:/@]+:)[^@/]*@", r"\1***@", url)
 
 
 def _patch_mongomock() -> None:

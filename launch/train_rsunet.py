@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Train an RSUNet synapse model: ``python train/train_rsunet.py --config train.yaml``.
+"""Train an RSUNet synapse model: ``cleftwise train-rsunet --config train.yaml``.
 
-Thin CLI over :func:`cleftwise.train.loop.train`: parse → :class:`~train.loop.TrainConfig` → train →
-optionally export the best (EMA) weights as a cleftwise checkpoint for the predict step.
+Thin CLI over :func:`cleftwise.train.loop.train`: parse → :class:`~cleftwise.train.loop.TrainConfig`
+→ train → optionally export the best (EMA) weights as a cleftwise checkpoint for the predict step.
+Also ``python launch/train_rsunet.py``.
 """
 
 from __future__ import annotations
@@ -10,20 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0]) == _HERE:  # run as a script: import from the repo root
-    sys.path[0] = os.path.dirname(_HERE)
-
-from cleftwise.train.errors import TrainError  # noqa: E402
-from cleftwise.train.loop import export_weights, load_train_config, train  # noqa: E402
+from cleftwise.launch._common import new_parser
+from cleftwise.train.errors import TrainError
+from cleftwise.train.loop import export_weights, load_train_config, train
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = new_parser(description=__doc__.splitlines()[0],
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", required=True, help="training YAML (see train/configs/)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of run_dir")

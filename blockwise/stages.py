@@ -1,0 +1,204 @@
+"""Stages: named groups of blockwise steps that register themselves and run in order.
+
+A stage is one :class:`Stage` record: its name, its own config dataclass (one section of the
+run's config, named after the stage), the stages whose outputs it reads (``after``), and
+either ``steps`` (a function building its :class:`~cleftwise.blockwise.step.BlockStep` passes,
+called lazily, pass by pass, because a later pass may read an earlier one's outputs) or ``run``
+(a function doing a small non-blockwise job in the driver). A :class:`Registry` holds the
+stages of an application in run order; nothing else dispatches on stage names.
+
+What the engine does with them (:func:`run_stages`):
+
+- each step resumes through its ledger; a step whose identity (config fields that change its
+  output) changed since its ledger was written is re-run from scratch when the stage allows
+  it (``rerun_on_change``), else refused as before (``--overwrite`` to discard);
+- a stage that did work (processed blocks, or a ``finish`` that rewrote its outputs) drops the
+  ledgers of every stage downstream of it, so those run again on their new inputs — and only
+  those: changing the partner rule re-runs partners and what follows, never the segmentation.
+
+Knows nothing of synapses: the run config is opaque here (stage sections are its attributes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+from cleftwise.blockwise.errors import BlockwiseError
+from cleftwise.blockwise.ledger import Ledger, job_identity
+from cleftwise.blockwise.runner import BackendConfig, run_task, task_status
+from cleftwise.blockwise.step import BlockStep
+
+__all__ = ["Stage", "Registry", "run_stages", "stages_status", "preflight_stages", "drop_stage"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One registered stage (see the module docstring)."""
+
+    name: str
+    """stage name: the key of its config section and of ``--stages``"""
+    config: type
+    """its config dataclass (the section ``<name>:`` of the run config)"""
+    work_dir: Callable[[Any], str]
+    """run config → folder of this stage's ledgers and scratch files"""
+    after: tuple = ()
+    """stages whose outputs it reads (they run first; their changes re-run this one)"""
+    steps: Optional[Callable[[Any, Any], Iterable[BlockStep]]] = None
+    """(run config, stage config) → its blockwise passes, in order (built lazily)"""
+    run: Optional[Callable[[Any, Any], dict]] = None
+    """(run config, stage config) → summary: a non-blockwise stage run in the driver"""
+    skip: Optional[Callable[[Any, Any], Optional[str]]] = None
+    """(run config, stage config) → a reason to skip the stage, or None"""
+    preflight: Optional[Callable[[Any, Any], None]] = None
+    """(run config, stage config) → raises if the stage's inputs are unusable (before any work)"""
+    rerun_on_change: bool = True
+    """re-run from scratch when the identity changed (False: refuse; --overwrite discards)"""
+    doc: str = ""
+    """one line for the config reference"""
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.run is None):
+            raise BlockwiseError(f"stage {self.name}: give exactly one of steps or run")
+        if not dataclasses.is_dataclass(self.config):
+            raise BlockwiseError(f"stage {self.name}: config must be a dataclass")
+
+
+class Registry:
+    """The stages of an application, in registration (= run) order."""
+
+    def __init__(self, *stages: Stage):
+        self._stages: dict[str, Stage] = {}
+        for s in stages:
+            self.register(s)
+
+    def register(self, stage: Stage) -> Stage:
+        if stage.name in self._stages:
+            raise BlockwiseError(f"stage {stage.name!r} is registered twice")
+        missing = [a for a in stage.after if a not in self._stages]
+        if missing:
+            raise BlockwiseError(f"stage {stage.name!r} runs after {missing}, which are not registered "
+                                 "before it")
+        self._stages[stage.name] = stage
+        return stage
+
+    @property
+    def names(self) -> tuple:
+        return tuple(self._stages)
+
+    def __iter__(self):
+        return iter(self._stages.values())
+
+    def __getitem__(self, name: str) -> Stage:
+        return self._stages[name]
+
+    def check(self, names: Iterable[str]) -> tuple:
+        """``names`` in run order; unknown names raise :class:`BlockwiseError`."""
+        names = tuple(names)
+        unknown = [n for n in names if n not in self._stages]
+        if unknown:
+            raise BlockwiseError(f"unknown stage(s) {unknown}; stages are {', '.join(self.names)}")
+        return tuple(n for n in self._stages if n in names)
+
+    def downstream(self, name: str) -> list[str]:
+        """Every stage that reads ``name``'s outputs, directly or through others, in run order."""
+        out: list[str] = []
+        for s in self._stages.values():
+            if any(a == name or a in out for a in s.after):
+                out.append(s.name)
+        return out
+
+
+def _changed_identity(step: BlockStep) -> Optional[list]:
+    """The settings that changed since ``step``'s ledger was written (None: same or no ledger)."""
+    old = Ledger(step.ledger_path()).read_job()
+    if old is None:
+        return None
+    settings = step.job_settings()
+    if old.get("identity") == job_identity(settings):
+        return None
+    import json
+
+    before = old.get("settings", {})
+    return sorted(k for k in set(before) | set(settings)
+                  if json.dumps(before.get(k), sort_keys=True, default=str)
+                  != json.dumps(settings.get(k), sort_keys=True, default=str))
+
+
+def drop_stage(registry: Registry, run_cfg: Any, name: str) -> None:
+    """Forget that ``name`` ran: its ledgers go (outputs are recreated when it runs again)."""
+    ledgers = os.path.join(os.path.abspath(registry[name].work_dir(run_cfg)), "ledger")
+    if os.path.isdir(ledgers):
+        log.info("stage %s: its inputs changed, it will run again (%s dropped)", name, ledgers)
+        shutil.rmtree(ledgers)
+
+
+def preflight_stages(registry: Registry, run_cfg: Any, names: Iterable[str]) -> None:
+    """Run the ``preflight`` checks of the stages ``names`` (not skipped) before any work."""
+    for name in registry.check(names):
+        stage = registry[name]
+        cfg = getattr(run_cfg, name)
+        if stage.preflight and not (stage.skip and stage.skip(run_cfg, cfg)):
+            stage.preflight(run_cfg, cfg)
+
+
+def run_stages(registry: Registry, run_cfg: Any, names: Iterable[str], backend: BackendConfig,
+               overwrite: bool = False) -> dict:
+    """Run the stages ``names`` of ``registry`` in order; returns per-stage reports and seconds."""
+    summary: dict = {"stages": {}, "seconds": {}}
+    for name in registry.check(names):
+        stage = registry[name]
+        cfg = getattr(run_cfg, name)
+        t0 = time.perf_counter()
+        reason = stage.skip(run_cfg, cfg) if stage.skip else None
+        if reason:
+            log.warning("stage %s: skipped, %s", name, reason)
+            summary["stages"][name] = {"skipped": reason}
+            continue
+        log.info("stage %s: start", name)
+        if stage.run is not None:
+            summary["stages"][name] = stage.run(run_cfg, cfg)
+        else:
+            reports, did_work = [], False
+            for step in stage.steps(run_cfg, cfg):
+                fresh = overwrite
+                changed = None if overwrite else _changed_identity(step)
+                if changed and stage.rerun_on_change:
+                    log.info("%s: settings changed (%s): running it again from scratch", step.name,
+                             ", ".join(changed))
+                    fresh = True
+                report = run_task(step, backend, overwrite=fresh)
+                did_work |= report.processed > 0 or bool(report.extra.get("rewrote"))
+                reports.append(report.to_dict())
+            if did_work:
+                for later in registry.downstream(name):
+                    drop_stage(registry, run_cfg, later)
+            summary["stages"][name] = reports[0] if len(reports) == 1 else reports
+        summary["seconds"][name] = round(time.perf_counter() - t0, 2)
+        log.info("stage %s: end (%.1f s)", name, time.perf_counter() - t0)
+    return summary
+
+
+def stages_status(registry: Registry, run_cfg: Any) -> dict:
+    """Per blockwise step: blocks done/remaining/failed (steps whose inputs do not exist yet:
+    ``not_started`` with the reason)."""
+    out: dict = {}
+    for stage in registry:
+        cfg = getattr(run_cfg, stage.name)
+        if stage.steps is None or (stage.skip and stage.skip(run_cfg, cfg)):
+            continue
+        try:
+            for step in stage.steps(run_cfg, cfg):
+                st = task_status(step)
+                out[step.name] = {"total": st.total, "done": st.done, "remaining": st.remaining,
+                                  "failed": st.failed}
+        except Exception as e:  # noqa: BLE001 - a stage whose inputs are missing is "not started"
+            out.setdefault(stage.name, {"not_started": str(e).splitlines()[0]})
+    return out

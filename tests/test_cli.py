@@ -1,0 +1,130 @@
+"""The ``cleftwise`` command and the launch scripts: subcommands, --help, --version, errors."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import cleftwise
+from cleftwise.launch import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VERSION = f"cleftwise {cleftwise.__version__}"
+SUBCOMMANDS = ["predict", "query", "export", "import-stack", "import-synapses", "make-synthetic",
+               "config-reference", "train-rsunet", "train-classifier", "evaluate", "evaluate-classifier",
+               "evaluate-real", "evaluate-tables", "tune-segment", "cv-folds"]
+# the folders installed as cleftwise.<layer> and the benchmarks: no sys.path edits anywhere
+CODE_DIRS = ["blockwise", "models", "postprocess", "storage", "train", "launch", "benchmarks"]
+
+
+def _cleftwise() -> list:
+    """The installed console script beside this interpreter (else on PATH), or ``python -m``."""
+    here = os.path.join(os.path.dirname(sys.executable), "cleftwise")
+    script = here if os.access(here, os.X_OK) else shutil.which("cleftwise")
+    return [script] if script else [sys.executable, "-m", "cleftwise.launch.cli"]
+
+
+def _run(args, **kw):
+    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120, **kw)
+
+
+@pytest.fixture(scope="module")
+def helps():
+    """``cleftwise <sub> --help`` for every subcommand, run side by side: {sub: CompletedProcess}."""
+    procs = {sub: subprocess.Popen(_cleftwise() + [sub, "--help"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=REPO) for sub in SUBCOMMANDS}
+    out = {}
+    for sub, p in procs.items():
+        stdout, stderr = p.communicate(timeout=180)
+        out[sub] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+    return out
+
+
+def test_subcommands_cover_every_launch_script():
+    assert list(cli.COMMANDS) == SUBCOMMANDS
+    scripts = {f[:-3] for f in os.listdir(os.path.join(REPO, "launch"))
+               if f.endswith(".py") and not f.startswith("_") and f != "cli.py"}
+    assert {module for module, _ in cli.COMMANDS.values()} == scripts
+
+
+def test_version():
+    r = _run(_cleftwise() + ["--version"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == VERSION
+
+
+def test_help_lists_commands_without_importing_them():
+    r = _run([sys.executable, "-c", "import sys\nfrom cleftwise.launch import cli\ntry:\n    cli.main(['--help'])\n"
+              "except SystemExit as e:\n    assert e.code == 0, e.code\n"
+              "print(sorted(m for m in sys.modules if m.startswith('cleftwise.') and m not in "
+              "('cleftwise.launch', 'cleftwise.launch.cli', 'cleftwise.launch._common')))"])
+    assert r.returncode == 0, r.stderr
+    for sub in SUBCOMMANDS:
+        assert f"\n  {sub} " in r.stdout
+    assert r.stdout.strip().endswith("[]"), "cleftwise --help imported a command module"
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_subcommand_help(helps, sub):
+    r = helps[sub]
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"usage: cleftwise {sub} ")
+    assert "--version" in r.stdout
+
+
+def test_predict_help_and_subcommand_version():
+    r = _run(_cleftwise() + ["predict", "--help"])
+    assert r.returncode == 0, r.stderr
+    assert "--config" in r.stdout and "--demo" in r.stdout
+    r = _run(_cleftwise() + ["query", "--version"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == VERSION
+
+
+def test_scripts_run_as_files_and_as_modules():
+    r = _run([sys.executable, os.path.join("launch", "predict_volume.py"), "--version"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == VERSION
+    r = _run([sys.executable, os.path.join("launch", "predict_volume.py"), "--help"])
+    assert r.returncode == 0 and "usage: predict_volume.py" in r.stdout, r.stderr
+    r = _run([sys.executable, "-m", "cleftwise.launch.query_synapses", "--help"])
+    assert r.returncode == 0, r.stderr
+    assert "--db" in r.stdout
+
+
+def test_unknown_subcommand_and_no_subcommand():
+    r = _run(_cleftwise() + ["frobnicate", "--x"])
+    assert r.returncode == 2
+    assert "unknown command 'frobnicate'" in r.stderr and "predict" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = _run(_cleftwise() + ["--frobnicate"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = _run(_cleftwise())
+    assert r.returncode == 2 and "<command>" in r.stderr
+
+
+def test_in_process_dispatch_passes_the_arguments(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["cv-folds", "--fold", "a", "--cut-y-nm", "1", "--run-root", "r", "--stage", "x.yaml",
+                  "--first-stage", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: cleftwise cv-folds ") and "--first-stage must be >= 1" in err
+
+
+def test_no_sys_path_edits():
+    offenders = []
+    for d in CODE_DIRS:
+        for root, dirs, files in os.walk(os.path.join(REPO, d)):
+            dirs[:] = [x for x in dirs if not x.startswith((".", "__pycache__"))]
+            for f in files:
+                if f.endswith(".py"):
+                    with open(os.path.join(root, f), encoding="utf-8") as fh:
+                        if "sys.path" in fh.read():
+                            offenders.append(os.path.relpath(os.path.join(root, f), REPO))
+    with open(os.path.join(REPO, "__init__.py"), encoding="utf-8") as fh:
+        if "sys.path" in fh.read():
+            offenders.append("__init__.py")
+    assert offenders == []
