@@ -12,7 +12,7 @@ Compared, each in a fresh subprocess (so peak memory is clean), repeated and the
   (26-connected) + size filter (``fastremap.unique`` counts + ``fastremap.mask``) +
   ``fastremap.renumber``; in memory, nothing written. The time of writing the labels to zarr
   is measured separately (``global_write_s``) for context.
-- **blockwise, local x1**: ``segment_tasks`` (label → stitch + resolve → relabel) on the local
+- **blockwise, local x1**: ``segment_passes`` (label → stitch + resolve → relabel) on the local
   backend, everything (per-block reads, per-instance statistics, face labels, the final uint64
   label volume, parquet/npz records, ledgers) included.
 - **blockwise, daisy x2**: the same on the daisy backend with 2 worker processes (worker
@@ -144,7 +144,7 @@ def child(mode: str, work: str, block: tuple, out_name: str, profile: bool = Fal
 
     if mode != "global":  # import everything the mode needs before the RSS baseline
         from cleftwise.blockwise.runner import BackendConfig, run_task
-        from cleftwise.postprocess.segment import SegmentConfig, segment_tasks
+        from cleftwise.postprocess.segment import SegmentConfig, segment_passes
     pred_url = pred_url or os.path.join(work, "pred.zarr", "pred")
     rss_before = psutil.Process().memory_info().rss
     res: dict = {"mode": mode, "rss_before": rss_before}
@@ -168,7 +168,7 @@ def child(mode: str, work: str, block: tuple, out_name: str, profile: bool = Fal
     backend = BackendConfig("local", progress=False) if mode == "local" else \
         BackendConfig("daisy", workers=2, progress=False)
     cfg = SegmentConfig(predictions=pred_url, output=os.path.join(work, out_name, "synapses"),
-                        work_dir=os.path.join(work, out_name + "_work"), union_channel=0,
+                        work_dir=os.path.join(work, out_name + "_work"), channel="cleft",
                         threshold=THRESHOLD, connectivity=CONNECTIVITY, min_size=MIN_SIZE,
                         block_shape=block)
     prof = None
@@ -179,7 +179,7 @@ def child(mode: str, work: str, block: tuple, out_name: str, profile: bool = Fal
         prof.enable()
     stages = {}
     c0, t0 = _cpu_seconds(), time.perf_counter()
-    for task in segment_tasks(cfg):
+    for task in segment_passes(cfg):
         ts = time.perf_counter()
         rep = run_task(task, backend, overwrite=True)
         stages[task.name] = {"wall_s": time.perf_counter() - ts, "blocks_s": rep.seconds,
@@ -515,7 +515,7 @@ def main(argv=None) -> dict:
             "counted": {
                 "global": "TensorStore read of the whole (1, z, y, x) volume, threshold, cc3d, "
                           "size filter (fastremap.unique + mask), fastremap.renumber; in memory",
-                "blockwise": "segment_tasks: per-block read + threshold + cc3d + per-instance "
+                "blockwise": "segment_passes: per-block read + threshold + cc3d + per-instance "
                              "statistics + parquet records + boundary faces (npz); per-block face "
                              "reads + equivalence pairs; driver union-find + size filter; per-block "
                              "read + threshold + cc3d again + final uint64 zarr write; ledgers; "

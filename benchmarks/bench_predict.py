@@ -4,7 +4,7 @@ One run measures, on one uint8 EM volume and one small, seeded RSUNet (CPU, 2 to
 
 (a) **forward**: only ``model(x)`` over exactly the patches the engine evaluates (the global-grid
     origins of every block, grouped in the engine's batches), inputs prepared beforehand;
-(b) **engine**: ``run_task(PredictTask(cfg), BackendConfig("local"))`` end to end (checkpoint
+(b) **engine**: ``run_task(PredictStep(cfg), BackendConfig("local"))`` end to end (checkpoint
     load, TensorStore read, batched forward, blending, uint8 conversion, zarr write, ledger),
     once with several blocks and once with one block = the whole volume;
 (c) **MONAI**: ``monai.inferers.sliding_window_inference`` with overlap 0.5 and Gaussian
@@ -39,7 +39,7 @@ import numpy as np
 import psutil
 import torch
 
-from cleftwise.postprocess.predict import PredictConfig, PredictTask
+from cleftwise.postprocess.predict import PredictConfig, PredictStep
 from cleftwise.blockwise.runner import BackendConfig, run_task
 from cleftwise.blockwise.sliding_window import (TorchPredictor, blend_window, grid_origins,
                                       patch_origins, predict_region, to_uint8)
@@ -173,7 +173,7 @@ def make_raw(shape: tuple, seed: int, source: str) -> tuple[np.ndarray, str]:
     return rng.integers(0, 256, shape, dtype=np.uint8), f"uniform random uint8 (seed {seed})"
 
 
-def engine_batches(task: PredictTask, batch_size: int, min_batch: int = 2
+def engine_batches(task: PredictStep, batch_size: int, min_batch: int = 2
                    ) -> tuple[list[np.ndarray], int]:
     """The (B, 3) patch origins (voxels) of every batch the engine feeds the model: per block
     the global-grid patches overlapping its write region, in lexicographic order, in batches of
@@ -212,7 +212,7 @@ def time_forward(model, tensors: list[torch.Tensor]) -> float:
 
 def time_engine(cfg: PredictConfig) -> float:
     t0 = time.perf_counter()
-    run_task(PredictTask(cfg), BackendConfig("local", progress=False), overwrite=True)
+    run_task(PredictStep(cfg), BackendConfig("local", progress=False), overwrite=True)
     return time.perf_counter() - t0
 
 
@@ -255,7 +255,7 @@ def profile_engine(cfg: PredictConfig, top: int = 18) -> list[dict]:
     """cProfile one engine run; the ``top`` functions by own time."""
     prof = cProfile.Profile()
     prof.enable()
-    run_task(PredictTask(cfg), BackendConfig("local", progress=False), overwrite=True)
+    run_task(PredictStep(cfg), BackendConfig("local", progress=False), overwrite=True)
     prof.disable()
     stats = pstats.Stats(prof, stream=io.StringIO())
     rows = []
@@ -385,7 +385,7 @@ def main(argv=None) -> dict:
         cfgs = {"whole": pcfg("whole", setup.shape), "blocks": pcfg("blocks", setup.block)}
         tensors, npatches, real, nblocks = {}, {}, {}, {}
         for key, cfg in cfgs.items():
-            task = PredictTask(cfg)
+            task = PredictStep(cfg)
             batches, real[key] = engine_batches(task, setup.batch_size)
             tensors[key] = forward_inputs(raw, batches, setup.patch)
             npatches[key] = int(sum(len(b) for b in batches))  # incl. min-batch padding

@@ -37,11 +37,12 @@ from cleftwise.postprocess.preflight import check_db, check_neurons
 from cleftwise.blockwise.step import BlockStep
 from cleftwise.postprocess.errors import PostprocessError
 from cleftwise.postprocess.partners import dilation_radius_voxels, merge_partner_votes, partner_votes_block
+from cleftwise.postprocess.segment import SegmentConfig
 from cleftwise.postprocess.polarity import assign_sides, merge_polarity_stats, polarity_stats_block
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.volume import open_volume
 
-__all__ = ["PartnersConfig", "PartnersStep", "synapse_table", "write_records", "POLARITY_CHANNELS",
+__all__ = ["PartnersConfig", "PartnersStep", "synapse_table", "write_records", "partners_config", "POLARITY_CHANNELS",
            "ONE_NEURON_FLAG", "STAGE"]
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,14 @@ class PartnersStep(BlockStep):
         says the DB already holds exactly these records)."""
         n, wrote = write_records(self, synapse_table(self))
         return {"synapses_in_db": n, "rewrote": wrote}
+
+
+def partners_config(segment: SegmentConfig, db: str, work_dir: str, **settings) -> PartnersConfig:
+    """A partners config reading what the segment run ``segment`` wrote (predictions, labels,
+    instances, block shape), writing records to ``db``; ``settings`` are PartnersConfig fields."""
+    return PartnersConfig(predictions=segment.predictions, labels=segment.output,
+                          instances=os.path.join(segment.work_dir, "instances.parquet"), db=db,
+                          work_dir=work_dir, block_shape=tuple(segment.block_shape), **settings)
 
 
 def _nm(vox: np.ndarray, axis: int, roi: Roi, vs: Coordinate) -> np.ndarray:

@@ -312,15 +312,14 @@ class SegmentRelabel(_SegmentPass):
         w["out"].write(block.write_roi, apply_lut(lut, local, mask, out=buffers[local.shape]))
 
 
-def segment_passes(cfg: SegmentConfig):
-    """The three passes of the segment stage, each built when the previous one finished
-    (later passes read its outputs)."""
-    for cls in (SegmentLabel, SegmentStitch, SegmentRelabel):
-        yield cls(cfg)
+def segment_passes(cfg: SegmentConfig) -> list:
+    """The three passes of the segment stage, in order (a later pass reads an earlier one's
+    outputs when it runs, so run them in this order)."""
+    return [SegmentLabel(cfg), SegmentStitch(cfg), SegmentRelabel(cfg)]
 
 
 def _segment_steps(run, cfg: SegmentConfig):
-    yield from segment_passes(SegmentConfig(**{
+    return segment_passes(SegmentConfig(**{
         **asdict(cfg), "predictions": cfg.predictions or run.predictions_url,
         "output": cfg.output or run.labels_url, "work_dir": cfg.work_dir or run.stage_dir("segment")}))
 

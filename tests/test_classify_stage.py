@@ -15,7 +15,7 @@ import torch
 from cleftwise.blockwise.runner import BackendConfig, run_task, task_status
 from cleftwise.models.checkpoint import save_checkpoint
 from cleftwise.models.classifiers import VGG3D, VGG3DConfig
-from cleftwise.postprocess.classify import ClassifyConfig, ClassifyTask, classify_table
+from cleftwise.postprocess.classify import ClassifyConfig, ClassifyStep, classify_table
 from cleftwise.postprocess.errors import PostprocessError
 from cleftwise.storage.db import open_store
 from cleftwise.storage.volume import create_volume
@@ -80,7 +80,7 @@ def _assert_equal_to_reference(cfg, got):
 
 def test_blockwise_equals_one_shot_and_fills_each_synapse_once(setup):
     cfg, recs = setup
-    task = ClassifyTask(cfg)
+    task = ClassifyStep(cfg)
     report = run_task(task, BackendConfig(progress=False))
     assert report.total == len(task.blocks()) == 3 * 3 * 3
     index = pd.read_parquet(task.index_path)
@@ -98,14 +98,14 @@ def test_blockwise_equals_one_shot_and_fills_each_synapse_once(setup):
     # the checkpoint's τ is applied: E iff p(E) >= τ
     assert ((got["ei_prob"] >= 0.5) == (got["ei_label"] == "E")).all()
     # a second run is a no-op (all blocks done)
-    again = run_task(ClassifyTask(cfg), BackendConfig(progress=False))
+    again = run_task(ClassifyStep(cfg), BackendConfig(progress=False))
     assert again.processed == 0 and again.skipped == report.total
 
 
 def test_threshold_override_changes_labels_only(setup, tmp_path):
     cfg, _ = setup
     cfg.threshold = 0.8
-    run_task(ClassifyTask(cfg), BackendConfig(progress=False))
+    run_task(ClassifyStep(cfg), BackendConfig(progress=False))
     got = _db(cfg)
     assert ((got["ei_prob"] >= 0.8) == (got["ei_label"] == "E")).all()
 
@@ -114,9 +114,9 @@ _KILL_SCRIPT = textwrap.dedent("""
     import contextlib, json, os, signal, sys
     sys.path.insert(0, {repo!r})
     from cleftwise.blockwise.runner import BackendConfig, run_task
-    from cleftwise.postprocess.classify import ClassifyConfig, ClassifyTask
+    from cleftwise.postprocess.classify import ClassifyConfig, ClassifyStep
 
-    class KilledTask(ClassifyTask):
+    class KilledTask(ClassifyStep):
         @contextlib.contextmanager
         def worker(self):
             with super().worker() as fn:
@@ -141,7 +141,7 @@ def test_resume_after_kill9_fills_everything_equal_to_one_shot(setup, tmp_path):
     proc = subprocess.run([sys.executable, str(script), json.dumps(args)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    task = ClassifyTask(cfg)
+    task = ClassifyStep(cfg)
     status = task_status(task)
     assert status.done == 9, status  # the 10th block wrote but was not marked done
     partial = _db(cfg)
@@ -155,19 +155,19 @@ def test_resume_after_kill9_fills_everything_equal_to_one_shot(setup, tmp_path):
 
 def test_changed_db_refuses_resume_until_overwrite(setup):
     cfg, recs = setup
-    run_task(ClassifyTask(cfg), BackendConfig(progress=False))
+    run_task(ClassifyStep(cfg), BackendConfig(progress=False))
     with open_store(cfg.db) as db:  # a record added after the job ran
         db.upsert_many(pd.DataFrame({"id": [5000], "z": recs["z"][:1], "y": recs["y"][:1], "x": recs["x"][:1]}))
     from cleftwise.blockwise.errors import BlockwiseError
 
     with pytest.raises(BlockwiseError, match="changed: db_records"):
-        run_task(ClassifyTask(cfg), BackendConfig(progress=False))
+        run_task(ClassifyStep(cfg), BackendConfig(progress=False))
     # device / batch size are not part of the job identity
     cfg_other = ClassifyConfig(**{**cfg.__dict__, "batch_size": 3})
-    run_task(ClassifyTask(cfg_other), BackendConfig(progress=False), overwrite=True)
+    run_task(ClassifyStep(cfg_other), BackendConfig(progress=False), overwrite=True)
     got = _db(cfg)
     assert got["ei_prob"].notna().all() and len(got) == N_SYN + 1
-    assert run_task(ClassifyTask(cfg), BackendConfig(progress=False)).processed == 0
+    assert run_task(ClassifyStep(cfg), BackendConfig(progress=False)).processed == 0
 
 
 def test_synapse_outside_the_volume_is_named(setup):
@@ -175,23 +175,23 @@ def test_synapse_outside_the_volume_is_named(setup):
     with open_store(cfg.db) as db:
         db.upsert_many(pd.DataFrame({"id": [999], "z": [OFFSET[0] - 40.0], "y": [0.0], "x": [100.0]}))
     with pytest.raises(PostprocessError, match=r"1 synapse\(s\) lie outside raw volume.*id\(s\) 999"):
-        run_task(ClassifyTask(cfg), BackendConfig(progress=False))
+        run_task(ClassifyStep(cfg), BackendConfig(progress=False))
 
 
 def test_model_and_config_mismatches_are_clear(setup, tmp_path):
     cfg, _ = setup
     other = _checkpoint(tmp_path / "vs8", voxel_size=(40, 8, 8))
     with pytest.raises(PostprocessError, match=r"voxel size \(40, 4, 4\).*trained at \(40, 8, 8\)"):
-        ClassifyTask(ClassifyConfig(**{**cfg.__dict__, "checkpoint": other}))
+        ClassifyStep(ClassifyConfig(**{**cfg.__dict__, "checkpoint": other}))
     bad_shape = _checkpoint(tmp_path / "shape", extra={"cube_shape": [4, 32, 32]})
     with pytest.raises(PostprocessError, match=r"cube_shape \(4, 32, 32\) differs from the model's input_shape"):
-        ClassifyTask(ClassifyConfig(**{**cfg.__dict__, "checkpoint": bad_shape}))
+        ClassifyStep(ClassifyConfig(**{**cfg.__dict__, "checkpoint": bad_shape}))
     bad_classes = _checkpoint(tmp_path / "cls", extra={"classes": ["E", "I", "M"],
                                                        "class_signs": {"E": 1, "I": -1, "M": 0}})
     with pytest.raises(PostprocessError, match=r"3 classes .* but the model has 2 outputs"):
-        ClassifyTask(ClassifyConfig(**{**cfg.__dict__, "checkpoint": bad_classes}))
+        ClassifyStep(ClassifyConfig(**{**cfg.__dict__, "checkpoint": bad_classes}))
     with pytest.raises(PostprocessError, match="'checkpoint' is not set"):
-        ClassifyTask(ClassifyConfig(**{**cfg.__dict__, "checkpoint": ""}))
+        ClassifyStep(ClassifyConfig(**{**cfg.__dict__, "checkpoint": ""}))
     with pytest.raises(PostprocessError, match="block_shape"):
         ClassifyConfig(block_shape=(4, 0, 32))
 
@@ -200,7 +200,7 @@ def test_three_classes_with_signs(tmp_path, setup):
     cfg, _ = setup
     ckpt = _checkpoint(tmp_path / "three", classes=("E", "I", "M"), threshold=None)
     cfg3 = ClassifyConfig(**{**cfg.__dict__, "checkpoint": ckpt, "work_dir": str(tmp_path / "w3")})
-    run_task(ClassifyTask(cfg3), BackendConfig(progress=False))
+    run_task(ClassifyStep(cfg3), BackendConfig(progress=False))
     got = _db(cfg3)
     assert got["ei_label"].isin(["E", "I", "M"]).all() and got["ei_prob"].between(0, 1).all()
     _assert_equal_to_reference(cfg3, got)

@@ -19,7 +19,7 @@ import yaml
 
 from cleftwise.postprocess.demo import DEMO_STRIDE, DEMO_THRESHOLD
 from cleftwise.postprocess.pipeline import STAGES, parse_config, pipeline_status, run_pipeline
-from cleftwise.storage.config_io import ConfigError
+from cleftwise.postprocess.errors import PostprocessError
 from cleftwise.storage.db import open_store
 from cleftwise.storage.synthetic import SyntheticConfig, generate_volume
 
@@ -40,7 +40,8 @@ def _conf(volume, out, backend="local", workers=1, predictions=None) -> dict:
             "backend": {"backend": backend, "workers": workers, "progress": False},
             "predict": {"checkpoint": os.path.join(WEIGHTS, "rsunet_polarity.pt"), "block_shape": [24, 256, 256],
                         "batch_size": 2, "stride": list(DEMO_STRIDE)},
-            "segment": {"block_shape": BLOCK, "min_size": 300, "threshold": DEMO_THRESHOLD, "partner_rule": "contrast"},
+            "segment": {"block_shape": BLOCK, "min_size": 300, "threshold": DEMO_THRESHOLD},
+            "partners": {"partner_rule": "contrast"},
             "classify": {"checkpoint": os.path.join(WEIGHTS, "ei_vgg3d.pt"), "block_shape": BLOCK}}
     if predictions:
         conf["segment"]["predictions"] = predictions
@@ -171,7 +172,7 @@ def test_ray_and_daisy_give_the_same_signed_graph(full_run, volume, tmp_path, ra
 
 def test_bad_configs_fail_before_any_work(volume, tmp_path):
     out = tmp_path / "bad"
-    with pytest.raises(ConfigError, match="unknown"):
+    with pytest.raises(PostprocessError, match="unknown"):
         parse_config({**_conf(volume, out), "segmnt": {}})
     conf = _conf(volume, out)
     conf["classify"]["checkpoint"] = str(tmp_path / "missing.pt")

@@ -14,7 +14,8 @@ import yaml
 from funlib.geometry import Roi
 
 from cleftwise.blockwise.errors import BlockwiseError
-from cleftwise.postprocess.predict import PredictConfig, PredictTask
+from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.postprocess.predict import PredictConfig, PredictStep
 from cleftwise.blockwise.runner import BackendConfig, run_task, task_status
 from cleftwise.blockwise.sliding_window import TorchPredictor, blend_window, predict_region, to_uint8
 from cleftwise.models.checkpoint import load_model, save_checkpoint
@@ -59,7 +60,7 @@ def _cfg(d, ckpt, raw_url, name, block, **kw):
 def test_blockwise_equals_whole_volume(setup, block):
     d, ckpt, raw_url, whole = setup
     cfg = _cfg(d, ckpt, raw_url, f"b{'_'.join(map(str, block))}", block)
-    run_task(PredictTask(cfg), BackendConfig(progress=False))
+    run_task(PredictStep(cfg), BackendConfig(progress=False))
     out = open_volume(cfg.output)
     assert out.num_channels == 3 and out.dtype == np.uint8
     assert out.roi == open_volume(raw_url).roi and tuple(out.voxel_size) == VS
@@ -76,10 +77,10 @@ def test_backends_identical(setup, backend, workers, request):
     if backend == "dask":
         extra["address"] = request.getfixturevalue("dask_address")
     cfg = _cfg(d, ckpt, raw_url, f"be_{backend}", (12, 40, 48), torch_threads=1)
-    run_task(PredictTask(cfg), BackendConfig(backend, workers=workers, progress=False, **extra))
+    run_task(PredictStep(cfg), BackendConfig(backend, workers=workers, progress=False, **extra))
     ref = _cfg(d, ckpt, raw_url, "b12_40_48", (12, 40, 48))
     if not os.path.exists(ref.output):
-        run_task(PredictTask(ref), BackendConfig(progress=False))
+        run_task(PredictStep(ref), BackendConfig(progress=False))
     a = open_volume(cfg.output).read()
     assert np.abs(a.astype(int) - open_volume(ref.output).read().astype(int)).max() <= 1
 
@@ -88,7 +89,7 @@ def test_float16_output_and_sub_roi(setup):
     d, ckpt, raw_url, whole = setup
     roi = Roi((400 + 4 * 40, 40 + 16 * 4, 80 + 8 * 4), (8 * 40, 32 * 4, 48 * 4))
     cfg = _cfg(d, ckpt, raw_url, "f16", (8, 32, 48), output_dtype="float16", roi=(roi.begin, roi.shape))
-    run_task(PredictTask(cfg), BackendConfig(progress=False))
+    run_task(PredictStep(cfg), BackendConfig(progress=False))
     out = open_volume(cfg.output)
     assert out.dtype == np.float16 and out.roi == roi
     sub = whole[:, 4:12, 16:48, 8:56].astype(np.float32) / 255
@@ -106,13 +107,15 @@ def test_kill_and_resume_byte_identical(setup, tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "launch/predict_volume.py"),
                              "--config", str(path), "--stages", "predict"], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    from cleftwise.postprocess.pipeline import build_task, parse_config
+    from cleftwise.postprocess.pipeline import parse_config
+    from cleftwise.postprocess.stages import REGISTRY
 
     task = None
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            task = task or build_task(parse_config(conf), "predict")
+            run_cfg = parse_config(conf)
+            task = task or next(iter(REGISTRY["predict"].steps(run_cfg, run_cfg.predict)))
             if task_status(task).done >= 3:
                 break
         except Exception:
@@ -129,7 +132,7 @@ def test_kill_and_resume_byte_identical(setup, tmp_path):
     ref = PredictConfig(input=raw_url, output=str(tmp_path / "ref.zarr/pred"), checkpoint=ckpt,
                         block_shape=(8, 32, 32), chunk_shape=(4, 8, 8), patch_shape=PATCH,
                         stride=STRIDE, batch_size=1)
-    run_task(PredictTask(ref), BackendConfig(progress=False))
+    run_task(PredictStep(ref), BackendConfig(progress=False))
     a = open_volume(os.path.join(str(tmp_path / "job"), "predictions.zarr", "pred")).read()
     assert a.tobytes() == open_volume(ref.output).read().tobytes()
     # status CLI reports it
@@ -141,27 +144,27 @@ def test_kill_and_resume_byte_identical(setup, tmp_path):
 def test_changed_config_refused(setup):
     d, ckpt, raw_url, _ = setup
     cfg = _cfg(d, ckpt, raw_url, "chg", (20, 72, 88))
-    run_task(PredictTask(cfg), BackendConfig(progress=False))
+    run_task(PredictStep(cfg), BackendConfig(progress=False))
     cfg2 = _cfg(d, ckpt, raw_url, "chg", (20, 72, 88), blend="gaussian")
     with pytest.raises(BlockwiseError, match="changed: blend"):
-        run_task(PredictTask(cfg2), BackendConfig(progress=False))
+        run_task(PredictStep(cfg2), BackendConfig(progress=False))
 
 
 def test_bad_inputs(setup, tmp_path):
     d, ckpt, raw_url, _ = setup
     with pytest.raises(Exception, match="not found in container"):
-        PredictTask(_cfg(d, ckpt, str(d / "in.zarr/missing"), "x", (8, 32, 32)))
+        PredictStep(_cfg(d, ckpt, str(d / "in.zarr/missing"), "x", (8, 32, 32)))
     f = create_volume(str(tmp_path / "f.zarr/raw"), shape=(20, 72, 88), voxel_size=VS, dtype="uint16")
-    with pytest.raises(BlockwiseError, match="must be uint8"):
-        PredictTask(_cfg(d, ckpt, f.url, "x", (8, 32, 32)))
+    with pytest.raises(PostprocessError, match="must be uint8"):
+        PredictStep(_cfg(d, ckpt, f.url, "x", (8, 32, 32)))
     c = create_volume(str(tmp_path / "f.zarr/rgb"), shape=(20, 72, 88), voxel_size=VS, num_channels=3)
-    with pytest.raises(BlockwiseError, match=r"3D \(z, y, x\)"):
-        PredictTask(_cfg(d, ckpt, c.url, "x", (8, 32, 32)))
+    with pytest.raises(PostprocessError, match=r"3D \(z, y, x\)"):
+        PredictStep(_cfg(d, ckpt, c.url, "x", (8, 32, 32)))
     v = create_volume(str(tmp_path / "f.zarr/vs"), shape=(20, 72, 88), voxel_size=(50, 4, 4))
-    with pytest.raises(BlockwiseError, match="voxel size mismatch"):
-        PredictTask(_cfg(d, ckpt, v.url, "x", (8, 32, 32)))
-    with pytest.raises(BlockwiseError, match="smaller than the patch"):
-        PredictTask(_cfg(d, ckpt, raw_url, "x", (4, 32, 32)))
-    with pytest.raises(BlockwiseError, match="does not suit"):
-        PredictTask(PredictConfig(input=raw_url, output=str(tmp_path / "o.zarr/p"), checkpoint=ckpt,
+    with pytest.raises(PostprocessError, match="voxel size mismatch"):
+        PredictStep(_cfg(d, ckpt, v.url, "x", (8, 32, 32)))
+    with pytest.raises(PostprocessError, match="smaller than the patch"):
+        PredictStep(_cfg(d, ckpt, raw_url, "x", (4, 32, 32)))
+    with pytest.raises(PostprocessError, match="does not suit"):
+        PredictStep(PredictConfig(input=raw_url, output=str(tmp_path / "o.zarr/p"), checkpoint=ckpt,
                                   block_shape=(8, 32, 32), patch_shape=(8, 30, 30)))

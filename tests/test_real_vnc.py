@@ -1,7 +1,7 @@
 """The shipped real-data cleft model on the real VNC ssTEM stack (held-out band, authors' masks).
 
 Imports 8 sections of ../shared/data/vnc-sstem with launch's import_stack, runs
-models/weights/vnc_cleft.pt through PredictTask + the blockwise segment passes on a crop of the
+models/weights/vnc_cleft.pt through PredictStep + the blockwise segment passes on a crop of the
 held-out band (y >= 800 px, never trained on; see train/configs/vnc_cleft.yaml) and checks the
 result against the authors' synapse masks, with baselines computed here on the same crop.
 """
@@ -13,10 +13,10 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from cleftwise.postprocess.predict import PredictConfig, PredictTask
+from cleftwise.postprocess.predict import PredictConfig, PredictStep
 from cleftwise.blockwise.runner import BackendConfig, run_task
 from cleftwise.postprocess.metrics import cremi_cleft_metrics, instance_f1
-from cleftwise.postprocess.segment import SegmentConfig, segment_tasks
+from cleftwise.postprocess.segment import SegmentConfig, segment_passes
 from cleftwise.storage.importers.stack import StackImportConfig, import_stack
 from cleftwise.storage.volume import open_volume
 
@@ -73,12 +73,12 @@ def test_shipped_model_finds_the_heldout_synapses(stack):
     roi = Roi((Z0 * VS[0], Y0 * VS[1], 0), ((Z1 - Z0) * VS[0], (1024 - Y0) * VS[1], 512 * VS[2]))
     pred_url = str(d / "pred.zarr/cleft")
     backend = BackendConfig(backend="local", progress=False)
-    run_task(PredictTask(PredictConfig(input=stack["raw"], output=pred_url, checkpoint=WEIGHTS,
+    run_task(PredictStep(PredictConfig(input=stack["raw"], output=pred_url, checkpoint=WEIGHTS,
                                        roi=(tuple(roi.begin), tuple(roi.shape)), block_shape=(8, 224, 256),
                                        batch_size=2, device="cpu", torch_threads=2)), backend)
     scfg = SegmentConfig(predictions=pred_url, output=str(d / "seg.zarr/labels"), work_dir=str(d / "seg"),
-                         union_channel=0, threshold=THRESHOLD, min_size=MIN_SIZE, block_shape=(8, 112, 256))
-    for task in segment_tasks(scfg):
+                         channel="cleft", threshold=THRESHOLD, min_size=MIN_SIZE, block_shape=(8, 112, 256))
+    for task in segment_passes(scfg):
         run_task(task, backend)
     labels = open_volume(scfg.output).read(roi)
     m = open_volume(stack["synapses"]).read(roi) != 0

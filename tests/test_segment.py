@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 
 from cleftwise.blockwise.runner import BackendConfig, run_task
-from cleftwise.postprocess.segment import PartnersTask, SegmentConfig, segment_tasks
+from cleftwise.postprocess.partners_step import PartnersConfig, PartnersStep, partners_config
+from cleftwise.postprocess.segment import SegmentConfig, segment_passes
+from cleftwise.storage.db import open_store
 from cleftwise.storage.volume import create_volume, open_volume
 
 VS = (40, 4, 4)
@@ -29,9 +31,18 @@ def _write_preds(path, union, pre=None, post=None):
 def _run_segment(tmp_path, name, preds, block, backend=None, **kw):
     cfg = SegmentConfig(predictions=preds, output=f"{tmp_path}/{name}.zarr/synapses",
                         work_dir=f"{tmp_path}/{name}_work", block_shape=block, **kw)
-    for t in segment_tasks(cfg):
+    for t in segment_passes(cfg):
         run_task(t, backend or BackendConfig(progress=False))
     return cfg
+
+
+def _run_partners(tmp_path, seg_cfg, name="db", **settings) -> pd.DataFrame:
+    """Run the partners step on a finished segment run; returns the records it wrote to the DB."""
+    url = f"sqlite:///{tmp_path}/{name}.db"
+    step = PartnersStep(partners_config(seg_cfg, url, f"{tmp_path}/{name}_partners", **settings))
+    run_task(step, BackendConfig(progress=False))
+    with open_store(url) as store:
+        return store.query()
 
 
 def _global_reference(mask, connectivity, min_size):
@@ -88,11 +99,10 @@ def test_synapse_across_8_blocks_stats_and_partners(tmp_path):
     seg = create_volume(f"{tmp_path}/n.zarr/neurons", shape=shape, voxel_size=VS, offset=(80, 40, 40),
                         dtype="uint64", chunk_shape=(4, 8, 8))
     seg.write(seg.roi, neurons)
-    cfg = _run_segment(tmp_path, "s8", preds, (4, 16, 16), min_size=20, neurons=seg.url)
-    run_task(PartnersTask(cfg), BackendConfig(progress=False))
+    cfg = _run_segment(tmp_path, "s8", preds, (4, 16, 16), min_size=20)
+    df = _run_partners(tmp_path, cfg, neurons=seg.url)
     labels = open_volume(cfg.output).read()
     assert set(np.unique(labels)) == {0, 1}
-    df = pd.read_parquet(os.path.join(cfg.work_dir, "synapses.parquet"))
     assert len(df) == 1
     r = df.iloc[0]
     assert r["size"] == 4 * 12 * 12
@@ -136,7 +146,7 @@ def test_relabel_refuses_predictions_changed_after_labelling(tmp_path):
     """The relabel pass recomputes each block's components; if the predictions changed since
     the labelling pass it stops with a message instead of writing wrong ids."""
     union, preds, cfg = _one_blob_job(tmp_path)
-    label, stitch, relabel = segment_tasks(cfg)
+    label, stitch, relabel = segment_passes(cfg)
     run_task(label, BackendConfig(progress=False))
     run_task(stitch, BackendConfig(progress=False))
     union[1, 12:14, 12:14] = 255  # a new component in another block
@@ -144,7 +154,7 @@ def test_relabel_refuses_predictions_changed_after_labelling(tmp_path):
     from cleftwise.blockwise.errors import BlockwiseError
 
     with pytest.raises(BlockwiseError, match="input changed after the labelling pass"):
-        run_task(segment_tasks(cfg)[2], BackendConfig(progress=False, max_retries=0))
+        run_task(segment_passes(cfg)[2], BackendConfig(progress=False, max_retries=0))
     assert os.path.exists(os.path.join(cfg.work_dir, "faces"))
 
 
@@ -168,22 +178,21 @@ def test_detection_inside_one_neuron_is_flagged_or_dropped(tmp_path):
     seg.write(seg.roi, neurons)
     tables = {}
     for name, nf in (("keep", None), ("drop", 0.85)):
-        cfg = _run_segment(tmp_path, name, preds, (4, 16, 16), min_size=20, neurons=seg.url,
-                           partner_rule="contrast", max_neuron_fraction=nf)
-        run_task(PartnersTask(cfg), BackendConfig(progress=False))
+        cfg = _run_segment(tmp_path, name, preds, (4, 16, 16), min_size=20)
+        tables[name] = _run_partners(tmp_path, cfg, name, neurons=seg.url, partner_rule="contrast",
+                                     max_neuron_fraction=nf)
         assert set(np.unique(open_volume(cfg.output).read())) == {0, 1, 2}
-        tables[name] = pd.read_parquet(os.path.join(cfg.work_dir, "synapses.parquet"))
     keep = tables["keep"].set_index("id")
-    assert keep.loc[1, "flags"] == "" and (keep.loc[1, "pre_neuron"], keep.loc[1, "post_neuron"]) == (7, 9)
+    assert not keep.loc[1, "flags"] and (keep.loc[1, "pre_neuron"], keep.loc[1, "post_neuron"]) == (7, 9)
     assert "one_neuron" in keep.loc[2, "flags"].split(",")
     assert tables["drop"]["id"].tolist() == [1]
     with pytest.raises(Exception, match="max_neuron_fraction"):
-        SegmentConfig(max_neuron_fraction=1.5)
+        PartnersConfig(max_neuron_fraction=1.5)
 
 
 def test_corrupt_faces_file_is_named_in_the_error(tmp_path):
     _, _, cfg = _one_blob_job(tmp_path)
-    label, stitch, _ = segment_tasks(cfg)
+    label, stitch, _ = segment_passes(cfg)
     run_task(label, BackendConfig(progress=False))
     bad = os.path.join(cfg.work_dir, "faces", "4_8_8.npz")
     with open(bad, "wb") as f:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from cleftwise.postprocess.predict import PredictConfig, PredictTask
+from cleftwise.postprocess.predict import PredictConfig, PredictStep
 from cleftwise.blockwise.runner import BackendConfig, run_task
 from cleftwise.models.checkpoint import load_model, read_checkpoint_meta
 from cleftwise.models.rsunet import build_rsunet
@@ -151,7 +151,7 @@ def test_export_then_predict_and_cli(volumes, tmp_path):
     for k, v in model.state_dict().items():   # the exported weights are the best EMA weights
         assert torch.equal(v, state["ema"][k])
     pred_url = str(tmp_path / "pred.zarr" / "pred")
-    task = PredictTask(PredictConfig(input=volumes["val"]["raw"], output=pred_url, checkpoint=str(out),
+    task = PredictStep(PredictConfig(input=volumes["val"]["raw"], output=pred_url, checkpoint=str(out),
                                      block_shape=SHAPE, device="cpu"))
     assert task.patch == tuple(PATCH)
     run_task(task, BackendConfig(progress=False))

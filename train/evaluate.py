@@ -4,9 +4,9 @@
 
 The volume is a zarr container with the synthetic generator's datasets ``raw``, ``neurons``,
 ``synapses`` (instance ids), ``polarity`` (3, z, y, x) and ``cleft``. Pipeline (local backend):
-:class:`~blockwise.predict.PredictTask` → the three segment passes (:func:`~postprocess.segment.segment_tasks`)
-→ :class:`~postprocess.segment.PartnersTask` (with the true neuron segmentation), giving
-``work_dir/segment/synapses.parquet``. Reported (``<out>.json``, ``<out>.md``, ``<out>.png``):
+:class:`~cleftwise.postprocess.predict.PredictStep` → the three segment passes
+(:func:`~cleftwise.postprocess.segment.segment_passes`) → :class:`~cleftwise.postprocess.partners_step.PartnersStep`
+(with the true neuron segmentation), giving the synapse records (also in ``work_dir/synapses.db``). Reported (``<out>.json``, ``<out>.md``, ``<out>.png``):
 
 - instance precision / recall / F1: predicted vs true synapse instances matched one-to-one at
   IoU >= ``iou_threshold`` (:func:`postprocess.metrics.instance_f1`); also restricted to true
@@ -36,15 +36,15 @@ import numpy as np
 import pandas as pd
 
 from cleftwise.blockwise.errors import BlockwiseError
-from cleftwise.postprocess.predict import PredictConfig, PredictTask
+from cleftwise.postprocess.predict import PredictConfig, PredictStep
 from cleftwise.blockwise.runner import BackendConfig, run_task
 from cleftwise.models.checkpoint import read_checkpoint_meta
 from cleftwise.models.errors import ModelError
 from cleftwise.postprocess.errors import PostprocessError
 from cleftwise.postprocess.metrics import (assignment_metrics, cremi_cleft_metrics, instance_f1,
                                  table_labels, true_partners)
-from cleftwise.postprocess.segment import (PartnersTask, SegmentConfig, SegmentLabelTask,
-                                 SegmentRelabelTask, SegmentStitchTask)
+from cleftwise.postprocess.partners_step import PartnersStep, partners_config, synapse_table
+from cleftwise.postprocess.segment import SegmentConfig, segment_passes
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.volume import open_volume
 
@@ -108,26 +108,25 @@ def run_pipeline(cfg: EvalConfig) -> dict:
     backend = BackendConfig(backend="local", progress=False)
     times = {}
     t0 = time.perf_counter()
-    _run(PredictTask(PredictConfig(input=f"{vol}/raw", output=pred_url, checkpoint=cfg.checkpoint,
+    _run(PredictStep(PredictConfig(input=f"{vol}/raw", output=pred_url, checkpoint=cfg.checkpoint,
                                    block_shape=tuple(cfg.block_shape), batch_size=cfg.batch_size,
                                    stride=None if cfg.stride is None else tuple(cfg.stride),
                                    device=cfg.device, torch_threads=cfg.torch_threads, tta=cfg.tta)),
          backend, cfg.overwrite)
     times["predict_s"] = time.perf_counter() - t0
     scfg = SegmentConfig(predictions=pred_url, output=labels_url, work_dir=os.path.join(work, "segment"),
-                         neurons=f"{vol}/neurons", threshold=cfg.threshold, min_size=cfg.min_size,
-                         partner_rule=cfg.partner_rule, max_neuron_fraction=cfg.max_neuron_fraction,
-                         block_shape=tuple(cfg.block_shape))
+                         threshold=cfg.threshold, min_size=cfg.min_size, block_shape=tuple(cfg.block_shape))
     t0 = time.perf_counter()
-    # each pass reads what the previous one wrote, so it is built only after that one ran
-    for cls in (SegmentLabelTask, SegmentStitchTask, SegmentRelabelTask):
-        _run(cls(scfg), backend, cfg.overwrite)
+    for step in segment_passes(scfg):  # label, stitch (+ resolve), relabel, in order
+        _run(step, backend, cfg.overwrite)
     times["segment_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _run(PartnersTask(scfg), backend, cfg.overwrite)
+    partners = PartnersStep(partners_config(
+        scfg, "sqlite:///" + os.path.join(work, "synapses.db"), os.path.join(work, "partners"),
+        neurons=f"{vol}/neurons", partner_rule=cfg.partner_rule, max_neuron_fraction=cfg.max_neuron_fraction))
+    _run(partners, backend, cfg.overwrite)
     times["partners_s"] = time.perf_counter() - t0
-    return {"predictions": pred_url, "labels": labels_url,
-            "table": os.path.join(work, "segment", "synapses.parquet"), "times": times}
+    return {"predictions": pred_url, "labels": labels_url, "table": synapse_table(partners), "times": times}
 
 
 def evaluate(cfg: EvalConfig, training: Optional[dict] = None) -> dict:
@@ -155,7 +154,7 @@ def evaluate(cfg: EvalConfig, training: Optional[dict] = None) -> dict:
     pol = truth_vols["polarity"].read(roi)
     neu = truth_vols["neurons"].read(roi)
     cleft = truth_vols["cleft"].read(roi)
-    table = pd.read_parquet(paths["table"])
+    table = paths["table"]
     # the synapse table is the output; the label volume also holds detections it dropped
     pred_labels = table_labels(open_volume(paths["labels"]).read(roi), table)
     truth = true_partners(syn, pol, neu)
@@ -226,7 +225,7 @@ def write_report(report: dict, out: str, raw: np.ndarray, polarity_true: np.ndar
         f"Weights `{report['checkpoint']}` (sha256 `{report['weights_sha256'][:12]}…`), volume "
         f"`{report['volume']}` {tuple(report['volume_shape'])} voxels at {tuple(report['voxel_size'])} nm; "
         "run through the real blockwise pipeline (predict → segment → partners, local backend). "
-        f"Generated by `train/evaluate.py`; numbers below are copied from `{os.path.basename(out)}.json`.",
+        f"Generated by `cleftwise evaluate`; numbers below are copied from `{os.path.basename(out)}.json`.",
         "",
         "## Synapse instances (IoU ≥ 0.5, one-to-one)",
         "",

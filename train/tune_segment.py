@@ -20,8 +20,9 @@ import pandas as pd
 
 from cleftwise.blockwise.runner import BackendConfig, run_task
 from cleftwise.postprocess.metrics import assignment_metrics, instance_f1, table_labels, true_partners
-from cleftwise.postprocess.predict import PredictConfig, PredictTask
-from cleftwise.postprocess.segment import PartnersTask, SegmentConfig, segment_tasks
+from cleftwise.postprocess.predict import PredictConfig, PredictStep
+from cleftwise.postprocess.partners_step import PartnersConfig, PartnersStep, partners_config, synapse_table
+from cleftwise.postprocess.segment import SegmentConfig, segment_passes
 from cleftwise.storage.volume import open_volume
 
 
@@ -35,7 +36,7 @@ def sweep(checkpoint: str, volume: str, work: str, thresholds, min_sizes, stride
     backend = BackendConfig(progress=False)
     vol = volume.rstrip("/")
     pred = os.path.join(work, "predictions.zarr", "pred")
-    run_task(PredictTask(PredictConfig(input=f"{vol}/raw", output=pred, checkpoint=checkpoint,
+    run_task(PredictStep(PredictConfig(input=f"{vol}/raw", output=pred, checkpoint=checkpoint,
                                        block_shape=tuple(block_shape), batch_size=2, torch_threads=threads,
                                        stride=None if stride is None else tuple(stride), tta=tta)), backend)
     raw = open_volume(f"{vol}/raw")
@@ -47,15 +48,18 @@ def sweep(checkpoint: str, volume: str, work: str, thresholds, min_sizes, stride
         for ms in min_sizes:
             w = os.path.join(work, f"t{thr}_m{ms}")
             sc = SegmentConfig(predictions=pred, output=os.path.join(w, "labels.zarr", "labels"),
-                               work_dir=os.path.join(w, "segment"), neurons=f"{vol}/neurons", threshold=thr,
-                               min_size=int(ms), partner_rule=partner_rule, block_shape=tuple(block_shape))
-            for task in segment_tasks(sc):
+                               work_dir=os.path.join(w, "segment"), threshold=thr, min_size=int(ms),
+                               block_shape=tuple(block_shape))
+            for task in segment_passes(sc):
                 run_task(task, backend, overwrite=True)
-            run_task(PartnersTask(sc), backend, overwrite=True)
+            partners = PartnersStep(partners_config(sc, "sqlite:///" + os.path.join(w, "synapses.db"),
+                                                    os.path.join(w, "partners"), neurons=f"{vol}/neurons",
+                                                    partner_rule=partner_rule))
+            run_task(partners, backend, overwrite=True)
             all_labels = open_volume(sc.output).read()
-            table_all = pd.read_parquet(os.path.join(sc.work_dir, "synapses.parquet"))
+            table_all = synapse_table(partners)
             filtered = any(nf is not None for nf in neuron_fractions)
-            fraction = _neuron_fraction(sc) if filtered else {}  # votes merged again only if needed
+            fraction = _neuron_fraction(partners.cfg) if filtered else {}  # votes merged again only if needed
             for nf in neuron_fractions:
                 table = table_all if nf is None else table_all[
                     table_all["id"].map(fraction).fillna(0.0).to_numpy() <= nf]
@@ -85,14 +89,14 @@ def aggregate(rows: pd.DataFrame) -> pd.DataFrame:
     return g.drop(columns="pp")
 
 
-def _neuron_fraction(sc: SegmentConfig) -> dict:
+def _neuron_fraction(pc: PartnersConfig) -> dict:
     """{synapse id: share of its pre + post votes on one neuron} from the partners step's votes."""
     import glob
 
     from cleftwise.postprocess.partners import merge_partner_votes
 
-    votes = [pd.read_parquet(f) for f in sorted(glob.glob(os.path.join(sc.work_dir, "votes", "*.parquet")))]
-    merged = merge_partner_votes(votes, rule=sc.partner_rule)
+    votes = [pd.read_parquet(f) for f in sorted(glob.glob(os.path.join(pc.work_dir, "votes", "*.parquet")))]
+    merged = merge_partner_votes(votes, rule=pc.partner_rule)
     return dict(zip(merged["id"].astype("int64"), merged["neuron_fraction"]))
 
 
