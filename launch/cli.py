@@ -38,13 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     width = max(len(c) for c in COMMANDS)
     commands = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items())
     p = argparse.ArgumentParser(
-        prog="cleftwise", description=__doc__.splitlines()[0],
+        prog="cleftwise", description="cleftwise: from raw EM to a signed connectome; one command per task.",
         usage="cleftwise [-h] [--version] <command> [options]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"commands:\n{commands}\n\n'cleftwise <command> --help' shows a command's options.")
     add_version(p)
-    p.add_argument("command", metavar="<command>", help="one of the commands below")
-    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.add_argument("command", metavar="<command>", nargs="?", help="one of the commands below")
     return p
 
 
@@ -55,8 +54,8 @@ def main(argv=None) -> int:
         p.print_help(sys.stderr)
         return 2
     if argv[0].startswith("-"):
-        p.parse_args(argv)  # --help / --version exit here; anything else is a usage error
-        p.error(f"unrecognized arguments: {' '.join(argv)}")
+        p.parse_args(argv)  # --help / --version exit here, unknown options are usage errors
+        p.error("no command given")
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         p.error(f"unknown command {name!r}; choose from: {', '.join(COMMANDS)}")

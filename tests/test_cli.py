@@ -1,5 +1,6 @@
 """The ``cleftwise`` command and the launch scripts: subcommands, --help, --version, errors."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -26,20 +27,32 @@ def _cleftwise() -> list:
     return [script] if script else [sys.executable, "-m", "cleftwise.launch.cli"]
 
 
-def _run(args, **kw):
-    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=120, **kw)
+def _run(args, timeout=120):
+    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+_HELPS = """
+import contextlib, io, json, sys
+from cleftwise.launch import cli
+out = {}
+for sub in sys.argv[1:]:
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            code = cli.main([sub, "--help"])
+    except SystemExit as e:
+        code = e.code
+    out[sub] = [code, buf.getvalue()]
+print(json.dumps(out))
+"""
 
 
 @pytest.fixture(scope="module")
 def helps():
-    """``cleftwise <sub> --help`` for every subcommand, run side by side: {sub: CompletedProcess}."""
-    procs = {sub: subprocess.Popen(_cleftwise() + [sub, "--help"], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, cwd=REPO) for sub in SUBCOMMANDS}
-    out = {}
-    for sub, p in procs.items():
-        stdout, stderr = p.communicate(timeout=180)
-        out[sub] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
-    return out
+    """``cleftwise <sub> --help`` for every subcommand, in one fresh interpreter: {sub: (exit code, stdout)}."""
+    r = _run([sys.executable, "-c", _HELPS] + SUBCOMMANDS, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
 
 
 def test_subcommands_cover_every_launch_script():
@@ -68,10 +81,10 @@ def test_help_lists_commands_without_importing_them():
 
 @pytest.mark.parametrize("sub", SUBCOMMANDS)
 def test_subcommand_help(helps, sub):
-    r = helps[sub]
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith(f"usage: cleftwise {sub} ")
-    assert "--version" in r.stdout
+    code, out = helps[sub]
+    assert code == 0
+    assert out.startswith(f"usage: cleftwise {sub} ")
+    assert "--version" in out
 
 
 def test_predict_help_and_subcommand_version():

@@ -221,3 +221,30 @@ def test_demo_command(tmp_path):
     redo = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
     assert (redo["f1"], redo["synapses_found"]) == (summary["f1"], summary["synapses_found"])
     assert redo["seconds"]["stages"]["predict"] < summary["seconds"]["stages"]["predict"]
+
+
+def test_changing_only_the_partner_rule_reruns_partners_and_later_stages(full_run, volume):
+    """Each stage owns its config: a new partner rule re-runs partners, classify and connectome
+    from scratch, never predict or segment; going back gives the first run's DB again.
+    (Last test of the module: it changes the shared run's outputs.)"""
+    cfg, _ = full_run
+    out = cfg.output_dir
+    db_first = _outputs(out)["db"]
+    seg_job = os.path.join(out, "segment", "ledger", "segment_relabel", "job.json")
+    seg_stamp = os.stat(seg_job).st_mtime_ns
+    conf = _conf(volume, out)
+    conf["partners"]["partner_rule"] = "majority"
+    summary = run_pipeline(parse_config(conf))
+    st = summary["stages"]
+    assert st["predict"]["processed"] == 0
+    assert all(r["processed"] == 0 for r in st["segment"])
+    assert st["partners"]["processed"] == st["partners"]["total"] and st["partners"]["rewrote"]
+    assert st["classify"]["processed"] == st["classify"]["total"]
+    assert os.stat(seg_job).st_mtime_ns == seg_stamp, "the segmentation was not touched"
+    with open(os.path.join(out, "partners", "ledger", "partners", "job.json")) as f:
+        assert json.load(f)["settings"]["partner_rule"] == "majority"
+    db_majority = _outputs(out)["db"]
+    assert len(db_majority) == len(db_first) and db_majority["ei_prob"].notna().all()
+    # back to the first rule: the first run's records, E/I calls included
+    run_pipeline(parse_config(_conf(volume, out)))
+    pd.testing.assert_frame_equal(_outputs(out)["db"], db_first)

@@ -5,7 +5,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from cleftwise.storage import sqlite_rtree as R
+from cleftwise.storage.db import sqlite_rtree as R
 
 
 def _tree(con, name="t"):
