@@ -12,7 +12,8 @@ What the engine does with them (:func:`run_stages`):
 - each step resumes through its ledger; a step whose identity (config fields that change its
   output) changed since its ledger was written is re-run from scratch when the stage allows
   it (``rerun_on_change``), else refused as before (``--overwrite`` to discard);
-- a stage that did work (processed blocks, or a ``finish`` that rewrote its outputs) drops the
+- a stage that did work (processed blocks — or, when its ``finish`` reports ``rewrote``, that
+  it rewrote its outputs) drops the
   ledgers of every stage downstream of it, so those run again on their new inputs — and only
   those: changing the partner rule re-runs partners and what follows, never the segmentation.
 
@@ -175,7 +176,10 @@ def run_stages(registry: Registry, run_cfg: Any, names: Iterable[str], backend: 
                              ", ".join(changed))
                     fresh = True
                 report = run_task(step, backend, overwrite=fresh)
-                did_work |= report.processed > 0 or bool(report.extra.get("rewrote"))
+                # a finish that reports ``rewrote`` decides (its product is what it rewrote, e.g.
+                # DB records); otherwise processed blocks changed the outputs
+                did_work |= (bool(report.extra["rewrote"]) if "rewrote" in report.extra
+                             else report.processed > 0)
                 reports.append(report.to_dict())
             if did_work:
                 for later in registry.downstream(name):

@@ -5,7 +5,7 @@ Thin CLI over :func:`cleftwise.train.evaluate_classifier.evaluate_checkpoint` (i
 explains the metrics, the threshold τ and the per-neuron vote)::
 
     cleftwise evaluate-classifier --config train/configs/ei_3d.yaml \\
-        --checkpoint runs/ei/best.pt --out docs --prefix ei [--tta] [--export models/weights/ei_vgg3d.pt]
+        --checkpoint runs/ei/best.pt --out docs/reports --prefix ei [--tta] [--export models/weights/ei_vgg3d.pt]
 
 Also ``python launch/evaluate_classifier.py``.
 """

@@ -3,7 +3,7 @@
 
 ``cleftwise evaluate-real`` (or ``python launch/evaluate_real.py``; defaults: the VNC ssTEM
 stack imported into ``runs/vnc/vnc.zarr``, weights ``models/weights/vnc_cleft.pt``, report
-``docs/real_data.*``). Thin CLI over :mod:`cleftwise.train.evaluate_real`, which explains the
+``docs/reports/real_data.*``). Thin CLI over :mod:`cleftwise.train.evaluate_real`, which explains the
 steps and the metrics.
 """
 

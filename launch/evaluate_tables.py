@@ -4,7 +4,7 @@
 Thin CLI over :mod:`cleftwise.train.evaluate_tables` (which explains both evaluations); writes
 ``real_tables.json``, ``real_tables.md``, ``real_tables.png``::
 
-    cleftwise evaluate-tables --data ../shared/data/tables --out docs [--repeats 10]
+    cleftwise evaluate-tables --data ../shared/data/tables --out docs/reports [--repeats 10]
 
 Also ``python launch/evaluate_tables.py``.
 """
@@ -28,7 +28,7 @@ def main(argv: Optional[list] = None) -> int:
     p = new_parser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=os.path.join("..", "shared", "data", "tables"),
                    help="folder with microns-pinky100/ and manc-nt/")
-    p.add_argument("--out", default="docs", help="output folder for real_tables.{md,json,png}")
+    p.add_argument("--out", default="docs/reports", help="output folder for real_tables.{md,json,png}")
     p.add_argument("--repeats", type=int, default=10, help="CV repeats (5 folds each)")
     p.add_argument("--db", help="synapse DB URL for the MANC import (default: a temporary SQLite file)")
     a = p.parse_args(argv)

@@ -1,7 +1,7 @@
 """Generate a synthetic EM volume with full ground truth (thin CLI over storage.synthetic).
 
     python launch/make_synthetic.py --out /tmp/synth.zarr --shape 64 512 512 --seed 1 \
-        [--voxel-size 40 4 4] [--block 32 256 256] [--montage docs/synthetic_montage.png]
+        [--voxel-size 40 4 4] [--block 32 256 256] [--montage docs/reports/synthetic_montage.png]
 """
 
 from __future__ import annotations

@@ -266,7 +266,7 @@ def signs_from_class_probs(table: pd.DataFrame, neuron_col: str, prob_cols: Mapp
       (classes signed 0 only dilute): ``p_excitatory = P+ / (P+ + P−)``, sign = +1 if
       P+ ≥ P− else −1, ``confidence = max(P+, P−)``. Right only when the class probabilities
       are calibrated; on MANC's predictions it disagrees with FISH more often than argmax
-      (``docs/real_tables.md``).
+      (``docs/reports/real_tables.md``).
 
     Rows without probabilities (all NaN) get sign 0, weak; rows below ``min_confidence`` are weak.
     """

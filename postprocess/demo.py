@@ -240,6 +240,6 @@ def format_summary(s: dict) -> str:
         f"on {g.get('signed_with_known_type', 0)} presynaptic neurons of known type",
         f"  figures: {', '.join(s.get('figures', {}).values()) or 'none'}",
         f"  outputs: {s['output_dir']} (graph: {s['graph_dir']}), DB {s['db']}",
-        f"  config:  {s['config']} (run it again with: python launch/predict_volume.py --config {s['config']})",
+        f"  config:  {s['config']} (run it again with: cleftwise predict --config {s['config']})",
     ]
     return "\n".join(lines)

@@ -302,7 +302,7 @@ def assignment_metrics(matches: pd.DataFrame, predicted: pd.DataFrame, truth: pd
 
     Args:
         matches: (pred_id, true_id) pairs from :func:`instance_f1`.
-        predicted: the pipeline's ``synapses.parquet`` rows (id, pre/post sites nm, neurons).
+        predicted: the synapse records of the pipeline (DB rows) (id, pre/post sites nm, neurons).
         truth: :func:`true_partners` of the true labels.
         neurons: (z, y, x) true neuron ids of the evaluated region; ``offset`` (nm) its origin.
         voxel_size: (z, y, x) nm.

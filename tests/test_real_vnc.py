@@ -27,7 +27,7 @@ VS = (50, 5, 5)                  # 50 x 4.6 x 4.6 nm, 4.6 rounded to 5 (integer 
 PHYSICAL_VS = (50.0, 4.6, 4.6)
 Z0, Z1 = 8, 16                   # sections imported (z 8-15)
 Y0 = 800                         # held-out band: y >= 800 px
-THRESHOLD, MIN_SIZE = 0.5, 1000  # post-processing of docs/real_data.md (chosen out-of-fold)
+THRESHOLD, MIN_SIZE = 0.5, 1000  # post-processing of docs/reports/real_data.md (chosen out-of-fold)
 
 pytestmark = [
     pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "raw")),
@@ -86,7 +86,7 @@ def test_shipped_model_finds_the_heldout_synapses(stack):
     n_true = int(true.max())
     assert n_true >= 3, "the crop should hold several true synapses"
 
-    # instances: IoU >= 0.1 one-to-one (the rule of docs/real_data.md). Measured with the shipped
+    # instances: IoU >= 0.1 one-to-one (the rule of docs/reports/real_data.md). Measured with the shipped
     # stage-3 weights (sha256 52884c84b524; stage 2 gave the same): 3 of the 4 true synapses of the
     # crop found, 1 false positive.
     inst = instance_f1(labels, true, iou_threshold=0.1)

@@ -65,7 +65,7 @@ class EvalConfig:
     """zarr container with raw, neurons, synapses, polarity, cleft"""
     work_dir: str = "runs/eval"
     """predictions, labels, ledgers and tables of the pipeline run"""
-    out: str = "docs/rsunet_eval"
+    out: str = "docs/reports/rsunet_eval"
     """report prefix: <out>.json, <out>.md, <out>.png"""
     block_shape: tuple = (32, 256, 256)
     """predict / segment block shape"""

@@ -26,7 +26,7 @@ Outputs (:func:`write_report`): ``<prefix>_eval.json``, ``<prefix>_eval.md`` and
 CLI::
 
     cleftwise evaluate-classifier --config train/configs/ei_3d.yaml \
-        --checkpoint runs/ei/best.pt --out docs --prefix ei [--tta] [--export models/weights/ei_vgg3d.pt]
+        --checkpoint runs/ei/best.pt --out docs/reports --prefix ei [--tta] [--export models/weights/ei_vgg3d.pt]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Evaluate a cleft model on a held-out band of a real EM stack through the blockwise pipeline.
 
 ``cleftwise evaluate-real`` (defaults: the VNC ssTEM stack imported into
-``runs/vnc/vnc.zarr``, weights ``models/weights/vnc_cleft.pt``, report ``docs/real_data.*``).
+``runs/vnc/vnc.zarr``, weights ``models/weights/vnc_cleft.pt``, report ``docs/reports/real_data.*``).
 
 The volume is a zarr container with ``raw`` (uint8, z y x), ``synapse_mask`` (uint8 0/1, the
 authors' masks) and ``synapses`` (uint64 instances: 6-connected components of the mask over the
@@ -112,7 +112,7 @@ class RealEvalConfig:
     """CREMI FP/FN distance tolerance"""
     work_dir: str = "runs/vnc_eval"
     """predictions, labels and ledgers of the pipeline runs"""
-    out: Optional[str] = "docs/real_data"
+    out: Optional[str] = "docs/reports/real_data"
     """report prefix (.json, .md, _montage.png); None = no files"""
     predict_block: tuple = (20, 224, 256)
     """predict block shape, voxels"""
