@@ -216,7 +216,7 @@ def run_case(backend: str, n: int, workdir: str, repeats: int) -> dict:
 
     def url(name):
         if sqlite:
-            return f"sqlite://{os.path.join(workdir, name + '.db')}"
+            return f"sqlite:///{os.path.join(workdir, name + '.db')}"
         return f"mongomock://bench_{name}_{os.getpid()}"
 
     # bulk insert

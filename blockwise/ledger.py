@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from cleftwise.blockwise import crashpoints
 from cleftwise.blockwise.errors import BlockwiseError
 
-__all__ = ["Ledger", "job_identity", "LedgerStatus"]
+__all__ = ["Ledger", "job_identity", "LedgerStatus", "atomic_write_json"]
 
 
 def job_identity(settings: dict) -> str:
@@ -34,7 +35,8 @@ def job_identity(settings: dict) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _atomic_write_json(path: str, obj: dict) -> None:
+def atomic_write_json(path: str, obj: dict) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (temp file, fsync, rename)."""
     tmp = f"{path}.tmp.{os.getpid()}.{time.monotonic_ns()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, sort_keys=True)
@@ -64,6 +66,11 @@ class Ledger:
         self.path = os.path.abspath(path)
         self.done_dir = os.path.join(self.path, "done")
         self.failed_dir = os.path.join(self.path, "failed")
+
+    @property
+    def name(self) -> str:
+        """The job's name (the ledger folder's name: the step name for a step's ledger)."""
+        return os.path.basename(self.path)
 
     # -- identity -------------------------------------------------------------------
     def job_file(self) -> str:
@@ -98,17 +105,24 @@ class Ledger:
                     f"settings (changed: {', '.join(changed) or 'unknown'}); its outputs would mix "
                     "results of two configurations. Re-run with --overwrite to start fresh, or "
                     "point the output elsewhere.")
-        if overwrite and old is not None:
-            self.clear()
         resumed = old is not None and old.get("identity") == ident and not overwrite
+        if not resumed:  # also drops markers a kill during an earlier clear() left behind
+            self.clear()
         os.makedirs(self.done_dir, exist_ok=True)
         os.makedirs(self.failed_dir, exist_ok=True)
         if not resumed:
-            _atomic_write_json(self.job_file(), {"identity": ident, "settings": json.loads(
+            atomic_write_json(self.job_file(), {"identity": ident, "settings": json.loads(
                 json.dumps(settings, default=str)), "created": time.time()})
+            crashpoints.hit("job_written", self.name)
         return resumed
 
     def clear(self) -> None:
+        """Forget the job. ``job.json`` goes first, so a kill half-way leaves a ledger that
+        starts fresh, never one that resumes with some markers missing."""
+        try:
+            os.remove(self.job_file())
+        except FileNotFoundError:
+            pass
         shutil.rmtree(self.path, ignore_errors=True)
 
     # -- blocks ---------------------------------------------------------------------
@@ -148,7 +162,8 @@ class Ledger:
                "worker": worker or f"{socket.gethostname()}:{os.getpid()}"}
         if extra:
             rec.update(extra)
-        _atomic_write_json(self._marker(block_id), rec)
+        atomic_write_json(self._marker(block_id), rec)
+        crashpoints.hit("marker_written", self.name)
         try:
             os.remove(os.path.join(self.failed_dir, f"{int(block_id)}.json"))
         except FileNotFoundError:
@@ -156,7 +171,7 @@ class Ledger:
 
     def mark_failed(self, block_id: int, error: str, attempts: int, worker: Optional[str] = None) -> None:
         os.makedirs(self.failed_dir, exist_ok=True)
-        _atomic_write_json(os.path.join(self.failed_dir, f"{int(block_id)}.json"), {
+        atomic_write_json(os.path.join(self.failed_dir, f"{int(block_id)}.json"), {
             "block_id": int(block_id), "time": time.time(), "error": error, "attempts": attempts,
             "worker": worker or f"{socket.gethostname()}:{os.getpid()}"})
 

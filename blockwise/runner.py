@@ -37,6 +37,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
+from cleftwise.blockwise import crashpoints
 from cleftwise.blockwise.errors import BlockwiseError
 from cleftwise.blockwise.grid import Block
 from cleftwise.blockwise.ledger import Ledger, LedgerStatus
@@ -125,6 +126,7 @@ def process_block_with_ledger(fn: Callable[[Block], None], block: Block, ledger:
             log.warning("block %d failed (try %d/%d): %s", block.block_id, attempt + 1,
                         max_retries + 1, err.strip().splitlines()[-1])
             continue
+        crashpoints.hit("block_written", ledger.name)  # written, not yet marked done
         ledger.mark_done(block.block_id, time.perf_counter() - t0, _worker_name())
         return None
     ledger.mark_failed(block.block_id, err or "unknown error", max_retries + 1, _worker_name())
@@ -233,10 +235,18 @@ def _run_daisy(task: BlockStep, todo: list[Block], ledger: Ledger, cfg: BackendC
             check_function=check, read_write_conflict=False, fit="shrink",
             max_workers=int(cfg.workers), max_retries=int(cfg.max_retries),
             timeout=cfg.block_timeout)
+    # daisy's worker logs go under the job's ledger, not ./daisy_logs of whatever the cwd is
+    # (process-global in daisy 2; workers adopt it from the scheduler's context)
+    from daisy.logging import get_log_basedir, set_log_basedir
+
+    before = get_log_basedir()
+    set_log_basedir(os.path.join(ledger.path, "daisy_logs"))
     try:
         daisy.run_blockwise([dtask], host=cfg.host, progress=cfg.progress, summary=False)
     except RuntimeError as e:  # abandonment after repeated worker deaths
         log.error("daisy abandoned the task: %s", e)
+    finally:
+        set_log_basedir(before)
 
 
 _RAY_ACTOR_CLS = None
@@ -435,6 +445,9 @@ def run_task(task: BlockStep, backend: Optional[BackendConfig] = None, overwrite
     try:
         if todo:
             _RUNNERS[cfg.backend](task, todo, ledger, cfg, progress, len(blocks) - len(todo))
+    except KeyboardInterrupt as e:  # Ctrl-C: the caller reports where it stopped, in one line
+        e.cleftwise_where = f"{task.name}, {len(ledger.done_ids())} of {len(blocks)} blocks done"
+        raise
     finally:
         progress.close()
     done_now = ledger.done_ids()
@@ -456,6 +469,7 @@ def run_task(task: BlockStep, backend: Optional[BackendConfig] = None, overwrite
             f"(block ids {sorted(failed)[:10]}); other blocks are done and kept. Errors:\n"
             + "\n".join(lines) + more + f"\nFull records: {ledger.failed_dir}. Re-run to retry them.")
     report.extra = dict(task.finish() or {})
+    crashpoints.hit("pass_finished", task.name)
     log.info("%s: done in %.1f s (%d processed, %d skipped)", task.name, report.seconds,
              report.processed, report.skipped)
     return report

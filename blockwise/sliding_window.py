@@ -41,6 +41,9 @@ __all__ = [
     "patch_origins",
     "required_read_region",
     "predict_region",
+    "normalise_raw",
+    "raw_outside_range",
+    "resolve_raw_range",
     "TorchPredictor",
     "to_uint8",
 ]
@@ -169,30 +172,85 @@ def required_read_region(write_begin: Sequence[int], write_end: Sequence[int], p
     return begin, end  # type: ignore[return-value]
 
 
-def _normalise(batch: np.ndarray) -> np.ndarray:
-    """Raw intensities → float32 in [0, 1]: integers are divided by their dtype's maximum;
-    floats are taken as already scaled."""
-    if np.issubdtype(batch.dtype, np.integer):
-        return batch.astype(np.float32) * np.float32(1.0 / np.iinfo(batch.dtype).max)
-    return batch.astype(np.float32, copy=False)
+def resolve_raw_range(dtype, raw_range: Optional[Sequence[float]] = None) -> Tuple[float, float]:
+    """The [low, high] raw intensity range that :func:`normalise_raw` maps to [0, 1].
+
+    ``raw_range`` when given (two numbers, low < high); else 0–255 for uint8 and 0–1 for
+    float32. Any other dtype (uint16, int8, float64, …) needs an explicit ``raw_range``
+    (BlockwiseError otherwise).
+    """
+    dt = np.dtype(dtype)
+    if raw_range is not None:
+        try:
+            low, high = (float(v) for v in raw_range)
+        except (TypeError, ValueError) as exc:
+            raise BlockwiseError(f"raw_range must be two numbers [low, high], got {raw_range!r}") from exc
+        if not (np.isfinite(low) and np.isfinite(high) and low < high):
+            raise BlockwiseError(f"raw_range must be finite with low < high, got {list(raw_range)!r}")
+        return low, high
+    if dt == np.uint8:
+        return 0.0, 255.0
+    if dt == np.float32:
+        return 0.0, 1.0
+    raise BlockwiseError(f"raw must be uint8 (0–255) or float32 (0–1), got {dt}; for other dtypes "
+                         "give raw_range [low, high], the intensities to map to 0..1")
+
+
+def raw_outside_range(raw: np.ndarray, raw_range: Tuple[float, float],
+                      rel_tol: float = 1e-4) -> Optional[Tuple[float, float]]:
+    """The observed (min, max) of ``raw`` when some value lies outside ``raw_range`` (or is NaN),
+    else None. Float data may exceed the range by ``rel_tol · (high - low)``; integers may not."""
+    a = np.asarray(raw)
+    if a.size == 0:
+        return None
+    lo, hi = float(a.min()), float(a.max())
+    low, high = raw_range
+    tol = rel_tol * (high - low) if np.issubdtype(a.dtype, np.floating) else 0.0
+    if lo >= low - tol and hi <= high + tol:  # False for NaN
+        return None
+    return lo, hi
+
+
+def normalise_raw(raw: np.ndarray, raw_range: Tuple[float, float] = (0.0, 255.0),
+                  reciprocal: bool = False) -> np.ndarray:
+    """Raw intensities (any shape) → float32 ``(raw - low) / (high - low)``, so [low, high] maps
+    to [0, 1] (values are not clipped; check them first with :func:`raw_outside_range`).
+
+    The one scaling of model inputs: predict patches (``reciprocal=True``) and classify cubes.
+    ``reciprocal=True`` multiplies by ``float32(1 / (high - low))`` instead of dividing, which can
+    differ by one float32 ulp: the arithmetic predict has always used, kept so that predictions
+    stay byte-identical (the classifiers were run, and trained, with the division).
+    """
+    low, high = float(raw_range[0]), float(raw_range[1])
+    out = np.asarray(raw).astype(np.float32)
+    if low:
+        out -= np.float32(low)
+    if reciprocal:
+        out *= np.float32(1.0 / (high - low))
+    else:
+        out /= np.float32(high - low)
+    return out
 
 
 def predict_region(model_fn: ModelFn, raw: np.ndarray, raw_begin: Sequence[int],
                    write_begin: Sequence[int], write_end: Sequence[int], patch_shape: Sequence[int],
                    stride: Sequence[int], volume_shape: Sequence[int], window: Optional[np.ndarray] = None,
-                   batch_size: int = 4, out_channels: int = 3) -> np.ndarray:
+                   batch_size: int = 4, out_channels: int = 3,
+                   raw_range: Optional[Sequence[float]] = None) -> np.ndarray:
     """Blended prediction over the write region [write_begin, write_end) (z, y, x voxels).
 
     Args:
         model_fn: maps a batch (B, 1, pz, py, px) float32 in [0, 1] to (B, C, pz, py, px)
             probabilities (e.g. a ``TorchPredictor``).
-        raw: (z, y, x) raw intensities covering at least ``required_read_region(...)``; integer
-            dtypes are scaled to [0, 1] by their maximum (uint8: /255), floats used as they are.
+        raw: (z, y, x) raw intensities covering at least ``required_read_region(...)``, scaled
+            to [0, 1] by :func:`normalise_raw` with ``raw_range``.
         raw_begin: global voxel (z, y, x) of ``raw[0, 0, 0]``.
         patch_shape, stride, volume_shape: define the global grid (see module docstring).
         window: (pz, py, px) positive blending weights; None → ``blend_window(patch_shape)``.
         batch_size: patches per ``model_fn`` call.
         out_channels: C, the number of channels ``model_fn`` returns.
+        raw_range: [low, high] intensities mapped to [0, 1]; None = the default of raw's dtype
+            (:func:`resolve_raw_range`: uint8 0–255, float32 0–1).
 
     Returns:
         float32 (C, wz, wy, wx): ``Σ w·p / Σ w`` over every global patch overlapping the write
@@ -208,6 +266,7 @@ def predict_region(model_fn: ModelFn, raw: np.ndarray, raw_begin: Sequence[int],
     raw = np.asarray(raw)
     if raw.ndim != 3:
         raise BlockwiseError(f"predict_region: raw must be (z, y, x), got shape {raw.shape}")
+    scale = resolve_raw_range(raw.dtype, raw_range)
     read_begin, read_end = required_read_region(wb, we, patch, stride, volume_shape)
     raw_end = tuple(b + s for b, s in zip(rb, raw.shape))
     if any(r < b for r, b in zip(read_begin, rb)) or any(r > e for r, e in zip(read_end, raw_end)):
@@ -242,7 +301,8 @@ def predict_region(model_fn: ModelFn, raw: np.ndarray, raw_begin: Sequence[int],
 
     for start in range(0, len(origins), batch_size):
         chunk = origins[start:start + batch_size]
-        batch = _normalise(np.stack([raw[raw_slices(o)] for o in chunk])[:, None])
+        batch = normalise_raw(np.stack([raw[raw_slices(o)] for o in chunk])[:, None], scale,
+                              reciprocal=True)
         pred = np.asarray(model_fn(batch))
         expected = (len(chunk), out_channels) + patch
         if pred.shape != expected:

@@ -15,7 +15,9 @@ What the engine does with them (:func:`run_stages`):
 - a stage that did work (processed blocks — or, when its ``finish`` reports ``rewrote``, that
   it rewrote its outputs) drops the
   ledgers of every stage downstream of it, so those run again on their new inputs — and only
-  those: changing the partner rule re-runs partners and what follows, never the segmentation.
+  those: changing the partner rule re-runs partners and what follows, never the segmentation;
+  a run interrupted inside a stage (killed, failed: ``stage_running.json`` is left in the
+  stage's ledger folder) counts as work there, so the next run drops the stages downstream.
 
 Knows nothing of synapses: the run config is opaque here (stage sections are its attributes).
 """
@@ -30,8 +32,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
+from cleftwise.blockwise import crashpoints
 from cleftwise.blockwise.errors import BlockwiseError
-from cleftwise.blockwise.ledger import Ledger, job_identity
+from cleftwise.blockwise.ledger import Ledger, atomic_write_json, job_identity
 from cleftwise.blockwise.runner import BackendConfig, run_task, task_status
 from cleftwise.blockwise.step import BlockStep
 
@@ -48,8 +51,9 @@ class Stage:
     """stage name: the key of its config section and of ``--stages``"""
     config: type
     """its config dataclass (the section ``<name>:`` of the run config)"""
-    work_dir: Callable[[Any], str]
-    """run config → folder of this stage's ledgers and scratch files"""
+    work_dir: Callable[[Any, Any], str]
+    """(run config, stage config) → folder of this stage's ledgers and scratch files (the same
+    folder its steps use, so dropping the stage drops their ledgers)"""
     after: tuple = ()
     """stages whose outputs it reads (they run first; their changes re-run this one)"""
     steps: Optional[Callable[[Any, Any], Iterable[BlockStep]]] = None
@@ -135,10 +139,21 @@ def _changed_identity(step: BlockStep) -> Optional[list]:
 
 def drop_stage(registry: Registry, run_cfg: Any, name: str) -> None:
     """Forget that ``name`` ran: its ledgers go (outputs are recreated when it runs again)."""
-    ledgers = os.path.join(os.path.abspath(registry[name].work_dir(run_cfg)), "ledger")
+    ledgers = os.path.join(os.path.abspath(registry[name].work_dir(run_cfg, getattr(run_cfg, name))), "ledger")
     if os.path.isdir(ledgers):
         log.info("stage %s: its inputs changed, it will run again (%s dropped)", name, ledgers)
+        for sub in sorted(os.listdir(ledgers)):  # job.json files first: a kill half-way never
+            if os.path.isdir(os.path.join(ledgers, sub)):  # leaves a ledger that resumes
+                Ledger(os.path.join(ledgers, sub)).clear()
         shutil.rmtree(ledgers)
+
+
+def _running_marker(stage: Stage, run_cfg: Any) -> str:
+    """``<work_dir>/ledger/stage_running.json``: present while the stage runs. Found at the
+    start of a run, it says an earlier run was interrupted inside the stage, which may have
+    changed its outputs without dropping the stages downstream yet: they are dropped now."""
+    return os.path.join(os.path.abspath(stage.work_dir(run_cfg, getattr(run_cfg, stage.name))), "ledger",
+                        "stage_running.json")
 
 
 def preflight_stages(registry: Registry, run_cfg: Any, names: Iterable[str]) -> None:
@@ -155,39 +170,57 @@ def run_stages(registry: Registry, run_cfg: Any, names: Iterable[str], backend: 
     """Run the stages ``names`` of ``registry`` in order; returns per-stage reports and seconds."""
     summary: dict = {"stages": {}, "seconds": {}}
     for name in registry.check(names):
-        stage = registry[name]
-        cfg = getattr(run_cfg, name)
-        t0 = time.perf_counter()
-        reason = stage.skip(run_cfg, cfg) if stage.skip else None
-        if reason:
-            log.warning("stage %s: skipped, %s", name, reason)
-            summary["stages"][name] = {"skipped": reason}
-            continue
-        log.info("stage %s: start", name)
-        if stage.run is not None:
-            summary["stages"][name] = stage.run(run_cfg, cfg)
-        else:
-            reports, did_work = [], False
-            for step in stage.steps(run_cfg, cfg):
-                fresh = overwrite
-                changed = None if overwrite else _changed_identity(step)
-                if changed and stage.rerun_on_change:
-                    log.info("%s: settings changed (%s): running it again from scratch", step.name,
-                             ", ".join(changed))
-                    fresh = True
-                report = run_task(step, backend, overwrite=fresh)
-                # a finish that reports ``rewrote`` decides (its product is what it rewrote, e.g.
-                # DB records); otherwise processed blocks changed the outputs
-                did_work |= (bool(report.extra["rewrote"]) if "rewrote" in report.extra
-                             else report.processed > 0)
-                reports.append(report.to_dict())
-            if did_work:
-                for later in registry.downstream(name):
-                    drop_stage(registry, run_cfg, later)
-            summary["stages"][name] = reports[0] if len(reports) == 1 else reports
-        summary["seconds"][name] = round(time.perf_counter() - t0, 2)
-        log.info("stage %s: end (%.1f s)", name, time.perf_counter() - t0)
+        try:
+            _run_stage(registry, run_cfg, registry[name], backend, overwrite, summary)
+        except KeyboardInterrupt as e:  # Ctrl-C: where it stopped, for a one-line report
+            where = getattr(e, "cleftwise_where", None)
+            e.cleftwise_where = f"stage {name}" + (f" ({where})" if where else "")
+            raise
+        crashpoints.hit("stage_finished", name)
     return summary
+
+
+def _run_stage(registry: Registry, run_cfg: Any, stage: Stage, backend: BackendConfig,
+               overwrite: bool, summary: dict) -> None:
+    """One stage into ``summary``: its ``run``, or its passes in order (see the module docstring)."""
+    name, cfg = stage.name, getattr(run_cfg, stage.name)
+    t0 = time.perf_counter()
+    reason = stage.skip(run_cfg, cfg) if stage.skip else None
+    if reason:
+        log.warning("stage %s: skipped, %s", name, reason)
+        summary["stages"][name] = {"skipped": reason}
+        return
+    log.info("stage %s: start", name)
+    if stage.run is not None:
+        summary["stages"][name] = stage.run(run_cfg, cfg)
+    else:
+        marker = _running_marker(stage, run_cfg)
+        did_work = os.path.exists(marker)  # interrupted inside this stage before
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        atomic_write_json(marker, {"stage": name, "started": time.time()})
+        reports, later_fresh = [], False
+        for step in stage.steps(run_cfg, cfg):
+            # a pass that ran afresh or processed blocks invalidates the later passes of the stage
+            fresh = overwrite or later_fresh
+            changed = None if fresh else _changed_identity(step)
+            if changed and stage.rerun_on_change:
+                log.info("%s: settings changed (%s): running it again from scratch", step.name,
+                         ", ".join(changed))
+                fresh = True
+            report = run_task(step, backend, overwrite=fresh)
+            later_fresh |= fresh or report.processed > 0
+            # a finish that reports ``rewrote`` decides (its product is what it rewrote, e.g.
+            # DB records); otherwise processed blocks changed the outputs
+            did_work |= (bool(report.extra["rewrote"]) if "rewrote" in report.extra
+                         else report.processed > 0)
+            reports.append(report.to_dict())
+        if did_work:
+            for later in registry.downstream(name):
+                drop_stage(registry, run_cfg, later)
+        os.remove(marker)
+        summary["stages"][name] = reports[0] if len(reports) == 1 else reports
+    summary["seconds"][name] = round(time.perf_counter() - t0, 2)
+    log.info("stage %s: end (%.1f s)", name, time.perf_counter() - t0)
 
 
 def stages_status(registry: Registry, run_cfg: Any) -> dict:

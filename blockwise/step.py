@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from funlib.geometry import Coordinate, Roi
 
+from cleftwise.blockwise import crashpoints
 from cleftwise.blockwise.errors import BlockwiseError
 from cleftwise.blockwise.grid import Block, plan_blocks
 
@@ -145,6 +146,7 @@ class BlockStep(abc.ABC):
                               voxel_size=self.voxel_size, offset=self.total_roi.begin,
                               dtype=spec.dtype, chunk_shape=chunk,
                               num_channels=len(spec.channels) or None, overwrite=True, attrs=attrs)
+                crashpoints.hit("output_created", self.name)
                 continue
             try:
                 out = open_volume(spec.url)
@@ -155,6 +157,7 @@ class BlockStep(abc.ABC):
                 raise BlockwiseError(f"{spec.url}: the existing output of {self.name} does not match "
                                      f"this job (ROI {out.roi}, {out.num_channels} channels)")
         self.prepare_scratch(fresh)
+        crashpoints.hit("prepared", self.name)
 
     @contextlib.contextmanager
     def worker(self) -> Iterator[Callable[[Block], None]]:

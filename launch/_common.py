@@ -28,11 +28,25 @@ def add_version(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+class DefaultsOnceHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``ArgumentDefaultsHelpFormatter`` that adds ``(default: X)`` only where the help text does
+    not already speak of its default, and not for a default of None (nothing to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 def new_parser(**kwargs) -> argparse.ArgumentParser:
     """``argparse.ArgumentParser(**kwargs)`` with ``--version``; under ``cleftwise <sub>`` the
-    program name is that (unless ``prog`` is given)."""
+    program name is that (unless ``prog`` is given). ``formatter_class=ArgumentDefaultsHelpFormatter``
+    becomes :class:`DefaultsOnceHelpFormatter` (each help says its default once)."""
     if _prog is not None:
         kwargs.setdefault("prog", _prog)
+    if kwargs.get("formatter_class") is argparse.ArgumentDefaultsHelpFormatter:
+        kwargs["formatter_class"] = DefaultsOnceHelpFormatter
     return add_version(argparse.ArgumentParser(**kwargs))
 
 

@@ -8,7 +8,7 @@ Signs: from per-synapse E/I probabilities (``ei_prob``) by default; ``--sign-tab
 per-neuron table (cell types or transmitters, ``--sign-class-col`` + ``--sign-map``, or
 per-class probabilities ``--sign-prob-cols``) that takes priority; neurons where the sources
 disagree are flagged in the node table. Example (MANC imported with launch/import_synapses.py):
-    python launch/export_graph.py --db sqlite:///abs/manc.db --out graph --format csv,graphml \
+    python launch/export_graph.py --db sqlite:////abs/manc.db --out graph --format csv,graphml \
         --sign-table ../shared/data/tables/manc-nt/neurons_nt.csv --sign-neuron-col bodyId \
         --sign-class-col nt_class --sign-map fly
 """
@@ -22,7 +22,10 @@ import sys
 from cleftwise.launch._common import new_parser
 from cleftwise.postprocess.connectome import SignConfig
 from cleftwise.postprocess.errors import PostprocessError
-from cleftwise.postprocess.export import FORMATS, SignTableConfig, export_graph, signs_for, table_signs
+from cleftwise.postprocess.export import (FORMATS, SignTableConfig, export_graph, export_paths, signs_for,
+                                          table_signs)
+from cleftwise.storage.atomic import check_output_path
+from cleftwise.storage.db.urls import db_files
 from cleftwise.storage.errors import StorageError
 
 
@@ -30,8 +33,10 @@ def main(argv=None) -> int:
     p = new_parser(description=__doc__.splitlines()[0],
                    formatter_class=argparse.RawDescriptionHelpFormatter,
                    epilog="\n".join(__doc__.splitlines()[2:]))
-    p.add_argument("--db", required=True, help="sqlite:///path.db or mongodb://host:port/db")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--db", required=True,
+                   help="sqlite:///rel/path.db, sqlite:////abs/path.db or mongodb://host:port/db "
+                        "(opened read-only)")
+    p.add_argument("--out", required=True, help="output folder (files are replaced atomically)")
     p.add_argument("--format", default="csv", help=f"comma-separated subset of {','.join(FORMATS)}")
     p.add_argument("--min-score", type=float, default=0.0, help="drop synapses below this union score")
     p.add_argument("--min-partner-conf", type=float, default=0.0)
@@ -64,6 +69,8 @@ def main(argv=None) -> int:
     try:
         from cleftwise.storage.db import open_store
 
+        for path in export_paths(a.out, formats):
+            check_output_path(path, db_files(a.db) + ([a.sign_table] if a.sign_table else []), "--out")
         sources = []
         if a.sign_table:
             probs = {}
@@ -77,7 +84,7 @@ def main(argv=None) -> int:
                 path=a.sign_table, neuron_col=a.sign_neuron_col, class_col=a.sign_class_col,
                 sign_map=a.sign_map, confidence_col=a.sign_confidence_col, prob_cols=probs,
                 prob_rule=a.sign_prob_rule, unmapped=a.sign_unmapped)))
-        with open_store(a.db, create=False) as store:
+        with open_store(a.db, create=False, readonly=True) as store:
             syn = store.query()
         signs = signs_for(syn, cfg, sources, use_synapses=not a.no_synapse_signs)
         written = export_graph(syn, a.out, formats, signs=signs, cfg=cfg)

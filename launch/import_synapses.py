@@ -3,12 +3,12 @@
 
 Ids are hashed from (pre id, post id, pre site, post site), so re-importing a table replaces its
 records instead of duplicating them. Examples:
-    python launch/import_synapses.py --preset manc --db sqlite:///abs/manc.db \
+    python launch/import_synapses.py --preset manc --db sqlite:////abs/manc.db \
         --table ../shared/data/tables/manc-nt/synapses_gaba.csv \
         --table ../shared/data/tables/manc-nt/synapses_glutamate.csv
-    python launch/import_synapses.py --preset cave --voxel-size 40 4 4 --db sqlite:///abs/cave.db \
+    python launch/import_synapses.py --preset cave --voxel-size 40 4 4 --db sqlite:////abs/cave.db \
         --table synapses.parquet
-    python launch/import_synapses.py --db sqlite:///abs/s.db --table mine.csv --units nm \
+    python launch/import_synapses.py --db sqlite:////abs/s.db --table mine.csv --units nm \
         --map pre_neuron=pre --map post_neuron=post --map pre_z=pz --map pre_y=py --map pre_x=px \
         --map post_z=qz --map post_y=qy --map post_x=qx
 Fields for --map: pre_neuron, post_neuron, pre_z/pre_y/pre_x, post_z/…, or packed pre_position,
@@ -24,6 +24,7 @@ import logging
 import sys
 
 from cleftwise.launch._common import new_parser
+from cleftwise.storage.db.urls import redact
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.importers.tables import PRESETS, TableImportConfig, import_tables, parse_mapping
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("--table", action="append", required=True,
                    help="CSV/TSV/Parquet synapse table (repeat for several)")
-    p.add_argument("--db", required=True, help="sqlite:///abs/path.db or mongodb://host:port/db")
+    p.add_argument("--db", required=True, help="sqlite:////abs/path.db or mongodb://host:port/db")
     p.add_argument("--preset", choices=sorted(PRESETS), help="known column layout")
     p.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN",
                    help="table column for a record field (overrides the preset)")
@@ -52,15 +53,21 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = TableImportConfig(preset=a.preset, columns=parse_mapping(a.map), units=a.units,
+        columns = parse_mapping(a.map)
+        missing = [f for f in ("pre_neuron", "post_neuron") if f not in columns]
+        if a.preset is None and missing:
+            p.error(f"without --preset, --map must name the table column of {' and '.join(missing)} "
+                    f"(e.g. --map pre_neuron=COLUMN) and of the positions; or give --preset, one of: "
+                    f"{', '.join(sorted(PRESETS))}")
+        cfg = TableImportConfig(preset=a.preset, columns=columns, units=a.units,
                                 voxel_size=tuple(a.voxel_size) if a.voxel_size else None,
                                 packed_order=a.packed_order, source=a.source,
                                 on_duplicate=a.on_duplicate)
         counts = import_tables(a.table, a.db, cfg)
     except StorageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 1
-    print(json.dumps({"db": a.db, "records": counts}, indent=1))
+    print(json.dumps({"db": redact(a.db), "records": counts}, indent=1))
     return 0
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 
+import yaml
+
+from cleftwise.errors import CleftwiseError
 from cleftwise.launch._common import new_parser
-from cleftwise.blockwise.errors import BlockwiseError
-from cleftwise.models.errors import ModelError
-from cleftwise.postprocess.errors import PostprocessError
 from cleftwise.postprocess.pipeline import STAGES, parse_config, pipeline_status, run_pipeline
+from cleftwise.storage.config_io import yaml_error_text
 from cleftwise.storage.errors import StorageError
 
 
@@ -47,6 +49,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the command; every error is one ``error: …`` line (exit 1; 2 for a file that cannot be
+    read or written, e.g. the config), Ctrl-C one line saying what was interrupted and how to
+    resume (exit 130)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(args_list)
+    except KeyboardInterrupt as e:
+        where = getattr(e, "cleftwise_where", None)
+        print(f"interrupted{' in ' + where if where else ''}; finished work is kept. To resume, run the "
+              f"same command: "
+              f"cleftwise predict {shlex.join(args_list)}", file=sys.stderr)
+        return 130
+    except (OSError, yaml.YAMLError) as e:  # the config file itself: missing, unreadable, bad YAML
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except CleftwiseError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -56,47 +79,37 @@ def main(argv=None) -> int:
         return _demo(args)
     if not args.config:
         _parser().error("--config (or --demo) is required")
-    import yaml
-
     try:
         with open(args.config) as f:
             data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise StorageError(f"{args.config}: top level must be a mapping")
-        backend = dict(data.get("backend") or {})
-        for key in ("backend", "workers", "address"):
-            if getattr(args, key) is not None:
-                backend[key] = getattr(args, key)
-        if args.no_progress:
-            backend["progress"] = False
-        data["backend"] = backend
-        cfg = parse_config(data, where=args.config)
-        if args.status:
-            print(json.dumps(pipeline_status(cfg), indent=1))
-            return 0
-        stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-        summary = run_pipeline(cfg, stages, overwrite=args.overwrite)
-        print(json.dumps(summary["stages"], indent=1))
+    except yaml.YAMLError as e:  # one line naming the file, line and column (exit 2, below)
+        raise yaml.YAMLError(yaml_error_text(args.config, e)) from e
+    if not isinstance(data, dict):
+        raise StorageError(f"{args.config}: top level must be a mapping")
+    backend = dict(data.get("backend") or {})
+    for key in ("backend", "workers", "address"):
+        if getattr(args, key) is not None:
+            backend[key] = getattr(args, key)
+    if args.no_progress:
+        backend["progress"] = False
+    data["backend"] = backend
+    cfg = parse_config(data, where=args.config)
+    if args.status:
+        print(json.dumps(pipeline_status(cfg), indent=1))
         return 0
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (StorageError, BlockwiseError, ModelError, PostprocessError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    summary = run_pipeline(cfg, stages, overwrite=args.overwrite)
+    print(json.dumps(summary["stages"], indent=1))
+    return 0
 
 
 def _demo(args) -> int:
     from cleftwise.postprocess.demo import DemoConfig, format_summary, run_demo
 
-    try:
-        cfg = DemoConfig(out_dir=args.demo_dir, shape=tuple(args.demo_shape), seed=args.demo_seed,
-                         backend=args.backend or "local", workers=args.workers or 1,
-                         progress=not args.no_progress, overwrite=args.overwrite)
-        summary = run_demo(cfg)
-    except (StorageError, BlockwiseError, ModelError, PostprocessError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    cfg = DemoConfig(out_dir=args.demo_dir, shape=tuple(args.demo_shape), seed=args.demo_seed,
+                     backend=args.backend or "local", workers=args.workers or 1,
+                     progress=not args.no_progress, overwrite=args.overwrite)
+    summary = run_demo(cfg)
     print(format_summary(summary))
     return 0
 

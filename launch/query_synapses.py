@@ -3,10 +3,13 @@
 
 Examples (ROI in nm, z0:z1,y0:y1,x0:x1, half-open, matched on the synapse centroid; an empty
 bound is open, e.g. ``:,0:4000,:``):
-    python launch/query_synapses.py --db sqlite:///data/synapses.db --roi 0:400,0:4000,0:4000
-    python launch/query_synapses.py --db sqlite:///data/synapses.db --pre 17 --min-score 0.5 \
+    python launch/query_synapses.py --db sqlite:////data/synapses.db --roi 0:400,0:4000,0:4000
+    python launch/query_synapses.py --db sqlite:///out/synapses.db --pre 17 --min-score 0.5 \
         --format csv --out pre17.csv
     python launch/query_synapses.py --db mongodb://localhost:27017/fly --count --neuron 17
+
+The database is opened read-only (a read-only file or folder is fine; nothing is created);
+--out is written atomically and may not be the database itself or lie in a volume container.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import logging
 import sys
 
 from cleftwise.launch._common import new_parser
+from cleftwise.storage.atomic import atomic_path, check_output_path
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.db import open_store
+from cleftwise.storage.db.urls import db_files
 
 _FORMATS = ("table", "csv", "parquet", "json")
 
@@ -57,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = new_parser(description=__doc__.splitlines()[0],
                    formatter_class=argparse.RawDescriptionHelpFormatter,
                    epilog="\n".join(__doc__.splitlines()[2:]))
-    p.add_argument("--db", required=True, help="sqlite:///path.db, mongodb://host:port/db")
+    p.add_argument("--db", required=True,
+                   help="sqlite:///rel/path.db, sqlite:////abs/path.db or mongodb://host:port/db")
     p.add_argument("--roi", type=parse_roi_arg, help="z0:z1,y0:y1,x0:x1 in nm (half-open)")
     p.add_argument("--roi-match", choices=["centroid", "bbox"], default="centroid",
                    help="match the centroid (default) or any bounding-box overlap")
@@ -91,7 +97,9 @@ def main(argv=None) -> int:
                    min_score=a.min_score, block_id=a.block)
     columns = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None
     try:
-        with open_store(a.db, create=False) as db:
+        if a.out:
+            check_output_path(a.out, db_files(a.db), "--out")
+        with open_store(a.db, create=False, readonly=True) as db:
             if a.count:
                 print(db.count(**filters))
                 return 0
@@ -100,21 +108,21 @@ def main(argv=None) -> int:
                 print(f"wrote {n} synapses to {a.out}", file=sys.stderr)
                 return 0
             df = db.query(limit=a.limit, columns=columns, **filters)
+        if fmt == "csv":
+            text = df.to_csv(index=False)
+        elif fmt == "json":
+            text = df.to_json(orient="records") + "\n"
+        else:
+            text = df.to_string(index=False) + "\n" if len(df) else "(no synapses)\n"
+        if not a.out:
+            sys.stdout.write(text)
+            return 0
+        with atomic_path(a.out, "query output") as tmp, open(tmp, "w") as f:
+            f.write(text)
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if fmt == "csv":
-        text = df.to_csv(index=False)
-    elif fmt == "json":
-        text = df.to_json(orient="records") + "\n"
-    else:
-        text = df.to_string(index=False) + "\n" if len(df) else "(no synapses)\n"
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text)
-        print(f"wrote {len(df)} synapses to {a.out}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+    print(f"wrote {len(df)} synapses to {a.out}", file=sys.stderr)
     return 0
 
 

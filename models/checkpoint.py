@@ -217,7 +217,10 @@ def read_checkpoint_meta(path: PathLike) -> CheckpointMeta:
     """Parse a checkpoint's JSON (``path``: the .pt, .json or stem) without loading weights."""
     pt, js = checkpoint_paths(path)
     if not js.is_file():
-        raise ModelError(f"checkpoint architecture JSON not found: {js}")
+        if Path(path).suffix != ".json" and not pt.is_file():
+            raise ModelError(f"checkpoint not found: {pt} (no such file, nor its architecture JSON {js.name})")
+        raise ModelError(f"checkpoint architecture JSON not found: {js} (save_checkpoint writes it beside "
+                         f"the weights {pt.name})")
     try:
         doc = json.loads(js.read_text())
     except (OSError, json.JSONDecodeError) as exc:

@@ -39,7 +39,9 @@ import pandas as pd
 import torch
 from funlib.geometry import Coordinate, Roi
 
+from cleftwise.blockwise import crashpoints
 from cleftwise.blockwise.grid import Block
+from cleftwise.blockwise.sliding_window import normalise_raw
 from cleftwise.blockwise.stages import Stage
 from cleftwise.postprocess.preflight import check_checkpoint, check_db
 from cleftwise.blockwise.step import BlockStep
@@ -47,10 +49,12 @@ from cleftwise.models import classifiers as _classifiers  # noqa: F401  (registe
 from cleftwise.models.checkpoint import CheckpointMeta, load_model, read_checkpoint_meta, resolve_device
 from cleftwise.models.classifiers import prepare_input, use_fast_memory_format
 from cleftwise.models.errors import ModelError
+from cleftwise.storage.db.urls import redact
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.volume import Volume, open_volume
 
 from cleftwise.postprocess.errors import PostprocessError
+from cleftwise.postprocess.predict import check_raw_values, checked_raw_range
 
 __all__ = ["ClassifyConfig", "ClassifyStep", "ClassifierInfo", "classifier_info",
            "positions_to_voxels", "check_inside", "cube_box", "cut_cubes", "read_cubes",
@@ -278,17 +282,17 @@ def _open_db(url: str):
     try:
         return open_store(url)
     except StorageError as e:
-        raise PostprocessError(f"synapse DB {url}: {e}") from e
+        raise PostprocessError(f"synapse DB {redact(url)}: {redact(str(e))}") from e
 
 
 def _query_positions(store, url: str, columns: Sequence[str]) -> pd.DataFrame:
     try:
         df = store.query(columns=list(columns))
     except StorageError as e:
-        raise PostprocessError(f"synapse DB {url}: {e}") from e
+        raise PostprocessError(f"synapse DB {redact(url)}: {redact(str(e))}") from e
     missing = [c for c in ("id", *columns) if c not in df.columns]
     if missing:
-        raise PostprocessError(f"synapse DB {url}: records lack columns {missing}")
+        raise PostprocessError(f"synapse DB {redact(url)}: records lack columns {missing}")
     return df[["id", *columns]].reset_index(drop=True)
 
 
@@ -302,6 +306,9 @@ class ClassifyConfig:
 
     raw: str = ""
     """raw EM volume URL (z, y, x), the one the synapses were detected in (the pipeline fills it)"""
+    raw_range: Optional[tuple] = None
+    """[low, high] raw intensities mapped to 0..1 (checked on every cube region read); default
+    0–255 for uint8, 0–1 for float32; required for any other dtype (uint16, int8, …)"""
     db: str = ""
     """synapse DB URL, e.g. sqlite:///out/synapses.db (the pipeline fills it)"""
     checkpoint: str = ""
@@ -326,6 +333,9 @@ class ClassifyConfig:
     """value of the ``classifier`` field; default '<model_type>:<first 12 of the weights sha256>'"""
     torch_threads: int = 0
     """torch CPU threads per worker (0 = torch default)"""
+    missing_chunks: str = "error"
+    """never-written chunks of this stage's input volumes: error or zeros; zeros here or in the
+    top-level missing_chunks reads them as zeros"""
 
     def __post_init__(self) -> None:
         if len(tuple(self.block_shape)) != 3 or any(int(b) < 1 for b in self.block_shape):
@@ -344,7 +354,7 @@ def _checked_setup(cfg: ClassifyConfig) -> tuple[Volume, CheckpointMeta, Classif
         if not getattr(cfg, key):
             raise PostprocessError(f"classify: '{key}' is not set")
     try:
-        raw = open_volume(cfg.raw)
+        raw = open_volume(cfg.raw, missing=cfg.missing_chunks)
     except StorageError as e:
         raise PostprocessError(f"classify: cannot open raw volume: {e}") from e
     if raw.num_channels is not None:
@@ -358,6 +368,23 @@ def _checked_setup(cfg: ClassifyConfig) -> tuple[Volume, CheckpointMeta, Classif
         raise PostprocessError(f"classify: raw volume {cfg.raw} has voxel size {tuple(raw.voxel_size)} nm but "
                                f"checkpoint {cfg.checkpoint} was trained at {info.voxel_size} nm")
     return raw, meta, info
+
+
+def _model_input(region: np.ndarray, begin_vox: np.ndarray, volume_shape: Sequence[int], url: str,
+                 raw_range: tuple, where: str = "") -> np.ndarray:
+    """A raw region (z, y, x) read with zeros outside the volume → float32 model input: the part
+    inside the volume is checked against ``raw_range`` and scaled to 0..1 (:func:`normalise_raw`),
+    the part outside is 0."""
+    b = np.asarray(begin_vox, dtype=np.int64).reshape(3)
+    inside = tuple(slice(max(0, -int(o)), max(0, min(int(n), int(s) - int(o))))
+                   for o, n, s in zip(b, region.shape, volume_shape))
+    check_raw_values(region[inside], url, raw_range, "classify.raw_range", where)
+    out = normalise_raw(region, raw_range)
+    if any(sl.start > 0 or sl.stop < n for sl, n in zip(inside, region.shape)):
+        kept = out[inside].copy()
+        out[...] = 0.0
+        out[inside] = kept
+    return out
 
 
 def _threshold(cfg: ClassifyConfig, info: ClassifierInfo) -> Optional[float]:
@@ -391,7 +418,7 @@ class ClassifyStep(BlockStep):
 
     #: settings that do not change the written fields (left out of the job identity, so a job
     #: can resume on other hardware)
-    NOT_IDENTITY = ("device", "batch_size", "torch_threads", "work_dir", "db")
+    NOT_IDENTITY = ("device", "batch_size", "torch_threads", "work_dir", "db", "missing_chunks")
 
     def __init__(self, cfg: ClassifyConfig):
         if not cfg.work_dir:
@@ -399,6 +426,7 @@ class ClassifyStep(BlockStep):
         self.cfg = cfg
         raw, meta, info = _checked_setup(cfg)
         self.info = info
+        self.raw_range = checked_raw_range(cfg.raw, raw.dtype, cfg.raw_range, "classify.raw_range")
         self.weights_sha256 = meta.weights_sha256
         self.voxel_size = raw.voxel_size
         self.total_roi = raw.roi
@@ -415,9 +443,9 @@ class ClassifyStep(BlockStep):
     def identity(self) -> dict:
         """What changes the written fields, plus the DB's record count (a DB that gained or lost
         records since the job started must be re-classified). The DB URL is stored redacted."""
-        from cleftwise.storage.db.urls import redact
-
-        s = {k: v for k, v in asdict(self.cfg).items() if k not in self.NOT_IDENTITY}
+        # raw_range only when set, so jobs started before the setting existed resume
+        s = {k: v for k, v in asdict(self.cfg).items()
+             if k not in self.NOT_IDENTITY and (k != "raw_range" or v is not None)}
         with contextlib.closing(_open_db(self.cfg.db)) as store:
             try:
                 n = store.count()
@@ -455,15 +483,16 @@ class ClassifyStep(BlockStep):
 
     @contextlib.contextmanager
     def open_worker(self) -> Iterator:
+        # No DB connection is held here: a backend may open this context in one thread and close
+        # it in another (dask runs blocks in its executor thread and closes contexts from its
+        # event loop), and an SQLite connection may only be used and closed by the thread that
+        # opened it. Each block opens, writes and closes its own connection (see process).
         model, device = _load(self.cfg)
         index = pd.read_parquet(self.index_path)
-        store = _open_db(self.cfg.db)
-        try:
-            yield {"model": model, "device": device, "raw": open_volume(self.cfg.raw), "store": store,
-                   "groups": {int(k): g for k, g in index.groupby("block_id", sort=False)},
-                   "threshold": _threshold(self.cfg, self.info)}
-        finally:
-            store.close()
+        raw = open_volume(self.cfg.raw, missing=self.cfg.missing_chunks)
+        yield {"model": model, "device": device, "raw": raw,
+               "groups": {int(k): g for k, g in index.groupby("block_id", sort=False)},
+               "threshold": _threshold(self.cfg, self.info)}
 
     def process(self, block: Block, w) -> None:
         cfg = self.cfg
@@ -478,13 +507,17 @@ class ClassifyStep(BlockStep):
             raise PostprocessError(f"classify: block {block.block_id}: cubes reach outside its read ROI "
                                    f"{block.read_roi} (index out of date? re-run with overwrite)")
         region = raw.read(_voxel_roi(lo, hi, raw), fill_outside=True)
+        region = _model_input(region, lo, self.volume_shape, cfg.raw, self.raw_range,
+                              f" (block {block.block_id})")
         cubes = cut_cubes(region, lo, vox, self.info.cube_shape)
         probs = predict_probs(w["model"], cubes, cfg.batch_size, w["device"], cfg.tta, cfg.amp)
         result = _result_frame(g["id"].to_numpy(), probs, self.info, w["threshold"])
         try:
-            w["store"].update_fields(result, fields=["ei_prob", "ei_label", "classifier"])
+            with contextlib.closing(_open_db(cfg.db)) as store:  # opened and closed in this thread
+                store.update_fields(result, fields=["ei_prob", "ei_label", "classifier"])
         except StorageError as e:
             raise PostprocessError(f"classify: block {block.block_id}: DB update failed: {e}") from e
+        crashpoints.hit("db_updated", self.name)
 
     def drop_outputs(self) -> None:
         super().drop_outputs()
@@ -506,8 +539,11 @@ def classify_table(cfg: ClassifyConfig, synapses: Optional[pd.DataFrame] = None)
             synapses = _query_positions(store, cfg.db, cols)
     vox = positions_to_voxels(synapses[cols].to_numpy(np.float64), raw.roi.begin, raw.voxel_size)
     check_inside(vox, tuple(raw.spatial_shape), synapses["id"].to_numpy(), where=f"raw volume {cfg.raw}")
-    cubes = np.stack([read_cube(raw, v, info.cube_shape) for v in vox]) if len(vox) else \
-        np.zeros((0,) + info.cube_shape, raw.dtype)
+    raw_range = checked_raw_range(cfg.raw, raw.dtype, cfg.raw_range, "classify.raw_range")
+    shape = tuple(raw.spatial_shape)
+    cubes = np.stack([_model_input(read_cube(raw, v, info.cube_shape), cube_box(v, info.cube_shape)[0],
+                                   shape, cfg.raw, raw_range) for v in vox]) if len(vox) else \
+        np.zeros((0,) + info.cube_shape, np.float32)
     model, device = _load(cfg)
     probs = predict_probs(model, cubes, cfg.batch_size, device, cfg.tta, cfg.amp)
     return _result_frame(synapses["id"].to_numpy(), probs, info, _threshold(cfg, info))
@@ -515,7 +551,8 @@ def classify_table(cfg: ClassifyConfig, synapses: Optional[pd.DataFrame] = None)
 
 def _classify_steps(run, cfg: ClassifyConfig):
     yield ClassifyStep(ClassifyConfig(**{**asdict(cfg), "raw": cfg.raw or run.raw, "db": cfg.db or run.db_url,
-                                         "work_dir": cfg.work_dir or run.stage_dir("classify")}))
+                                         "work_dir": cfg.work_dir or run.stage_dir("classify"),
+                                         "missing_chunks": cfg.missing_chunks if cfg.missing_chunks != "error" else run.missing_chunks}))
 
 
 def _classify_skip(run, cfg: ClassifyConfig) -> Optional[str]:
@@ -530,6 +567,13 @@ def _classify_preflight(run, cfg: ClassifyConfig) -> None:
 
 
 #: the ``classify`` stage: E/I of every synapse in the DB
-STAGE = Stage("classify", preflight=_classify_preflight, config=ClassifyConfig, work_dir=lambda run: run.stage_dir("classify"),
-              after=("partners",), steps=_classify_steps, skip=_classify_skip,
-              doc="E/I class of every synapse in the DB, from EM cubes around it")
+STAGE = Stage(
+    "classify",
+    config=ClassifyConfig,
+    after=("partners",),
+    work_dir=lambda run, cfg: cfg.work_dir or run.stage_dir("classify"),
+    steps=_classify_steps,
+    skip=_classify_skip,
+    preflight=_classify_preflight,
+    doc="E/I class of every synapse in the DB, from EM cubes around it",
+)

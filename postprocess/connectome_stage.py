@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from cleftwise.blockwise import crashpoints
 from cleftwise.blockwise.stages import Stage
 from cleftwise.postprocess.preflight import check_db
 from cleftwise.postprocess.connectome import SignConfig
@@ -27,6 +28,7 @@ def run_connectome(run, cfg: SignConfig) -> dict:
     signs = signs_for(syn, cfg)
     out = os.path.join(run.output_dir, "graph")
     written = export_graph(syn, out, run.export_formats, signs, cfg)
+    crashpoints.hit("export_written", "connectome")
     edges = nodes = None
     if "parquet" in written:
         edges = pd.read_parquet(os.path.join(out, "edges.parquet"))
@@ -47,6 +49,12 @@ def _connectome_preflight(run, cfg) -> None:
 
 
 #: the ``connectome`` stage: neuron signs (Dale's principle) and the signed graph's exports
-STAGE = Stage("connectome", preflight=_connectome_preflight, config=SignConfig, work_dir=lambda run: os.path.join(run.output_dir, "graph"),
-              after=("partners", "classify"), run=run_connectome,
-              doc="neuron signs and signed edges → <output_dir>/graph (CSV, Parquet, GraphML, npz, neuroglancer)")
+STAGE = Stage(
+    "connectome",
+    config=SignConfig,
+    after=("partners", "classify"),
+    work_dir=lambda run, cfg: os.path.join(run.output_dir, "graph"),
+    run=run_connectome,
+    preflight=_connectome_preflight,
+    doc="neuron signs and signed edges → <output_dir>/graph (CSV, Parquet, GraphML, npz, neuroglancer)",
+)

@@ -20,15 +20,26 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from cleftwise.storage.atomic import atomic_path
 from cleftwise.storage.ng_annotations import write_synapse_annotations
 
 from cleftwise.postprocess.connectome import (SignConfig, build_edges, combine_signs, neuron_signs_from_synapses, node_table,
                          signed_adjacency, signs_from_class_probs, signs_from_table)
 from cleftwise.postprocess.errors import PostprocessError
 
-__all__ = ["FORMATS", "SignTableConfig", "export_graph", "signs_for", "table_signs"]
+__all__ = ["FORMATS", "FILES", "SignTableConfig", "export_graph", "export_paths", "signs_for",
+           "table_signs"]
 
-FORMATS = ("csv", "parquet", "graphml", "npz", "neuroglancer")
+#: what each format writes under the output folder (``annotations`` is a folder)
+FILES = {"csv": ("edges.csv", "nodes.csv"), "parquet": ("edges.parquet", "nodes.parquet"),
+         "graphml": ("graph.graphml",), "npz": ("adjacency.npz", "neurons.npy"),
+         "neuroglancer": ("annotations",)}
+FORMATS = tuple(FILES)
+
+
+def export_paths(out: str, formats: Sequence[str]) -> list[str]:
+    """The files and folders :func:`export_graph` writes (replaces) for ``formats``."""
+    return [os.path.join(out, name) for f in formats for name in FILES.get(f, ())]
 
 
 @dataclass
@@ -105,19 +116,22 @@ def export_graph(syn: pd.DataFrame, out: str, formats: Sequence[str] = ("csv",),
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise PostprocessError(f"unknown export format(s) {bad}; choose from {', '.join(FORMATS)}")
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise PostprocessError(f"cannot create the export folder {out}: {e.strerror or e}") from e
     if signs is None:
         signs = signs_for(syn, cfg)
     edges = build_edges(syn, signs, cfg)
     nodes = node_table(edges, signs)
     written = {}
     if "csv" in formats:
-        edges.to_csv(os.path.join(out, "edges.csv"), index=False)
-        nodes.to_csv(os.path.join(out, "nodes.csv"), index=False)
+        _write(out, "edges.csv", lambda tmp: edges.to_csv(tmp, index=False))
+        _write(out, "nodes.csv", lambda tmp: nodes.to_csv(tmp, index=False))
         written["csv"] = os.path.join(out, "edges.csv")
     if "parquet" in formats:
-        edges.to_parquet(os.path.join(out, "edges.parquet"), index=False)
-        nodes.to_parquet(os.path.join(out, "nodes.parquet"), index=False)
+        _write(out, "edges.parquet", lambda tmp: edges.to_parquet(tmp, index=False))
+        _write(out, "nodes.parquet", lambda tmp: nodes.to_parquet(tmp, index=False))
         written["parquet"] = os.path.join(out, "edges.parquet")
     if "graphml" in formats:
         import networkx as nx
@@ -129,19 +143,25 @@ def export_graph(syn: pd.DataFrame, out: str, formats: Sequence[str] = ("csv",),
         for rec in edges.to_dict("records"):
             a, b = str(int(rec.pop("pre"))), str(int(rec.pop("post")))
             g.add_edge(a, b, **{k: _plain(v) for k, v in rec.items() if _plain(v) is not None})
-        path = os.path.join(out, "graph.graphml")
-        nx.write_graphml(g, path)
-        written["graphml"] = path
+        written["graphml"] = _write(out, "graph.graphml", lambda tmp: nx.write_graphml(g, tmp))
     if "npz" in formats:
         from scipy import sparse
 
         A = signed_adjacency(edges, nodes)
-        sparse.save_npz(os.path.join(out, "adjacency.npz"), A)
-        np.save(os.path.join(out, "neurons.npy"), nodes["neuron"].to_numpy(np.int64))
-        written["npz"] = os.path.join(out, "adjacency.npz")
+        written["npz"] = _write(out, "adjacency.npz", lambda tmp: sparse.save_npz(tmp, A))
+        _write(out, "neurons.npy", lambda tmp: np.save(tmp, nodes["neuron"].to_numpy(np.int64)))
     if "neuroglancer" in formats:
         written["neuroglancer"] = write_synapse_annotations(syn, os.path.join(out, "annotations"))
     return written
+
+
+def _write(out: str, name: str, writer) -> str:
+    """``writer(tmp)`` writes the file; it is renamed to ``out/name`` only when complete (a
+    failed write raises StorageError naming the file and leaves no partial file)."""
+    path = os.path.join(out, name)
+    with atomic_path(path, "export") as tmp:
+        writer(tmp)
+    return path
 
 
 def _plain(v):

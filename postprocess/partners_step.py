@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 from funlib.geometry import Coordinate, Roi
 
+from cleftwise.blockwise import crashpoints
 from cleftwise.blockwise.grid import Block
 from cleftwise.blockwise.stages import Stage
 from cleftwise.postprocess.preflight import check_db, check_neurons
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 #: get the flag ``one_neuron`` (see PartnersConfig.max_neuron_fraction)
 ONE_NEURON_FLAG = 0.9
 #: the prediction channels polarity reads, by name, in the order the polarity maths expect
-POLARITY_CHANNELS = ("pre", "post", "union")
+#: (:mod:`cleftwise.postprocess.polarity`), per polarity mode
+POLARITY_CHANNELS = {"nonexclusive": ("pre", "post", "union"), "exclusive": ("background", "pre", "post")}
 
 
 @dataclass
@@ -89,9 +91,12 @@ class PartnersConfig:
     """majority (per side, the neuron with most votes; PyTorch Connectomics) or contrast (the
     neuron with the largest surplus of pre over post votes vs the one with the largest surplus of
     post over pre votes; see cleftwise.postprocess.partners)"""
+    missing_chunks: str = "error"
+    """never-written chunks of this stage's input volumes: error or zeros; zeros here or in the
+    top-level missing_chunks reads them as zeros"""
 
     #: fields that do not change the records (left out of the job identity)
-    NOT_IDENTITY = ("work_dir", "db")
+    NOT_IDENTITY = ("work_dir", "db", "missing_chunks")
 
     def __post_init__(self):
         if self.max_neuron_fraction is not None and not 0.0 < float(self.max_neuron_fraction) <= 1.0:
@@ -122,10 +127,14 @@ class PartnersStep(BlockStep):
             raise PostprocessError("partners: 'block_shape' is not set")
         self.cfg = cfg
         pred = open_volume(cfg.predictions)
+        names = POLARITY_CHANNELS.get(cfg.polarity_mode)
+        if names is None:
+            raise PostprocessError(f"partners.polarity_mode must be one of {sorted(POLARITY_CHANNELS)}, "
+                                   f"got {cfg.polarity_mode!r}")
         try:
-            self.channels = [pred.channel_index(n, POLARITY_CHANNELS) for n in POLARITY_CHANNELS]
+            self.channels = [pred.channel_index(n, names) for n in names]
         except StorageError as e:
-            raise PostprocessError(f"partners: polarity needs channels {list(POLARITY_CHANNELS)}: {e}") from e
+            raise PostprocessError(f"partners: {cfg.polarity_mode} polarity needs channels {list(names)}: {e}") from e
         self.voxel_size = pred.voxel_size
         self.total_roi = pred.roi
         self.volume_shape = tuple(pred.spatial_shape)
@@ -166,8 +175,9 @@ class PartnersStep(BlockStep):
         c = self.cfg
         for sub in ("polarity", "votes"):
             os.makedirs(os.path.join(self.work_dir, sub), exist_ok=True)
-        yield {"pred": open_volume(c.predictions), "labels": open_volume(c.labels),
-               "seg": open_volume(c.neurons) if c.neurons else None}
+        m = c.missing_chunks
+        yield {"pred": open_volume(c.predictions, missing=m), "labels": open_volume(c.labels, missing=m),
+               "seg": open_volume(c.neurons, missing=m) if c.neurons else None}
 
     def process(self, block: Block, w) -> None:
         c = self.cfg
@@ -203,9 +213,9 @@ class PartnersStep(BlockStep):
 def partners_config(segment: SegmentConfig, db: str, work_dir: str, **settings) -> PartnersConfig:
     """A partners config reading what the segment run ``segment`` wrote (predictions, labels,
     instances, block shape), writing records to ``db``; ``settings`` are PartnersConfig fields."""
-    return PartnersConfig(predictions=segment.predictions, labels=segment.output,
-                          instances=os.path.join(segment.work_dir, "instances.parquet"), db=db,
-                          work_dir=work_dir, block_shape=tuple(segment.block_shape), **settings)
+    return PartnersConfig(**{"predictions": segment.predictions, "labels": segment.output,
+                             "instances": os.path.join(segment.work_dir, "instances.parquet"), "db": db,
+                             "work_dir": work_dir, "block_shape": tuple(segment.block_shape), **settings})
 
 
 def _nm(vox: np.ndarray, axis: int, roi: Roi, vs: Coordinate) -> np.ndarray:
@@ -281,11 +291,20 @@ def records_digest(df: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
+def _our_block_ids(store) -> np.ndarray:
+    """Block ids (one per record) of the records the pipeline wrote (``source`` cleftwise);
+    records imported from elsewhere are not ours to count or delete."""
+    got = store.query(columns=["block_id", "source"])
+    mine = got["source"].astype(str) == "cleftwise"
+    return pd.to_numeric(got.loc[mine, "block_id"]).fillna(-1).to_numpy(np.int64)
+
+
 def write_records(step: PartnersStep, df: pd.DataFrame) -> tuple[int, bool]:
     """Write ``df`` to the synapse DB, block by block (idempotent).
 
-    Every block of the grid is replaced, also those left without synapses, so a re-run after a
-    change never leaves stale records behind. The marker ``db_written.json`` (redacted DB URL +
+    Every block of the grid is replaced, also those left without synapses, and blocks of an
+    earlier grid that the current one lacks are emptied, so a re-run after a change never
+    leaves stale records behind (records of other sources are left alone). The marker ``db_written.json`` (redacted DB URL +
     digest of the records) is written after the last block; when it matches and the DB holds
     as many records, nothing is rewritten. Returns (records, whether the DB was written).
     """
@@ -296,19 +315,26 @@ def write_records(step: PartnersStep, df: pd.DataFrame) -> tuple[int, bool]:
     want = {"db": redact(db), "sha256": records_digest(df)}
     marker = os.path.join(step.work_dir, "db_written.json")
     with open_store(db) as store:
+        ours = _our_block_ids(store)  # block id of every record this stage wrote (source cleftwise)
         if os.path.exists(marker):
             with open(marker) as f:
                 done = json.load(f)
-            if done == want and store.count() == len(df):
+            if done == want and len(ours) == len(df):
                 log.info("partners: %s already holds these %d synapses", redact(db), len(df))
                 return len(df), False
+            os.remove(marker)  # a write killed half-way must never pass for a finished one
         groups = {int(k): g for k, g in df.groupby("block_id")}
-        for b in step.blocks():
-            store.replace_block(b.block_id, groups.get(b.block_id, df.iloc[:0]))
+        grid = [b.block_id for b in step.blocks()]
+        for bid in sorted(set(ours.tolist()) - set(grid)):  # blocks of an earlier, larger grid
+            store.delete_block(bid)
+        for bid in grid:
+            store.replace_block(bid, groups.get(bid, df.iloc[:0]))
+            crashpoints.hit("db_block_written", step.name)
     tmp = f"{marker}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(want, f)
     os.replace(tmp, marker)
+    crashpoints.hit("db_marker_written", step.name)
     log.info("partners: %d synapses written to %s", len(df), redact(db))
     return len(df), True
 
@@ -321,7 +347,8 @@ def _partners_steps(run, cfg: PartnersConfig):
         "instances": cfg.instances or os.path.join(seg.work_dir or run.stage_dir("segment"), "instances.parquet"),
         "db": cfg.db or run.db_url, "work_dir": cfg.work_dir or run.stage_dir("partners"),
         "neurons": cfg.neurons or run.neurons,
-        "block_shape": cfg.block_shape or seg.block_shape}))
+        "block_shape": cfg.block_shape or seg.block_shape,
+        "missing_chunks": cfg.missing_chunks if cfg.missing_chunks != "error" else run.missing_chunks}))
 
 
 def _partners_preflight(run, cfg: PartnersConfig) -> None:
@@ -331,6 +358,12 @@ def _partners_preflight(run, cfg: PartnersConfig) -> None:
 
 
 #: the ``partners`` stage: instances → synapse records (sides, partner neurons) in the DB
-STAGE = Stage("partners", preflight=_partners_preflight, config=PartnersConfig, work_dir=lambda run: run.stage_dir("partners"),
-              after=("segment",), steps=_partners_steps,
-              doc="pre/post sides and partner neurons → one record per synapse in the synapse DB")
+STAGE = Stage(
+    "partners",
+    config=PartnersConfig,
+    after=("segment",),
+    work_dir=lambda run, cfg: cfg.work_dir or run.stage_dir("partners"),
+    steps=_partners_steps,
+    preflight=_partners_preflight,
+    doc="pre/post sides and partner neurons → one record per synapse in the synapse DB",
+)

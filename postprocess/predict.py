@@ -27,14 +27,16 @@ from cleftwise.models.rsunet import check_patch_shape
 from cleftwise.storage.volume import open_volume
 
 from cleftwise.blockwise.grid import Block
+from cleftwise.blockwise.errors import BlockwiseError
 from cleftwise.blockwise.sliding_window import (TorchPredictor, blend_window, predict_region,
-                                                required_read_region, to_uint8)
+                                                raw_outside_range, required_read_region,
+                                                resolve_raw_range, to_uint8)
 from cleftwise.blockwise.stages import Stage
 from cleftwise.postprocess.preflight import check_checkpoint
 from cleftwise.blockwise.step import ArraySpec, BlockStep
 from cleftwise.postprocess.errors import PostprocessError
 
-__all__ = ["PredictConfig", "PredictStep", "channel_names", "STAGE"]
+__all__ = ["PredictConfig", "PredictStep", "channel_names", "checked_raw_range", "check_raw_values", "STAGE"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,11 @@ class PredictConfig:
     """Settings of the predict step. Shapes are voxels (z, y, x); ROI in nm."""
 
     input: str = ""
-    """raw EM volume URL (uint8 or float32, z y x), e.g. data.zarr/raw (the pipeline fills it)"""
+    """raw EM volume URL (z y x; uint8 0–255 or float32 0–1, other dtypes with raw_range), e.g.
+    data.zarr/raw (the pipeline fills it)"""
+    raw_range: Optional[tuple] = None
+    """[low, high] raw intensities mapped to 0..1 (checked on every block read); default 0–255
+    for uint8, 0–1 for float32; required for any other dtype (uint16, int8, …)"""
     output: str = ""
     """output volume URL for the (c, z, y, x) probabilities (the pipeline fills it)"""
     checkpoint: str = ""
@@ -75,11 +81,39 @@ class PredictConfig:
     """torch CPU threads per worker (0 = torch default)"""
     work_dir: str = ""
     """folder of the ledger (the pipeline fills it; default <output>.work)"""
+    missing_chunks: str = "error"
+    """never-written chunks of this stage's input volumes: error or zeros; zeros here or in the
+    top-level missing_chunks reads them as zeros"""
 
     #: fields that do not change the output (left out of the job identity, so a job can resume
     #: on other hardware)
     NOT_IDENTITY = ("device", "batch_size", "torch_threads", "work_dir", "input", "roi",
-                    "block_shape", "chunk_shape", "patch_shape", "stride", "checkpoint")
+                    "block_shape", "chunk_shape", "patch_shape", "stride", "checkpoint",
+                    "missing_chunks")
+
+
+def checked_raw_range(url: str, dtype, raw_range, key: str) -> tuple:
+    """The [low, high] intensity range of raw volume ``url`` (dtype ``dtype``) given setting
+    ``raw_range`` (:func:`~cleftwise.blockwise.sliding_window.resolve_raw_range`); a dtype with
+    no default or a bad range raises PostprocessError naming ``url`` and the setting ``key``."""
+    try:
+        return resolve_raw_range(dtype, raw_range)
+    except BlockwiseError as e:
+        raise PostprocessError(f"{url}: {e} (set {key})") from e
+
+
+def check_raw_values(raw: np.ndarray, url: str, raw_range: tuple, key: str, where: str = "") -> None:
+    """PostprocessError when raw values read from ``url`` fall outside ``raw_range`` (the model
+    would see intensities it was never trained on), naming the dtype, the observed min/max, the
+    expected range and the setting ``key`` that declares it."""
+    seen = raw_outside_range(raw, raw_range)
+    if seen is None:
+        return
+    low, high = raw_range
+    raise PostprocessError(
+        f"{url}{where}: raw values outside the expected intensity range: dtype {raw.dtype}, observed "
+        f"min {seen[0]:g} max {seen[1]:g}, expected [{low:g}, {high:g}] (mapped to 0..1); set {key}: "
+        f"[low, high] to the volume's intensity range (e.g. [0, 255] for float data holding 0–255)")
 
 
 def channel_names(meta, out_channels: int) -> list:
@@ -105,9 +139,7 @@ class PredictStep(BlockStep):
         if src.num_channels is not None or len(src.shape) != 3:
             raise PostprocessError(
                 f"{cfg.input}: predict expects a 3D (z, y, x) raw volume, got shape {src.shape}")
-        if src.dtype not in (np.uint8, np.float32):
-            raise PostprocessError(
-                f"{cfg.input}: raw must be uint8 (0–255) or float32 (0–1), got {src.dtype}")
+        self.raw_range = checked_raw_range(cfg.input, src.dtype, cfg.raw_range, "predict.raw_range")
         meta = read_checkpoint_meta(cfg.checkpoint)
         self.meta = meta
         mv = tuple(int(round(v)) for v in meta.voxel_size)
@@ -161,7 +193,10 @@ class PredictStep(BlockStep):
         c = self.cfg
         return {"input": os.path.abspath(c.input) if "://" not in c.input else c.input,
                 "weights_sha256": self._digest, "patch": list(self.patch), "stride": list(self.stride),
-                **{k: v for k, v in asdict(c).items() if k not in PredictConfig.NOT_IDENTITY}}
+                # raw_range only when set, so jobs started before the setting existed resume
+                **({"raw_range": list(self.raw_range)} if c.raw_range is not None else {}),
+                **{k: v for k, v in asdict(c).items()
+                   if k not in PredictConfig.NOT_IDENTITY and k != "raw_range"}}
 
     # -- work -----------------------------------------------------------------------------
     def read_roi(self, block: Block) -> tuple[Roi, tuple, tuple]:
@@ -183,7 +218,7 @@ class PredictStep(BlockStep):
         yield {"predictor": TorchPredictor(model, device=self.cfg.device, tta=self.cfg.tta,
                                            amp_dtype="bf16" if self.cfg.amp else None),
                "window": blend_window(self.patch, mode=self.cfg.blend),
-               "src": open_volume(self.cfg.input), "dst": open_volume(self.cfg.output, mode="r+"),
+               "src": open_volume(self.cfg.input, missing=self.cfg.missing_chunks), "dst": open_volume(self.cfg.output, mode="r+"),
                "pending": {}}
 
     def prefetch(self, block: Block, w) -> None:
@@ -194,10 +229,11 @@ class PredictStep(BlockStep):
     def process(self, block: Block, w) -> None:
         roi, w0, w1, r0 = self.read_roi(block)
         fut = w["pending"].pop(block.block_id, None)
-        raw = fut.result() if fut is not None else w["src"].read(roi)  # uint8 scaled by predict_region
+        raw = fut.result() if fut is not None else w["src"].read(roi)
+        check_raw_values(raw, self.cfg.input, self.raw_range, "predict.raw_range", f" (block {block.block_id})")
         probs = predict_region(w["predictor"], raw, r0, w0, w1, self.patch, self.stride,
                                self.volume_shape, w["window"], batch_size=self.cfg.batch_size,
-                               out_channels=self.out_channels)
+                               out_channels=self.out_channels, raw_range=self.raw_range)
         out = to_uint8(probs) if self.cfg.output_dtype == "uint8" else probs.astype(np.float16)
         w["dst"].write(block.write_roi, out)
 
@@ -206,7 +242,8 @@ def _predict_steps(run, cfg: PredictConfig):
     yield PredictStep(PredictConfig(**{**asdict(cfg), "input": cfg.input or run.raw,
                                        "output": cfg.output or run.predictions_url,
                                        "roi": cfg.roi if cfg.roi is not None else run.roi,
-                                       "work_dir": cfg.work_dir or run.stage_dir("predict")}))
+                                       "work_dir": cfg.work_dir or run.stage_dir("predict"),
+                                       "missing_chunks": cfg.missing_chunks if cfg.missing_chunks != "error" else run.missing_chunks}))
 
 
 def _predict_preflight(run, cfg: PredictConfig) -> None:
@@ -215,6 +252,12 @@ def _predict_preflight(run, cfg: PredictConfig) -> None:
 
 #: the ``predict`` stage: raw EM → (c, z, y, x) probabilities; a changed identity is refused
 #: (predictions are costly: --overwrite discards them)
-STAGE = Stage("predict", preflight=_predict_preflight, config=PredictConfig, work_dir=lambda run: run.stage_dir("predict"),
-              steps=_predict_steps, rerun_on_change=False,
-              doc="blockwise CNN → probability volume <output_dir>/predictions.zarr/pred")
+STAGE = Stage(
+    "predict",
+    config=PredictConfig,
+    work_dir=lambda run, cfg: cfg.work_dir or run.stage_dir("predict"),
+    steps=_predict_steps,
+    preflight=_predict_preflight,
+    rerun_on_change=False,
+    doc="blockwise CNN → probability volume <output_dir>/predictions.zarr/pred",
+)

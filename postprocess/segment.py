@@ -63,7 +63,8 @@ class SegmentConfig:
     work_dir: str = ""
     """folder for per-block records, faces, pairs and the mapping (the pipeline fills it)"""
     channel: Optional[str] = None
-    """prediction channel thresholded for instances, by name; default ``union``, else ``cleft``"""
+    """prediction channel thresholded for instances, by name; default ``union``, else ``cleft``
+    (an exclusive background/pre/post model has neither: name the channel to segment)"""
     threshold: float = 0.5
     """probability threshold on that channel, 0..1"""
     min_peak: Optional[float] = None
@@ -76,9 +77,12 @@ class SegmentConfig:
     """drop instances with more voxels"""
     block_shape: tuple = (32, 256, 256)
     """write block shape, voxels"""
+    missing_chunks: str = "error"
+    """never-written chunks of this stage's input volumes: error or zeros; zeros here or in the
+    top-level missing_chunks reads them as zeros"""
 
     #: fields that do not change the output (left out of the job identity)
-    NOT_IDENTITY = ("work_dir",)
+    NOT_IDENTITY = ("work_dir", "missing_chunks")
 
     def __post_init__(self):
         if self.connectivity not in (6, 18, 26):
@@ -159,7 +163,7 @@ def segment_channel(pred, name: Optional[str]) -> int:
     try:
         return pred.channel_index(name, names)
     except StorageError as e:
-        raise PostprocessError(f"segment: {e}") from e
+        raise PostprocessError(f"segment: {e}; set segment.channel to the channel to segment") from e
 
 
 class SegmentLabel(_SegmentPass):
@@ -176,7 +180,7 @@ class SegmentLabel(_SegmentPass):
     @contextlib.contextmanager
     def open_worker(self):
         self.subdir("records"), self.subdir("faces")
-        yield open_volume(self.cfg.predictions)
+        yield open_volume(self.cfg.predictions, missing=self.cfg.missing_chunks)
 
     def process(self, block: Block, pred) -> None:
         c = self.cfg
@@ -293,7 +297,7 @@ class SegmentRelabel(_SegmentPass):
     def open_worker(self):
         with np.load(os.path.join(self.work_dir, "mapping.npz")) as m:
             prov, final = m["provisional"], m["final"]
-        yield {"prov": prov, "final": final, "pred": open_volume(self.cfg.predictions),
+        yield {"prov": prov, "final": final, "pred": open_volume(self.cfg.predictions, missing=self.cfg.missing_chunks),
                "out": open_volume(self.cfg.output, mode="r+"),
                "per_thread": threading.local()}  # a dask worker may run blocks in several threads
 
@@ -321,10 +325,16 @@ def segment_passes(cfg: SegmentConfig) -> list:
 def _segment_steps(run, cfg: SegmentConfig):
     return segment_passes(SegmentConfig(**{
         **asdict(cfg), "predictions": cfg.predictions or run.predictions_url,
-        "output": cfg.output or run.labels_url, "work_dir": cfg.work_dir or run.stage_dir("segment")}))
+        "output": cfg.output or run.labels_url, "work_dir": cfg.work_dir or run.stage_dir("segment"),
+        "missing_chunks": cfg.missing_chunks if cfg.missing_chunks != "error" else run.missing_chunks}))
 
 
 #: the ``segment`` stage: probabilities → exactly stitched synapse label volume
-STAGE = Stage("segment", SegmentConfig, work_dir=lambda run: run.stage_dir("segment"), after=("predict",),
-              steps=_segment_steps,
-              doc="stitched connected components → label volume <output_dir>/synapses.zarr/labels")
+STAGE = Stage(
+    "segment",
+    config=SegmentConfig,
+    after=("predict",),
+    work_dir=lambda run, cfg: cfg.work_dir or run.stage_dir("segment"),
+    steps=_segment_steps,
+    doc="stitched connected components → label volume <output_dir>/synapses.zarr/labels",
+)

@@ -16,7 +16,7 @@ import yaml
 from cleftwise.errors import CleftwiseError
 from cleftwise.storage.errors import StorageError
 
-__all__ = ["ConfigError", "from_dict", "load_config", "to_dict", "field_docs"]
+__all__ = ["ConfigError", "from_dict", "load_config", "read_yaml", "yaml_error_text", "to_dict", "field_docs"]
 
 T = TypeVar("T")
 
@@ -112,19 +112,41 @@ def from_dict(cls: Type[T], data: Optional[dict], where: str = "config", *,
         raise error(f"{where}: {e}") from e
 
 
+def yaml_error_text(path: str, e: yaml.YAMLError) -> str:
+    """``config file <path> is not valid YAML at line L, column C: <problem> (<context>)`` (lines
+    and columns counted from 1)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if mark is None or not problem:
+        return f"config file {path} is not valid YAML: {' '.join(str(e).split())}"
+    text = f"config file {path} is not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    ctx, ctx_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if ctx:
+        text += f" ({ctx}" + (f" at line {ctx_mark.line + 1}, column {ctx_mark.column + 1}" if ctx_mark else "") + ")"
+    return text
+
+
+def read_yaml(path: str, *, error: type = StorageError) -> Any:
+    """The data of YAML file ``path``; a missing or unreadable file or invalid YAML raises
+    ``error`` naming the file (and, for invalid YAML, the line and column)."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError as e:
+        raise error(f"config file {path} not found") from e
+    except OSError as e:
+        raise error(f"config file {path} cannot be read: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise error(yaml_error_text(path, e)) from e
+
+
 def load_config(cls: Type[T], path: str, section: Optional[str] = None, *,
                 error: type = StorageError) -> T:
     """Read YAML ``path`` (optionally one top-level ``section``) into dataclass ``cls``.
 
     A missing file, invalid YAML, unknown keys and bad values raise ``error`` naming the file.
     """
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError as e:
-        raise error(f"config file {path} not found") from e
-    except yaml.YAMLError as e:
-        raise error(f"config file {path} is not valid YAML: {e}") from e
+    data = read_yaml(path, error=error) or {}
     if not isinstance(data, dict):
         raise error(f"config file {path}: top level must be a mapping")
     if section is not None:

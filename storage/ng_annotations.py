@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from cleftwise.storage.atomic import atomic_dir
 from cleftwise.storage.errors import StorageError
 
 __all__ = ["write_synapse_annotations", "read_annotation_chunk"]
@@ -45,7 +46,8 @@ def _property_columns(df: pd.DataFrame, props: Sequence[tuple]) -> list[np.ndarr
 
 def write_synapse_annotations(df: pd.DataFrame, path: str, kind: str = "line",
                               properties: Sequence[tuple] = _DEFAULT_PROPS) -> str:
-    """Write ``df`` (needs id and pre_z/y/x + post_z/y/x for lines, z/y/x for points) to ``path``."""
+    """Write ``df`` (needs id and pre_z/y/x + post_z/y/x for lines, z/y/x for points) to the
+    folder ``path``, replacing it as a whole once complete (a failed write leaves the old one)."""
     if kind not in ("line", "point"):
         raise StorageError(f"annotation kind must be line or point, got {kind!r}")
     geo_cols = ([f"pre_{a}" for a in "zyx"] + [f"post_{a}" for a in "zyx"]) if kind == "line" else list("zyx")
@@ -62,8 +64,6 @@ def write_synapse_annotations(df: pd.DataFrame, path: str, kind: str = "line",
     arr["g"] = geom
     for (n, _), col in zip(properties, props):
         arr[n] = col
-    os.makedirs(os.path.join(path, "spatial0"), exist_ok=True)
-    os.makedirs(os.path.join(path, "by_id"), exist_ok=True)
     lo = geom.reshape(len(d), -1, 3).min(axis=(0, 1)) if len(d) else np.zeros(3, np.float32)
     hi = geom.reshape(len(d), -1, 3).max(axis=(0, 1)) + 1 if len(d) else np.ones(3, np.float32)
     info = {
@@ -77,15 +77,18 @@ def write_synapse_annotations(df: pd.DataFrame, path: str, kind: str = "line",
         "spatial": [{"key": "spatial0", "grid_shape": [1, 1, 1],
                      "chunk_size": [float(h - l) for l, h in zip(lo, hi)], "limit": max(1, len(d))}],
     }
-    with open(os.path.join(path, "info"), "w") as f:
-        json.dump(info, f, indent=1)
-    with open(os.path.join(path, "spatial0", "0_0_0"), "wb") as f:
-        f.write(struct.pack("<Q", len(d)))
-        f.write(arr.tobytes())
-        f.write(ids.astype("<u8").tobytes())
-    for i, a in zip(ids, arr):
-        with open(os.path.join(path, "by_id", str(int(i))), "wb") as f:
-            f.write(a.tobytes())
+    with atomic_dir(path, "neuroglancer annotations") as tmp:
+        os.makedirs(os.path.join(tmp, "spatial0"))
+        os.makedirs(os.path.join(tmp, "by_id"))
+        with open(os.path.join(tmp, "info"), "w") as f:
+            json.dump(info, f, indent=1)
+        with open(os.path.join(tmp, "spatial0", "0_0_0"), "wb") as f:
+            f.write(struct.pack("<Q", len(d)))
+            f.write(arr.tobytes())
+            f.write(ids.astype("<u8").tobytes())
+        for i, a in zip(ids, arr):
+            with open(os.path.join(tmp, "by_id", str(int(i))), "wb") as f:
+                f.write(a.tobytes())
     return path
 
 

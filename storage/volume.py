@@ -17,6 +17,12 @@ dtype and a chunk shape. On zarr the metadata is written as the attributes ``vox
 ``funlib.persistence.open_ds`` and ``zarr.open`` see the same array, voxel size and offset.
 N5 and precomputed store their axes as (x, y, z[, c]) as their viewers expect; this module
 presents them as (c, z, y, x) too.
+
+Missing chunks: a chunk that was never written (or whose file was deleted) is an error on read
+from a read-only handle (:class:`StorageError` naming the volume, the ROI and the chunk), not
+zeros; ``open_volume(url, missing="zeros")`` reads such chunks as zeros for a volume that is
+sparse on purpose. Handles that write (``create_volume``, ``mode="r+"``) read unwritten chunks
+as zeros and store every chunk they write, zeros included, so a finished volume has no gaps.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 _FORMATS = ("zarr", "zarr3", "n5", "precomputed")
 _PREFIX = {"zarr://": "zarr", "zarr3://": "zarr3", "n5://": "n5", "precomputed://": "precomputed"}
 _REMOTE = ("gs://", "s3://", "http://", "https://", "memory://", "file://")
+_MISSING = ("error", "zeros")
 
 
 @dataclass(frozen=True)
@@ -164,7 +171,7 @@ class Volume:
 
     def __init__(self, store: ts.TensorStore, loc: VolumeURL, fmt: str, voxel_size: Coordinate,
                  offset: Coordinate, axis_names: list[str], num_channels: Optional[int],
-                 attrs: dict, mode: str):
+                 attrs: dict, mode: str, missing: str = "zeros"):
         self._store = store
         self.loc = loc
         self.url = loc.url
@@ -175,6 +182,7 @@ class Volume:
         self.num_channels = num_channels
         self._attrs = attrs
         self.mode = mode
+        self.missing = missing  # "error": unwritten chunks raise on read; "zeros": read as zeros
 
     # -- geometry -----------------------------------------------------------------------
     @property
@@ -296,8 +304,8 @@ class Volume:
         idx = (Ellipsis,) + self._to_voxels(roi)
         try:
             return self._store[idx].read().result()
-        except Exception as e:  # corrupt chunk, vanished file, permission…
-            raise StorageError(f"{self.url}: reading ROI {roi} failed: {e}") from e
+        except Exception as e:  # corrupt or missing chunk, vanished file, permission…
+            raise _read_error(self.url, roi, e) from e
 
     def write(self, roi: Roi, data: np.ndarray) -> None:
         """Write ``data`` (c?, z, y, x) into ``roi`` (nm); dtype and shape must match exactly."""
@@ -336,7 +344,18 @@ class ReadFuture:
         try:
             return self._future.result()
         except Exception as e:
-            raise StorageError(f"{self._url}: reading ROI {self._roi} failed: {e}") from e
+            raise _read_error(self._url, self._roi, e) from e
+
+
+def _read_error(url: str, roi: Roi, e: Exception) -> StorageError:
+    """The StorageError of a failed read of ``roi``; a missing chunk says so and how to opt in."""
+    msg = str(e)
+    if msg.startswith("NOT_FOUND") and "missing" in msg:
+        return StorageError(
+            f"{url}: reading ROI {roi} failed: a chunk was never written or was deleted "
+            f"({msg.split(': ', 1)[-1]}); if the volume is sparse on purpose, open it with "
+            "missing='zeros' (pipeline setting missing_chunks: zeros)")
+    return StorageError(f"{url}: reading ROI {roi} failed: {msg}")
 
 
 # -- metadata helpers ---------------------------------------------------------------------
@@ -492,7 +511,9 @@ def create_volume(
 
     full_shape = ([int(num_channels)] if num_channels is not None else []) + list(shape)
     full_chunks = ([int(num_channels)] if num_channels is not None else []) + list(chunk_shape)
-    spec: dict[str, Any] = {"kvstore": loc.kvstore}
+    # every written chunk is stored, all-zero ones included, so that a missing chunk always
+    # means "never written" (an error on read-only opens, see open_volume)
+    spec: dict[str, Any] = {"kvstore": loc.kvstore, "store_data_equal_to_fill_value": True}
     if fmt == "zarr":
         # Byte shuffle helps floats but not integer labels. On uint64 synapse and neuron label
         # blocks (64 x 256 x 256) plain zstd wrote ~25 % faster than blosc-zstd without shuffle
@@ -567,14 +588,24 @@ def _present(raw: ts.TensorStore, fmt: str, num_channels: Optional[int]) -> ts.T
     return store.translate_to[(0,) * store.rank]
 
 
-def open_volume(url: str, mode: str = "r", format: Optional[str] = None) -> Volume:
+def open_volume(url: str, mode: str = "r", format: Optional[str] = None,
+                missing: Optional[str] = None) -> Volume:
     """Open an existing volume; ``mode`` is "r" (read-only) or "r+" (read-write).
+
+    ``missing`` says what a read of a chunk that was never written (or was deleted) gives:
+    "error" (:class:`StorageError` naming the volume and the ROI) or "zeros" (the fill value,
+    for a volume that is sparse on purpose). Default: "error" with ``mode="r"``, "zeros" with
+    ``mode="r+"`` (a volume being written reads its unwritten blocks as zeros).
 
     Raises :class:`StorageError` naming the path when the dataset is missing or its metadata
     is inconsistent.
     """
     if mode not in ("r", "r+"):
         raise StorageError(f"{url}: mode must be 'r' or 'r+', got {mode!r}")
+    if missing is None:
+        missing = "error" if mode == "r" else "zeros"
+    if missing not in _MISSING:
+        raise StorageError(f"{url}: missing must be 'error' or 'zeros', got {missing!r}")
     loc = parse_volume_url(url, format)
     fmt = loc.format
     if fmt is None:
@@ -592,8 +623,11 @@ def open_volume(url: str, mode: str = "r", format: Optional[str] = None) -> Volu
     driver = {"zarr": "zarr", "zarr3": "zarr3", "n5": "n5",
               "precomputed": "neuroglancer_precomputed"}[fmt]
     try:
-        raw = ts.open({"driver": driver, "kvstore": loc.kvstore}, open=True,
-                      read=True, write=(mode == "r+")).result()
+        spec = {"driver": driver, "kvstore": loc.kvstore,
+                "fill_missing_data_reads": missing == "zeros"}
+        if mode == "r+":
+            spec["store_data_equal_to_fill_value"] = True
+        raw = ts.open(spec, open=True, read=True, write=(mode == "r+")).result()
     except Exception as e:
         raise StorageError(f"{url}: could not open {fmt} volume: {e}") from e
     attrs = _read_attrs(loc, fmt)
@@ -620,7 +654,8 @@ def open_volume(url: str, mode: str = "r", format: Optional[str] = None) -> Volu
                                "must have 3 values (z, y, x)")
     axis_names = attrs.get("axis_names") or (["c^"] if num_channels else []) + ["z", "y", "x"]
     store = _present(raw, fmt, num_channels)
-    return Volume(store, loc, fmt, voxel_size, offset, list(axis_names), num_channels, attrs, mode)
+    return Volume(store, loc, fmt, voxel_size, offset, list(axis_names), num_channels, attrs, mode,
+                  missing)
 
 
 def check_same_voxel_size(volumes: Sequence[Volume]) -> Coordinate:

@@ -26,9 +26,9 @@ def db(tmp_path_factory):
                        "y": rng.uniform(0, 4000, n), "x": rng.uniform(0, 4000, n),
                        "score_union": rng.random(n), "pre_neuron": rng.integers(1, 6, n),
                        "post_neuron": rng.integers(1, 6, n), "flags": "", "ei_label": None})
-    with open_store(f"sqlite://{path}") as s:
+    with open_store(f"sqlite:///{path}") as s:
         s.upsert_many(df, block_id=0)
-    return f"sqlite://{path}", df
+    return f"sqlite:///{path}", df
 
 
 def _expected(df, roi=None, pre=None, min_score=None):
@@ -95,8 +95,8 @@ def test_runs_as_a_script_from_the_repo_root(db):
 
 def test_missing_database_and_parquet_to_stdout(tmp_path, capsys):
     absent = tmp_path / "absent.db"
-    assert query_synapses.main(["--db", f"sqlite://{absent}"]) == 1
+    assert query_synapses.main(["--db", f"sqlite:///{absent}"]) == 1
     assert "no synapse database" in capsys.readouterr().err and not absent.exists()
     with pytest.raises(SystemExit) as e:
-        query_synapses.main(["--db", f"sqlite://{absent}", "--format", "parquet"])
+        query_synapses.main(["--db", f"sqlite:///{absent}", "--format", "parquet"])
     assert e.value.code == 2

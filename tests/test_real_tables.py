@@ -28,7 +28,7 @@ def test_manc_import_cli_counts_determinism_idempotence(tmp_path):
     from cleftwise.storage.db import open_store
     from cleftwise.storage.importers.tables import TableImportConfig, map_table, read_table
 
-    url = f"sqlite://{tmp_path}/manc.db"
+    url = f"sqlite:///{tmp_path}/manc.db"
     paths = [os.path.join(MANC, f) for f in MANC_FILES]
     cmd = [sys.executable, os.path.join(REPO, "launch", "import_synapses.py"), "--preset", "manc", "--db", url]
     for p in paths:

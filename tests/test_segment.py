@@ -36,11 +36,11 @@ def _run_segment(tmp_path, name, preds, block, backend=None, **kw):
     return cfg
 
 
-def _run_partners(tmp_path, seg_cfg, name="db", **settings) -> pd.DataFrame:
+def _run_partners(tmp_path, seg_cfg, name="db", overwrite=False, **settings) -> pd.DataFrame:
     """Run the partners step on a finished segment run; returns the records it wrote to the DB."""
     url = f"sqlite:///{tmp_path}/{name}.db"
     step = PartnersStep(partners_config(seg_cfg, url, f"{tmp_path}/{name}_partners", **settings))
-    run_task(step, BackendConfig(progress=False))
+    run_task(step, BackendConfig(progress=False), overwrite=overwrite)
     with open_store(url) as store:
         return store.query()
 
@@ -201,3 +201,19 @@ def test_corrupt_faces_file_is_named_in_the_error(tmp_path):
 
     with pytest.raises(BlockwiseError, match="faces file .*4_8_8.npz is unreadable"):
         run_task(stitch, BackendConfig(progress=False, max_retries=0))
+
+
+def test_partners_rewrite_leaves_no_records_of_an_earlier_grid(tmp_path):
+    """Records are owned by blocks of the partners grid: after a re-run on a coarser grid (and a
+    stricter size filter), the DB holds exactly the new records, none from vanished blocks."""
+    shape = (8, 32, 32)
+    union = np.zeros(shape, np.uint8)
+    union[1:3, 2:6, 2:6] = 255        # 32 voxels, in the first block
+    union[5:7, 20:30, 20:30] = 255    # 200 voxels, in a later block of the fine grid
+    preds = _write_preds(f"{tmp_path}/p.zarr/pred", union)
+    fine = _run_segment(tmp_path, "fine", preds, (4, 16, 16), min_size=10)
+    first = _run_partners(tmp_path, fine, "db")
+    assert len(first) == 2 and len(set(first["block_id"])) == 2
+    coarse = _run_segment(tmp_path, "coarse", preds, (8, 32, 32), min_size=100)
+    again = _run_partners(tmp_path, coarse, "db", overwrite=True)
+    assert len(again) == 1 and set(again["block_id"]) == {0} and again["size"].tolist() == [200]

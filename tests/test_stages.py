@@ -45,12 +45,12 @@ def _filter(src, dst, cfg, work):
 
 
 def _registry(refuse_first=False):
-    first = Stage("first", SmoothConfig, work_dir=lambda r: r.stage_dir("first"),
+    first = Stage("first", SmoothConfig, work_dir=lambda r, c: r.stage_dir("first"),
                   steps=lambda r, c: _filter(r.raw, f"{r.out}/a.zarr/s", c, r.stage_dir("first")),
                   rerun_on_change=not refuse_first)
-    second = Stage("second", SmoothConfig, work_dir=lambda r: r.stage_dir("second"), after=("first",),
+    second = Stage("second", SmoothConfig, work_dir=lambda r, c: r.stage_dir("second"), after=("first",),
                    steps=lambda r, c: _filter(f"{r.out}/a.zarr/s", f"{r.out}/b.zarr/s", c, r.stage_dir("second")))
-    report = Stage("report", SmoothConfig, work_dir=lambda r: r.stage_dir("report"), after=("second",),
+    report = Stage("report", SmoothConfig, work_dir=lambda r, c: r.stage_dir("report"), after=("second",),
                    run=lambda r, c: {"sum": float(open_volume(f"{r.out}/b.zarr/s").read().sum())},
                    skip=lambda r, c: r.note.get("skip"))
     return Registry(first, second, report)
@@ -67,11 +67,11 @@ def run(tmp_path):
 def test_registry_rules():
     cfg = SmoothConfig
     with pytest.raises(BlockwiseError, match="not registered before it"):
-        Registry(Stage("b", cfg, work_dir=str, after=("a",), run=lambda r, c: {}))
+        Registry(Stage("b", cfg, work_dir=lambda r, c: "", after=("a",), run=lambda r, c: {}))
     with pytest.raises(BlockwiseError, match="registered twice"):
-        Registry(Stage("a", cfg, work_dir=str, run=lambda r, c: {}), Stage("a", cfg, work_dir=str, run=lambda r, c: {}))
+        Registry(Stage("a", cfg, work_dir=lambda r, c: "", run=lambda r, c: {}), Stage("a", cfg, work_dir=lambda r, c: "", run=lambda r, c: {}))
     with pytest.raises(BlockwiseError, match="exactly one of steps or run"):
-        Stage("a", cfg, work_dir=str)
+        Stage("a", cfg, work_dir=lambda r, c: "")
     reg = _registry()
     assert reg.names == ("first", "second", "report")
     assert reg.downstream("first") == ["second", "report"] and reg.downstream("report") == []
@@ -116,8 +116,47 @@ def test_refusing_stage_skip_and_preflight(run):
     run.note["skip"] = "nothing to report"
     assert run_stages(reg, run, reg.names, backend)["stages"]["report"] == {"skipped": "nothing to report"}
     checked = []
-    pre = Registry(Stage("only", SmoothConfig, work_dir=str, run=lambda r, c: {},
+    pre = Registry(Stage("only", SmoothConfig, work_dir=lambda r, c: "", run=lambda r, c: {},
                          preflight=lambda r, c: checked.append(c.sigma_nm)))
     run.only = SmoothConfig()
     preflight_stages(pre, run, ("only",))
     assert checked == [(40.0, 8.0, 8.0)]
+
+
+def test_a_pass_run_afresh_reruns_the_later_passes_of_its_stage(run, tmp_path):
+    """Two passes of one stage (a → mid → out): change the settings, fail half-way through the
+    first pass, change them back: the second pass must not resume its old (complete) ledger
+    over an input the first pass has rewritten."""
+    from cleftwise.blockwise.errors import BlockwiseError as Err
+
+    fail = {"on": False}
+
+    class MaybeFailing(FilterStep):
+        def process(self, block, volumes):
+            if fail["on"] and block.block_id >= 2:
+                raise RuntimeError("interrupted")
+            super().process(block, volumes)
+
+    def steps(r, c):
+        a = MaybeFailing(FilterConfig(r.raw, f"{r.out}/mid.zarr/s", sigma_nm=c.sigma_nm, block_shape_nm=(160, 80, 80)))
+        a.work_dir = r.stage_dir("two")
+        yield a  # built lazily: the second pass opens what the first one wrote
+        b = FilterStep(FilterConfig(f"{r.out}/mid.zarr/s", f"{r.out}/out.zarr/s", sigma_nm=(40.0, 8.0, 8.0),
+                                    block_shape_nm=(160, 80, 80)))
+        b.name, b.work_dir = "filter_b", r.stage_dir("two")
+        yield b
+
+    reg = Registry(Stage("two", SmoothConfig, work_dir=lambda r, c: r.stage_dir("two"), steps=steps))
+    run.two = SmoothConfig()
+    backend = BackendConfig(progress=False, max_retries=0)
+    run_stages(reg, run, ("two",), backend)
+    reference = open_volume(f"{run.out}/out.zarr/s").read()
+    run.two = SmoothConfig(sigma_nm=(80.0, 16.0, 16.0))
+    fail["on"] = True
+    with pytest.raises(Err, match="blocks failed"):
+        run_stages(reg, run, ("two",), backend)
+    fail["on"] = False
+    run.two = SmoothConfig()
+    report = run_stages(reg, run, ("two",), backend)["stages"]["two"]
+    assert report[1]["processed"] == report[1]["total"], "the second pass ran again"
+    np.testing.assert_array_equal(open_volume(f"{run.out}/out.zarr/s").read(), reference)

@@ -126,7 +126,7 @@ class Backend:
         if kind.startswith("sqlite"):
             self.kind = "sqlite"
             self.path = str(tmp_path / "syn.db")
-            self.url = f"sqlite://{self.path}"
+            self.url = f"sqlite:///{self.path}"
         elif kind == "mongomock":
             import mongomock
 
@@ -370,17 +370,17 @@ def test_sqlite_foreign_corrupt_and_missing_files(tmp_path):
     junk = tmp_path / "junk.db"
     junk.write_bytes(os.urandom(4096))
     with pytest.raises(StorageError, match="junk.db"):
-        open_store(f"sqlite://{junk}")
+        open_store(f"sqlite:///{junk}")
     foreign = tmp_path / "foreign.db"
     con = sqlite3.connect(foreign)
     con.execute("CREATE TABLE people (name TEXT)")
     con.commit()
     con.close()
     with pytest.raises(StorageError, match="not a cleftwise synapse database"):
-        open_store(f"sqlite://{foreign}")
+        open_store(f"sqlite:///{foreign}")
     # a real SQLite header over garbage pages
     broken = tmp_path / "broken.db"
-    with open_store(f"sqlite://{broken}") as s:
+    with open_store(f"sqlite:///{broken}") as s:
         s.upsert_many(make_records(50))
     data = bytearray(broken.read_bytes())
     data[100:] = os.urandom(len(data) - 100)
@@ -391,7 +391,7 @@ def test_sqlite_foreign_corrupt_and_missing_files(tmp_path):
     with pytest.raises(StorageError, match="broken.db"):
         open_store(str(broken))
     with pytest.raises(StorageError, match="no synapse database"):
-        open_store(f"sqlite://{tmp_path / 'absent.db'}", create=False)
+        open_store(f"sqlite:///{tmp_path / 'absent.db'}", create=False)
     assert not (tmp_path / "absent.db").exists()
     with pytest.raises(StorageError, match="unknown synapse database URL"):
         open_store("ftp://somewhere/x")
@@ -399,7 +399,7 @@ def test_sqlite_foreign_corrupt_and_missing_files(tmp_path):
 
 def test_sqlite_readonly_and_wal(tmp_path):
     path = tmp_path / "ro.db"
-    with open_store(f"sqlite://{path}") as s:
+    with open_store(f"sqlite:///{path}") as s:
         s.upsert_many(make_records(10))
         assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with open_store(str(path), readonly=True) as r:
@@ -511,14 +511,24 @@ def test_unknown_open_options_are_named(tmp_path):
         open_store(str(tmp_path / "x.db"), layout=3)
 
 
-def test_sqlite_url_with_absolute_path(tmp_path):
-    """``sqlite:///`` + an absolute path (four slashes) names the same file as three."""
+def test_sqlite_url_relative_and_absolute(tmp_path, monkeypatch):
+    """SQLAlchemy's convention: ``sqlite:///rel.db`` is relative to the working directory,
+    ``sqlite:////abs.db`` (three slashes + an absolute path) absolute; ``store.url`` round-trips."""
     path = tmp_path / "abs.db"
     with open_store(f"sqlite:///{path}") as s:  # path starts with '/': four slashes
         s.upsert_many(make_records(4))
         assert s.path == str(path)
-    with open_store(f"sqlite://{path}", readonly=True) as r:
+        assert s.url == f"sqlite:///{path}"
+    with open_store(s.url, readonly=True) as r:
         assert r.count() == 4
+    monkeypatch.chdir(tmp_path)
+    with open_store("sqlite:///sub/rel.db") as rel:
+        assert rel.path == str(tmp_path / "sub" / "rel.db")
+    assert (tmp_path / "sub" / "rel.db").exists()
+    with open_store("sqlite:///abs.db", readonly=True) as r:  # the same file, named relatively
+        assert r.count() == 4
+    with pytest.raises(StorageError, match="bad SQLite URL"):
+        open_store("sqlite://abs.db")
 
 
 def _sqlite_consistent(store):
@@ -687,7 +697,7 @@ def test_sqlite_retries_when_locked(tmp_path):
 
 def _writer(path, worker, n_workers, errors):
     try:
-        with open_store(f"sqlite://{path}", timeout_s=10) as db:
+        with open_store(f"sqlite:///{path}", timeout_s=10) as db:
             for b in range(worker, 12, n_workers):      # own blocks, interleaved
                 db.upsert_many(make_records(60, seed=b, id_start=b * 1000), block_id=b)
                 # shared blocks 100 and 101, rewritten by every worker with the same content

@@ -154,7 +154,7 @@ def test_custom_mapping_centroid_only_nm():
 def test_import_idempotent_and_atomic(tmp_path):
     good = tmp_path / "a.csv"
     _manc_rows().to_csv(good, index=False)
-    url = f"sqlite://{tmp_path}/s.db"
+    url = f"sqlite:///{tmp_path}/s.db"
     cfg = TableImportConfig(preset="manc")
     assert import_tables([str(good)], url, cfg) == {str(good): 3}
     with open_store(url) as db:
@@ -182,7 +182,7 @@ def test_cli_import_then_export_signed(tmp_path):
     mine = tmp_path / "mine.csv"
     pd.DataFrame({"pre": [11, 30], "post": [40, 11], "pz": [0.0, 40.0], "py": [0.0, 4.0], "px": [0, 4],
                   "qz": [0.0, 40.0], "qy": [8.0, 8.0], "qx": [8, 8]}).to_csv(mine, index=False)
-    url = f"sqlite://{tmp_path}/cli.db"
+    url = f"sqlite:///{tmp_path}/cli.db"
     script = os.path.join(REPO, "launch", "import_synapses.py")
     r = subprocess.run([sys.executable, script, "--preset", "manc", "--table", str(tab), "--db", url],
                        capture_output=True, text=True)
@@ -202,9 +202,9 @@ def test_cli_import_then_export_signed(tmp_path):
     cave = tmp_path / "cave.parquet"
     _cave_rows(False).to_parquet(cave, index=False)
     r = subprocess.run([sys.executable, script, "--preset", "cave", "--voxel-size", "40", "4", "4", "--table",
-                        str(cave), "--db", f"sqlite://{tmp_path}/cave.db"], capture_output=True, text=True)
+                        str(cave), "--db", f"sqlite:///{tmp_path}/cave.db"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    with open_store(f"sqlite://{tmp_path}/cave.db") as db:
+    with open_store(f"sqlite:///{tmp_path}/cave.db") as db:
         assert db.count() == 2 and db.count(pre=864691135000000002) == 1
     signs = tmp_path / "types.csv"
     pd.DataFrame({"bodyId": [11, 12, 30], "nt": ["GABA", "acetylcholine", "serotonin"]}).to_csv(signs, index=False)

@@ -154,7 +154,7 @@ def manc_report(data_dir: str, db_url: Optional[str] = None, export_dir: Optiona
     tmp = None
     if db_url is None:
         tmp = tempfile.TemporaryDirectory(prefix="cleftwise_manc_")
-        db_url = "sqlite://" + os.path.join(os.path.abspath(tmp.name), "manc.db")
+        db_url = "sqlite:///" + os.path.join(os.path.abspath(tmp.name), "manc.db")
     try:
         cfg = TableImportConfig(preset="manc")
         t0 = time.time()

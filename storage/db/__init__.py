@@ -4,7 +4,7 @@ Open a store by URL with :func:`open_store` (see :mod:`cleftwise.storage.db.base
 forms and :mod:`cleftwise.storage.db.schema` for the record schema)::
 
     from cleftwise.storage.db import open_store
-    with open_store("sqlite:///tmp/syn.db") as db:
+    with open_store("sqlite:////tmp/syn.db") as db:
         db.upsert_many(block_df, block_id=7)
         df = db.query(roi=((0, 0, 0), (400, 4000, 4000)), min_score=0.5)
 """

@@ -2,10 +2,12 @@
 
 Open a store by URL with :func:`open_store`:
 
-- ``sqlite:///abs/path/synapses.db`` (or a plain path ending in ``.db``/``.sqlite``): an
-  embedded SQLite file in WAL mode with an R*Tree spatial index. Everything after
-  ``sqlite://`` is the path, so ``sqlite:///data/s.db`` is ``/data/s.db`` and
-  ``sqlite://rel/s.db`` is relative. Safe for several writer processes (busy timeout,
+- ``sqlite:////abs/path/synapses.db`` (or a plain path ending in ``.db``/``.sqlite``): an
+  embedded SQLite file in WAL mode with an R*Tree spatial index. SQLAlchemy's convention:
+  three slashes, then the path, so ``sqlite:///data/s.db`` is ``data/s.db`` relative to the
+  working directory and ``sqlite:////data/s.db`` is ``/data/s.db``
+  (:func:`cleftwise.storage.db.urls.sqlite_url` builds one from a path). Safe for several
+  writer processes (busy timeout,
   ``BEGIN IMMEDIATE`` transactions, retries on SQLITE_BUSY).
 - ``mongodb://host:port/db`` (or ``mongodb+srv://``): pymongo; ``_id`` is the synapse id, so
   rewriting a record replaces it. An unreachable server raises :class:`StorageError` after
@@ -17,7 +19,7 @@ The record schema lives in :mod:`cleftwise.storage.db.schema` (``COLUMNS``); see
 ``docs/synapse_db.md``. Example::
 
     from cleftwise.storage.db import open_store
-    with open_store("sqlite:///tmp/syn.db") as db:
+    with open_store("sqlite:////tmp/syn.db") as db:
         db.upsert_many(block_df, block_id=7)          # replaces block 7's synapses
         df = db.query(roi=((0, 0, 0), (400, 4000, 4000)), min_score=0.5)
         db.update_fields(ei_df, fields=["ei_prob", "ei_label", "classifier"])
@@ -36,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from cleftwise.storage.errors import StorageError
+from cleftwise.storage.atomic import atomic_path
 from cleftwise.storage.db.schema import (
     COLUMN_NAMES,
     QueryFilter,
@@ -217,9 +220,8 @@ class SynapseStore(abc.ABC):
         schema = arrow_schema(cols)
         # pandas metadata lets pd.read_parquet restore the nullable Int64 / str dtypes
         schema = schema.with_metadata(pa.Schema.from_pandas(empty_frame(cols), preserve_index=False).metadata)
-        tmp = f"{path}.tmp-{os.getpid()}"
         rows = 0
-        try:
+        with atomic_path(path, "export") as tmp:
             if fmt == "parquet":
                 import pyarrow.parquet as pq
                 writer = pq.ParquetWriter(tmp, schema)
@@ -232,12 +234,6 @@ class SynapseStore(abc.ABC):
                     rows += len(df)
             finally:
                 writer.close()
-            os.replace(tmp, path)
-        except OSError as e:
-            raise StorageError(f"cannot write export {path}: {e}") from e
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         log.info("%s: exported %d records to %s", self.url, rows, path)
         return rows
 

@@ -10,6 +10,7 @@ import inspect
 import os
 
 from cleftwise.storage.db.base import SynapseStore
+from cleftwise.storage.db.urls import redact, sqlite_file
 from cleftwise.storage.errors import StorageError
 
 __all__ = ["open_store"]
@@ -28,25 +29,35 @@ def _known_options(cls, backend: str, opts: dict) -> dict:
 def open_store(url: str, **opts) -> SynapseStore:
     """Open (creating if allowed) the synapse database named by ``url``.
 
+    SQLite URLs follow SQLAlchemy: ``sqlite:///rel/s.db`` is relative to the working directory,
+    ``sqlite:////abs/s.db`` absolute; a plain path ending in ``.db``/``.sqlite``/``.sqlite3``
+    is taken as it is.
+
     Options (keyword): both backends take ``create`` (default True; False raises
-    :class:`StorageError` when the database does not exist yet) and ``batch_size``.
+    :class:`StorageError` when the database does not exist yet), ``readonly`` (never creates
+    or changes anything; an SQLite file in a read-only folder is opened immutable) and
+    ``batch_size``.
     SQLite: ``timeout_s`` (busy timeout, default 30), ``retries`` (on SQLITE_BUSY, default 8),
-    ``readonly``, ``cache_mb`` (page cache, default 64), ``bulk_min_rows`` (default 20 000: a
+    ``cache_mb`` (page cache, default 64), ``bulk_min_rows`` (default 20 000: a
     write at least this large into a table holding no more is a bulk load, one transaction
     with indexes rebuilt and the R*Tree packed; 0 disables). MongoDB: ``timeout_s`` (server selection, default 3), ``collection``
     (default ``"synapses"``), ``write_concern`` (int, ``"majority"`` or a dict of
     ``pymongo.WriteConcern`` arguments), ``client`` (an existing MongoClient to use).
     """
     url = os.fspath(url)
+    if "@" in url:  # a user without a password: the password from the environment, never stored
+        from cleftwise.storage.db.credentials import with_password
+
+        url = with_password(url)
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    if scheme == "sqlite" or (not scheme and url.lower().endswith((".db", ".sqlite", ".sqlite3"))):
+    path = sqlite_file(url)
+    if path is not None:
         from cleftwise.storage.db.sqlite import SQLiteSynapseStore
 
-        path = url.split("://", 1)[1] if scheme else url
         return SQLiteSynapseStore(path, **_known_options(SQLiteSynapseStore, "SQLite", opts))
     if scheme in ("mongodb", "mongodb+srv", "mongomock"):
         from cleftwise.storage.db.mongo import MongoSynapseStore
 
         return MongoSynapseStore(url, **_known_options(MongoSynapseStore, "MongoDB", opts))
-    raise StorageError(f"unknown synapse database URL {url!r}: use sqlite:///path.db, "
-                       f"mongodb://host:port/db or mongomock://db")
+    raise StorageError(f"unknown synapse database URL {redact(url)!r}: use sqlite:///rel/path.db, "
+                       f"sqlite:////abs/path.db, mongodb://host:port/db or mongomock://db")

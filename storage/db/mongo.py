@@ -107,12 +107,18 @@ class MongoSynapseStore(SynapseStore):
     """Synapse records in a MongoDB collection; see :class:`cleftwise.storage.db.base.SynapseStore`."""
 
     def __init__(self, url: str, client=None, collection: str = "synapses", timeout_s: float = 3.0,
-                 write_concern=None, batch_size: int = 10_000, create: bool = True):
+                 write_concern=None, batch_size: int = 10_000, create: bool = True,
+                 readonly: bool = False):
         from pymongo.errors import PyMongoError
+
+        create = create and not readonly  # a reader never creates the collection
 
         self.url = redact(url)
         self.batch_size = int(batch_size)
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as e:  # e.g. "Invalid IPv6 URL" (an unclosed [ )
+            raise StorageError(f"bad MongoDB URL {self.url}: {redact(str(e))}") from None
         scheme = parts.scheme.lower()
         self._own_client = False
         if scheme == "mongomock":
@@ -125,7 +131,7 @@ class MongoSynapseStore(SynapseStore):
             try:
                 db_name = parse_uri(url)["database"]
             except Exception as e:
-                raise StorageError(f"bad MongoDB URL {self.url}: {e}") from None
+                raise StorageError(f"bad MongoDB URL {self.url}: {redact(str(e))}") from None
             if client is None:
                 from pymongo import MongoClient
 
@@ -133,7 +139,7 @@ class MongoSynapseStore(SynapseStore):
                 try:
                     client = MongoClient(url, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms)
                 except PyMongoError as e:
-                    raise StorageError(f"bad MongoDB URL {self.url}: {e}") from None
+                    raise StorageError(f"bad MongoDB URL {self.url}: {redact(str(e))}") from None
                 self._own_client = True
         if type(client).__module__.startswith("mongomock"):
             with _mock_lock:

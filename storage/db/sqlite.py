@@ -58,6 +58,7 @@ from cleftwise.storage.db import sqlite_rtree
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.db.record_pack import PACKED_COLUMNS, PACKED_DTYPE, pack_records, unpack_records
 from cleftwise.storage.db.base import ONE_BATCH, SynapseStore
+from cleftwise.storage.db.urls import sqlite_url
 from cleftwise.storage.db.schema import (
     COLUMNS,
     COLUMN_NAMES,
@@ -148,9 +149,9 @@ class SQLiteSynapseStore(SynapseStore):
                  timeout_s: float = 30.0, retries: int = 8, batch_size: int = 50_000,
                  cache_mb: int = 64, bulk_min_rows: int = 20_000, layout: int = _LAYOUT):
         self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-        if self.path.startswith("//"):  # sqlite:////abs/path.db (four slashes): same file
+        if self.path.startswith("//"):  # POSIX keeps a leading '//': the same file as '/'
             self.path = "/" + self.path.lstrip("/")
-        self.url = f"sqlite://{self.path}"
+        self.url = sqlite_url(self.path)
         self.retries = int(retries)
         self.batch_size = int(batch_size)
         self.bulk_min_rows = int(bulk_min_rows)
@@ -170,7 +171,11 @@ class SQLiteSynapseStore(SynapseStore):
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
         try:
             if readonly:
-                self._conn = sqlite3.connect(f"file:{quote(self.path)}?mode=ro", uri=True,
+                # mode=ro still needs the -shm file of a WAL database beside it, which a
+                # read-only folder cannot hold: there the file is opened immutable instead
+                folder = os.path.dirname(self.path) or "."
+                flag = "mode=ro" if os.access(folder, os.W_OK) else "immutable=1"
+                self._conn = sqlite3.connect(f"file:{quote(self.path)}?{flag}", uri=True,
                                              timeout=timeout_s, isolation_level=None)
             else:
                 self._conn = sqlite3.connect(self.path, timeout=timeout_s, isolation_level=None)

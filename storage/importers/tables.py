@@ -34,7 +34,7 @@ Presets (:data:`PRESETS`): ``manc`` (neuPrint/MANC exports: ``bodyId_pre``, ``x_
 
     from cleftwise.storage.importers.tables import TableImportConfig, import_tables
     cfg = TableImportConfig(preset="manc")
-    import_tables(["synapses_gaba.csv"], "sqlite:///abs/manc.db", cfg)
+    import_tables(["synapses_gaba.csv"], "sqlite:////abs/manc.db", cfg)
 """
 
 from __future__ import annotations
