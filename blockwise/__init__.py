@@ -1,7 +1,7 @@
 """Blockwise engine: block grid, completion ledger, backends and sliding-window prediction.
 
-Public surface: :class:`~cleftwise.blockwise.step.BlockStep`, :func:`~blockwise.runner.run_task`,
-:class:`~blockwise.runner.BackendConfig`, :func:`~blockwise.grid.plan_blocks`.
+Public surface: :class:`~cleftwise.blockwise.step.BlockStep`, :func:`~cleftwise.blockwise.runner.run_task`,
+:class:`~cleftwise.blockwise.runner.BackendConfig`, :func:`~cleftwise.blockwise.grid.plan_blocks`.
 """
 
 from cleftwise.blockwise.errors import BlockwiseError

@@ -339,10 +339,12 @@ class ClassifyConfig:
 
     def __post_init__(self) -> None:
         if len(tuple(self.block_shape)) != 3 or any(int(b) < 1 for b in self.block_shape):
-            raise PostprocessError(f"classify: block_shape must be 3 positive voxel counts, got {self.block_shape}")
+            raise PostprocessError(f"classify.block_shape must be 3 positive voxel counts, got {list(self.block_shape)}")
         if len(tuple(self.position_columns)) != 3:
             raise PostprocessError(f"classify: position_columns must name 3 columns (z, y, x), "
                                    f"got {self.position_columns}")
+        if self.raw_range is not None:
+            checked_raw_range(self.raw or "classify", "float32", self.raw_range, "classify.raw_range")
         if int(self.batch_size) < 1:
             raise PostprocessError(f"classify: batch_size must be >= 1, got {self.batch_size}")
         if self.threshold is not None and not 0.0 <= float(self.threshold) <= 1.0:

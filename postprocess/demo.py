@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import time
 from dataclasses import asdict, dataclass
 import numpy as np
@@ -36,6 +37,7 @@ import yaml
 from cleftwise.postprocess.errors import PostprocessError
 from cleftwise.postprocess.metrics import assignment_metrics, instance_f1, table_labels, true_partners
 from cleftwise.postprocess.pipeline import parse_config, run_pipeline
+from cleftwise.storage.db.urls import redact
 
 __all__ = ["DemoConfig", "run_demo", "score_demo", "format_summary", "WEIGHTS_DIR"]
 
@@ -227,7 +229,11 @@ def format_summary(s: dict) -> str:
     def f(v):
         return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.3f}"
 
+    def path(p):  # absolute and shell-quoted, so a printed command works from any folder
+        return shlex.quote(os.path.abspath(p))
+
     g = s.get("graph", {})
+    config = path(s["config"])
     lines = [
         f"cleftwise demo finished in {s['seconds']['total']:.0f} s (peak memory {s['peak_rss_mib']:.0f} MiB)",
         f"  synapses: {s['synapses_found']} found, {s['synapses_true']} true; precision {f(s['precision'])}, "
@@ -238,8 +244,9 @@ def format_summary(s: dict) -> str:
         f"  signed graph: {g.get('edges', 0)} edges, {g.get('neurons', 0)} neurons, "
         f"{g.get('signed_neurons', 0)} signed; sign accuracy {f(g.get('sign_accuracy'))} "
         f"on {g.get('signed_with_known_type', 0)} presynaptic neurons of known type",
-        f"  figures: {', '.join(s.get('figures', {}).values()) or 'none'}",
-        f"  outputs: {s['output_dir']} (graph: {s['graph_dir']}), DB {s['db']}",
-        f"  config:  {s['config']} (run it again with: cleftwise predict --config {s['config']})",
+        f"  figures: {', '.join(path(p) for p in s.get('figures', {}).values()) or 'none'}",
+        f"  outputs: {path(s['output_dir'])} (graph: {path(s['graph_dir'])}), DB {redact(s['db'])}",
+        f"  config:  {config} (run it again with: cleftwise predict --config {config}; "
+        f"progress: cleftwise predict --config {config} --status)",
     ]
     return "\n".join(lines)

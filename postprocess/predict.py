@@ -80,16 +80,33 @@ class PredictConfig:
     torch_threads: int = 0
     """torch CPU threads per worker (0 = torch default)"""
     work_dir: str = ""
-    """folder of the ledger (the pipeline fills it; default <output>.work)"""
+    """folder of the ledger (the pipeline fills it with <output_dir>/predict; alone: <output>.work)"""
     missing_chunks: str = "error"
     """never-written chunks of this stage's input volumes: error or zeros; zeros here or in the
     top-level missing_chunks reads them as zeros"""
+
+    def __post_init__(self) -> None:
+        for key in ("block_shape", "chunk_shape", "patch_shape", "stride"):
+            _check_shape(getattr(self, key), f"predict.{key}")
+        if self.raw_range is not None:
+            checked_raw_range(self.input or "predict", "float32", self.raw_range, "predict.raw_range")
 
     #: fields that do not change the output (left out of the job identity, so a job can resume
     #: on other hardware)
     NOT_IDENTITY = ("device", "batch_size", "torch_threads", "work_dir", "input", "roi",
                     "block_shape", "chunk_shape", "patch_shape", "stride", "checkpoint",
                     "missing_chunks")
+
+
+def _check_shape(value, key: str, minimum: int = 1) -> None:
+    if value is None:
+        return
+    try:
+        ok = len(tuple(value)) == 3 and all(int(v) == v and int(v) >= minimum for v in value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise PostprocessError(f"{key} must be 3 whole numbers >= {minimum} (z, y, x voxels), got {list(value)}")
 
 
 def checked_raw_range(url: str, dtype, raw_range, key: str) -> tuple:
