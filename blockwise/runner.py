@@ -436,7 +436,7 @@ def run_task(task: BlockStep, backend: Optional[BackendConfig] = None, overwrite
     resumed = ledger.start(task.job_settings(), overwrite=overwrite)
     done = ledger.done_ids()
     # no block done yet (e.g. killed after job.json, before the outputs existed): start fresh
-    task.prepare(fresh=not resumed or not done)
+    task.prepare(fresh=not resumed or not done, overwrite=overwrite)
     todo = [b for b in blocks if b.block_id not in done]
     ledger.clear_failed(b.block_id for b in todo)
     log.info("%s: %d blocks, %d done before, %d to run on %s x%d", task.name, len(blocks),

@@ -131,15 +131,21 @@ class BlockStep(abc.ABC):
                 "outputs": [{"url": o.url, "dtype": o.dtype, "channels": list(o.channels)}
                             for o in self.outputs()]}
 
-    def prepare(self, fresh: bool) -> None:
-        """Create the outputs (``fresh``) or check that they exist and match (resume)."""
+    def prepare(self, fresh: bool, overwrite: bool = False) -> None:
+        """Create the outputs (``fresh``) or check that they exist and match (resume).
+
+        An output is recreated only when this step's ledger made it (attribute
+        ``cleftwise_ledger``) or ``overwrite`` is given: an array that another job, an older
+        cleftwise or a user put at that URL is never replaced silently."""
         from cleftwise.storage.errors import StorageError
         from cleftwise.storage.volume import create_volume, open_volume
 
         for spec in self.outputs():
             chunk = Coordinate(spec.chunk_shape or self.write_size)
             if fresh:
-                attrs = {"cleftwise_step": self.name, **spec.attrs}
+                if not overwrite:
+                    self._check_owner(spec.url)
+                attrs = {"cleftwise_step": self.name, "cleftwise_ledger": self.ledger_path(), **spec.attrs}
                 if spec.channels:
                     attrs["channels"] = list(spec.channels)
                 create_volume(spec.url, shape=self.total_roi.shape / self.voxel_size,
@@ -158,6 +164,22 @@ class BlockStep(abc.ABC):
                                      f"this job (ROI {out.roi}, {out.num_channels} channels)")
         self.prepare_scratch(fresh)
         crashpoints.hit("prepared", self.name)
+
+    def _check_owner(self, url: str) -> None:
+        """Refuse to replace an existing array at ``url`` that this step's ledger did not make."""
+        from cleftwise.storage.errors import StorageError
+        from cleftwise.storage.volume import open_volume
+
+        try:
+            owner = open_volume(url).attrs.get("cleftwise_ledger")
+        except StorageError:  # nothing there (or a half-created array): free to create
+            return
+        if owner != self.ledger_path():
+            made_by = f"the job whose ledger is {owner}" if owner else "another program or an older cleftwise"
+            raise BlockwiseError(
+                f"{self.name}: {url} already exists and was made by {made_by}, not by this job "
+                f"(ledger {self.ledger_path()}); refusing to replace it. Re-run with --overwrite to "
+                "replace it, or point the output elsewhere.")
 
     @contextlib.contextmanager
     def worker(self) -> Iterator[Callable[[Block], None]]:

@@ -246,3 +246,22 @@ def test_daisy_workers_through_command_template(tmp_path):
     np.testing.assert_allclose(out, ref, atol=1e-4)
     with pytest.raises(BlockwiseError, match="must contain"):
         BackendConfig("daisy", worker_command="srun -n1")
+
+
+def test_an_array_the_job_did_not_make_is_never_replaced_silently(tmp_path):
+    """Outputs carry the ledger that made them: a fresh job finding an array made elsewhere (a
+    user's data, an older cleftwise's finished output) at its output URL refuses; --overwrite
+    replaces it; the job's own output is recreated freely after its ledger was dropped."""
+    url, data = _input(tmp_path)
+    out = f"{tmp_path}/out.zarr/smooth"
+    theirs = create_volume(out, shape=data.shape, voxel_size=VS, dtype="float32", chunk_shape=(4, 20, 20))
+    theirs.write(theirs.roi, np.full(data.shape, 7, np.float32))
+    cfg = FilterConfig(url, out, block_shape_nm=(160, 80, 80))
+    with pytest.raises(BlockwiseError, match="already exists and was made by another program"):
+        run_task(FilterStep(cfg), BackendConfig(progress=False))
+    assert (open_volume(out).read() == 7).all()
+    run_task(FilterStep(cfg), BackendConfig(progress=False), overwrite=True)
+    ref = _reference(data, cfg)
+    np.testing.assert_allclose(open_volume(out).read(), ref, atol=1e-4)
+    Ledger(FilterStep(cfg).ledger_path()).clear()  # e.g. dropped because its inputs changed
+    assert run_task(FilterStep(cfg), BackendConfig(progress=False)).processed > 0
