@@ -26,6 +26,7 @@ Typical use (per write block)::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from typing import Callable, Optional, Sequence, Tuple, Union
@@ -327,6 +328,23 @@ def to_uint8(prob: np.ndarray) -> np.ndarray:
     np.clip(scaled, 0.0, 255.0, out=scaled)
     np.rint(scaled, out=scaled)
     return scaled.astype(np.uint8)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 0):
+    """Run the body with torch using ``n`` CPU threads (0: leave as is), then restore the
+    process's setting: results of a forward pass depend on the thread count, so one step's
+    setting must not leak into the rest of the process."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)
 
 
 class TorchPredictor:

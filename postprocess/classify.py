@@ -41,7 +41,7 @@ from funlib.geometry import Coordinate, Roi
 
 from cleftwise.blockwise import crashpoints
 from cleftwise.blockwise.grid import Block
-from cleftwise.blockwise.sliding_window import normalise_raw
+from cleftwise.blockwise.sliding_window import normalise_raw, torch_threads
 from cleftwise.blockwise.stages import Stage
 from cleftwise.postprocess.preflight import check_checkpoint, check_db
 from cleftwise.blockwise.step import BlockStep
@@ -404,8 +404,6 @@ def _result_frame(ids: np.ndarray, probs: np.ndarray, info: ClassifierInfo,
 
 def _load(cfg: ClassifyConfig):
     device = resolve_device(cfg.device)
-    if cfg.torch_threads:
-        torch.set_num_threads(int(cfg.torch_threads))
     try:
         model, meta = load_model(cfg.checkpoint, device=device)
     except ModelError as e:
@@ -489,12 +487,13 @@ class ClassifyStep(BlockStep):
         # it in another (dask runs blocks in its executor thread and closes contexts from its
         # event loop), and an SQLite connection may only be used and closed by the thread that
         # opened it. Each block opens, writes and closes its own connection (see process).
-        model, device = _load(self.cfg)
-        index = pd.read_parquet(self.index_path)
-        raw = open_volume(self.cfg.raw, missing=self.cfg.missing_chunks)
-        yield {"model": model, "device": device, "raw": raw,
-               "groups": {int(k): g for k, g in index.groupby("block_id", sort=False)},
-               "threshold": _threshold(self.cfg, self.info)}
+        with torch_threads(self.cfg.torch_threads):
+            model, device = _load(self.cfg)
+            index = pd.read_parquet(self.index_path)
+            raw = open_volume(self.cfg.raw, missing=self.cfg.missing_chunks)
+            yield {"model": model, "device": device, "raw": raw,
+                   "groups": {int(k): g for k, g in index.groupby("block_id", sort=False)},
+                   "threshold": _threshold(self.cfg, self.info)}
 
     def process(self, block: Block, w) -> None:
         cfg = self.cfg
@@ -546,8 +545,9 @@ def classify_table(cfg: ClassifyConfig, synapses: Optional[pd.DataFrame] = None)
     cubes = np.stack([_model_input(read_cube(raw, v, info.cube_shape), cube_box(v, info.cube_shape)[0],
                                    shape, cfg.raw, raw_range) for v in vox]) if len(vox) else \
         np.zeros((0,) + info.cube_shape, np.float32)
-    model, device = _load(cfg)
-    probs = predict_probs(model, cubes, cfg.batch_size, device, cfg.tta, cfg.amp)
+    with torch_threads(cfg.torch_threads):
+        model, device = _load(cfg)
+        probs = predict_probs(model, cubes, cfg.batch_size, device, cfg.tta, cfg.amp)
     return _result_frame(synapses["id"].to_numpy(), probs, info, _threshold(cfg, info))
 
 

@@ -28,7 +28,7 @@ from cleftwise.storage.volume import open_volume
 
 from cleftwise.blockwise.grid import Block
 from cleftwise.blockwise.errors import BlockwiseError
-from cleftwise.blockwise.sliding_window import (TorchPredictor, blend_window, predict_region,
+from cleftwise.blockwise.sliding_window import (torch_threads, TorchPredictor, blend_window, predict_region,
                                                 raw_outside_range, required_read_region,
                                                 resolve_raw_range, to_uint8)
 from cleftwise.blockwise.stages import Stage
@@ -227,16 +227,13 @@ class PredictStep(BlockStep):
 
     @contextlib.contextmanager
     def open_worker(self):
-        import torch
-
-        if self.cfg.torch_threads:
-            torch.set_num_threads(int(self.cfg.torch_threads))
-        model, _ = load_model(self.cfg.checkpoint, device=self.cfg.device)
-        yield {"predictor": TorchPredictor(model, device=self.cfg.device, tta=self.cfg.tta,
-                                           amp_dtype="bf16" if self.cfg.amp else None),
-               "window": blend_window(self.patch, mode=self.cfg.blend),
-               "src": open_volume(self.cfg.input, missing=self.cfg.missing_chunks), "dst": open_volume(self.cfg.output, mode="r+"),
-               "pending": {}}
+        with torch_threads(self.cfg.torch_threads):
+            model, _ = load_model(self.cfg.checkpoint, device=self.cfg.device)
+            yield {"predictor": TorchPredictor(model, device=self.cfg.device, tta=self.cfg.tta,
+                                               amp_dtype="bf16" if self.cfg.amp else None),
+                   "window": blend_window(self.patch, mode=self.cfg.blend),
+                   "src": open_volume(self.cfg.input, missing=self.cfg.missing_chunks),
+                   "dst": open_volume(self.cfg.output, mode="r+"), "pending": {}}
 
     def prefetch(self, block: Block, w) -> None:
         """Start an asynchronous TensorStore read of ``block``'s input."""
