@@ -41,6 +41,7 @@ from cleftwise.postprocess.partners import dilation_radius_voxels, merge_partner
 from cleftwise.postprocess.segment import SegmentConfig
 from cleftwise.postprocess.polarity import assign_sides, merge_polarity_stats, polarity_stats_block
 from cleftwise.storage.errors import StorageError
+from cleftwise.storage.atomic import save_parquet
 from cleftwise.storage.volume import open_volume
 
 __all__ = ["PartnersConfig", "PartnersStep", "synapse_table", "write_records", "partners_config", "POLARITY_CHANNELS",
@@ -105,12 +106,6 @@ class PartnersConfig:
         if self.partner_rule not in ("majority", "contrast"):
             raise PostprocessError(f"partners.partner_rule must be 'majority' or 'contrast', "
                                    f"got {self.partner_rule!r}")
-
-
-def _atomic_parquet(df: pd.DataFrame, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 class PartnersStep(BlockStep):
@@ -190,12 +185,12 @@ class PartnersStep(BlockStep):
         stats = polarity_stats_block(lab[core], probs[(slice(None),) + core],
                                      self.begin_vox(block.write_roi), mode=c.polarity_mode,
                                      sides=sides[core])
-        _atomic_parquet(stats, os.path.join(self.work_dir, "polarity", f"{block.block_id}.parquet"))
+        save_parquet(stats, os.path.join(self.work_dir, "polarity", f"{block.block_id}.parquet"))
         if w["seg"] is not None:
             neurons = w["seg"].read(roi, fill_outside=True).astype(np.uint64)
             votes = partner_votes_block(lab, sides, neurons, tuple(self.voxel_size), c.dilate_nm,
                                         context=tuple(self.context))
-            _atomic_parquet(votes, os.path.join(self.work_dir, "votes", f"{block.block_id}.parquet"))
+            save_parquet(votes, os.path.join(self.work_dir, "votes", f"{block.block_id}.parquet"))
 
     def prepare_scratch(self, fresh: bool) -> None:
         if fresh:

@@ -40,6 +40,7 @@ from funlib.geometry import Coordinate, Roi
 from cleftwise.blockwise.grid import Block
 from cleftwise.blockwise.stages import Stage
 from cleftwise.blockwise.step import ArraySpec, BlockStep
+from cleftwise.storage.atomic import save_npy, save_npz, save_parquet
 from cleftwise.storage.volume import open_volume
 
 from cleftwise.postprocess.cc_stitch import (apply_lut, block_faces, block_id_offset, face_equivalences,
@@ -89,24 +90,6 @@ class SegmentConfig:
             raise PostprocessError(f"segment: connectivity must be 6, 18 or 26, got {self.connectivity}")
         if not 0.0 <= self.threshold <= 1.0:
             raise PostprocessError(f"segment: threshold must be in [0, 1], got {self.threshold}")
-
-
-def _atomic_parquet(df: pd.DataFrame, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
-def _atomic_npy(arr: np.ndarray, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npy"
-    np.save(tmp, arr)
-    os.replace(tmp, path)
-
-
-def _atomic_npz(path: str, **arrays: np.ndarray) -> None:
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 class _SegmentPass(BlockStep):
@@ -192,8 +175,8 @@ class SegmentLabel(_SegmentPass):
         if union.dtype == np.uint8:  # statistics on the 0..1 probability scale
             records["prob_sum"] /= 255.0
             records["prob_max"] /= 255.0
-        _atomic_npz(self.face_path(begin), **block_faces(local, offset))
-        _atomic_parquet(records, os.path.join(self.work_dir, "records", f"{block.block_id}.parquet"))
+        save_npz(self.face_path(begin), **block_faces(local, offset))
+        save_parquet(records, os.path.join(self.work_dir, "records", f"{block.block_id}.parquet"))
 
 
 class SegmentStitch(_SegmentPass):
@@ -240,7 +223,7 @@ class SegmentStitch(_SegmentPass):
                 near.append((other, self._faces(cache, other)))
         pairs = face_equivalences(begin, tuple(block.write_roi.shape / self.voxel_size), near,
                                   self.cfg.connectivity)
-        _atomic_npy(np.asarray(pairs, dtype=np.uint64).reshape(-1, 2),
+        save_npy(np.asarray(pairs, dtype=np.uint64).reshape(-1, 2),
                     os.path.join(self.work_dir, "pairs", f"{block.block_id}.npy"))
 
     def finish(self) -> None:
@@ -267,9 +250,9 @@ def resolve_segmentation(step: _SegmentPass) -> pd.DataFrame:
     records = [read(f, pd.read_parquet) for f in rec_files]
     pairs = [read(f, np.load) for f in pair_files]
     res = resolve(pairs, records, min_size=c.min_size, max_size=c.max_size, min_peak_prob=c.min_peak)
-    _atomic_npz(os.path.join(work, "mapping.npz"), provisional=res.provisional_ids,
+    save_npz(os.path.join(work, "mapping.npz"), provisional=res.provisional_ids,
                 final=res.final_ids)
-    _atomic_parquet(res.instances, os.path.join(work, "instances.parquet"))
+    save_parquet(res.instances, os.path.join(work, "instances.parquet"))
     log.info("segment: %d instances after stitching and size filtering", len(res.instances))
     return res.instances
 

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 
 from cleftwise.storage.errors import StorageError
 
-__all__ = ["atomic_path", "atomic_dir", "check_output_path"]
+__all__ = ["atomic_path", "atomic_dir", "check_output_path", "save_parquet", "save_npy", "save_npz"]
 
 #: folders that are volume containers (their content is chunks and metadata, never an export)
 _CONTAINER_SUFFIXES = (".zarr", ".zarr3", ".n5")
@@ -109,3 +109,25 @@ def atomic_dir(path: str, what: str = "folder") -> Iterator[str]:
     finally:
         _remove(tmp)
         _remove(old)
+
+
+def save_parquet(df, path: str) -> None:
+    """``df.to_parquet(path)`` (no index), atomically."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def save_npy(arr, path: str) -> None:
+    """``np.save(path, arr)``, atomically."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        np.save(tmp, arr)
+
+
+def save_npz(path: str, **arrays) -> None:
+    """``np.savez(path, **arrays)``, atomically."""
+    import numpy as np
+
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
