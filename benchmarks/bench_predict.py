@@ -1,6 +1,7 @@
-"""Benchmark: blockwise prediction engine vs pure model forward vs MONAI sliding windows.
+"""Benchmark: blockwise prediction engine vs pure model forward vs MONAI sliding windows vs chunkflow.
 
-One run measures, on one uint8 EM volume and one small, seeded RSUNet (CPU, 2 torch threads):
+Section ``engine`` measures, on one uint8 EM volume and one small, seeded RSUNet (CPU, 2 torch
+threads, all in this process):
 
 (a) **forward**: only ``model(x)`` over exactly the patches the engine evaluates (the global-grid
     origins of every block, grouped in the engine's batches), inputs prepared beforehand;
@@ -12,9 +13,33 @@ One run measures, on one uint8 EM volume and one small, seeded RSUNet (CPU, 2 to
 
 Every variant is warmed up once and then repeated (interleaved, to spread the load of a shared
 machine evenly); the minimum is reported. The engine output is checked against a direct
-``predict_region`` call over the whole volume. Results: ``benchmarks/results/bench_predict.{json,md}``.
+``predict_region`` call over the whole volume.
 
-Run: ``python benchmarks/bench_predict.py [--quick] [--repeats N] [--profile]``.
+Section ``peers`` (issue "Prediction inner loop …", item 4) runs, each in a fresh child process
+with one thread (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``), interleaved, on the shipped
+``models/weights/rsunet_polarity.pt`` and a 36 x 384 x 384 volume (48 patches 18 x 160 x 160,
+overlap 9 x 80 x 80): cleftwise (``run_task`` of a ``PredictStep``, the whole volume one block),
+chunkflow 1.2.0's ``Inferencer`` (``framework='pytorch'``, ``bump='wu'``,
+``mask_output_chunk=True``) from its own virtual environment with cleftwise's model through a
+generated adapter file, and a bare ``model(batch)`` loop over the same patches (cleftwise's batch
+size and batch 1). Per contender: wall, CPU (user + sys) and minor page faults of the whole
+process (``wait4`` rusage of the child) and of the step alone (measured inside the child), peak
+RSS, forward calls and patches (counted by wrapping ``RSUNet.forward``); the ratios the issue
+targets; and the agreement of cleftwise's and chunkflow's probabilities (overall and within 8
+voxels of the volume faces).
+
+chunkflow set-up (once; ``benchmarks/scratch/`` is git-ignored; chunkflow is not a cleftwise
+dependency)::
+
+    python -m venv benchmarks/scratch/venv-chunkflow --system-site-packages
+    benchmarks/scratch/venv-chunkflow/bin/pip install chunkflow==1.2.0
+
+Results: ``benchmarks/results/bench_predict{,_quick}.{json,md}``; a section not run
+(``--sections``) is carried over from the existing file, marked with when it was measured.
+
+Run: ``python benchmarks/bench_predict.py [--quick] [--repeats N] [--sections engine,peers]
+[--profile] [--chunkflow-python PATH]`` (the full run takes ~10 min for ``peers`` and ~10 min
+for ``engine`` on 2 shared cores; ``--quick`` ~1-2 min).
 """
 
 from __future__ import annotations
@@ -173,12 +198,17 @@ def make_raw(shape: tuple, seed: int, source: str) -> tuple[np.ndarray, str]:
     return rng.integers(0, 256, shape, dtype=np.uint8), f"uniform random uint8 (seed {seed})"
 
 
-def engine_batches(task: PredictStep, batch_size: int, min_batch: int = 2
+def engine_batches(task: PredictStep, batch_size: int, min_batch: int | None = None
                    ) -> tuple[list[np.ndarray], int]:
     """The (B, 3) patch origins (voxels) of every batch the engine feeds the model: per block
     the global-grid patches overlapping its write region, in lexicographic order, in batches of
-    ``batch_size``, a short batch padded to ``min_batch`` as TorchPredictor does. Returns
-    (batches, number of real patches)."""
+    ``batch_size``, a short batch padded to ``min_batch`` as TorchPredictor does (None: its
+    ``min_batch`` default if it still has one, else no padding). Returns (batches, number of
+    real patches)."""
+    if min_batch is None:
+        import inspect
+        p = inspect.signature(TorchPredictor).parameters.get("min_batch")
+        min_batch = int(p.default) if p is not None else 1
     batches, real = [], 0
     for block in task.blocks():
         _, w0, w1, _ = task.read_roi(block)
@@ -270,10 +300,13 @@ def fmt_mib(b: float) -> float:
     return round(b / 2**20, 1)
 
 
-def write_markdown(res: dict, path: str) -> None:
+def engine_markdown(res: dict) -> list[str]:
     s, r = res["setup"], res["results"]
+    em = res.get("engine_measured", {})
     lines = [
-        "# bench_predict: engine vs pure forward vs MONAI",
+        "## Engine vs pure forward vs MONAI (2 threads, in one process)",
+        "",
+        f"Measured {em.get('measured_at', '?')}{describe_git(em.get('git'))}.",
         "",
         f"Machine: {res['machine']}. torch {res['versions']['torch']} ({THREADS} threads), "
         f"MONAI {res['versions'].get('monai', 'n/a')}. Load average at start: {res['load_avg_start']}.",
@@ -336,24 +369,431 @@ def write_markdown(res: dict, path: str) -> None:
                   "| function | calls | own s | cumulative s |", "|---|---:|---:|---:|"]
         for p in res["profile"]:
             lines.append(f"| `{p['function']}` | {p['calls']} | {p['tottime_s']} | {p['cumtime_s']} |")
+    return lines
+
+
+def describe_git(g: dict | None) -> str:
+    if not g or not g.get("commit"):
+        return ""
+    mod = g.get("modified") or []
+    return (f" on commit {g['commit']} ({g.get('subject', '')[:60]}…)"
+            + (f" plus uncommitted changes to {', '.join(mod)}" if mod else ", clean tree"))
+
+
+def peers_markdown(res: dict) -> list[str]:
+    pr, pm = res["peers"], res.get("peers_measured", {})
+    s, r, a = pr["setup"], pr["results"], pr["agreement_cleftwise_vs_chunkflow"]
+    lines = [
+        "## cleftwise vs chunkflow vs a bare forward loop (1 thread, each in a fresh process)",
+        "",
+        f"Measured {pm.get('measured_at', '?')}{describe_git(pm.get('git'))}. Load average at end: {pr.get('load_avg')}.",
+        "",
+        f"Model `{s['model']}`, volume {tuple(s['shape'])} ({s['voxels']:,} voxels), input {s['input']}; "
+        f"patch {tuple(s['patch'])}, overlap {tuple(s['overlap'])} (stride {tuple(s['stride'])}), "
+        f"{s['grid_patches']} grid patches (same grid in both: {pr['same_patch_grid']}). "
+        f"torch threads {s['threads']} (OMP_NUM_THREADS too). cleftwise: `run_task(PredictStep(...))` "
+        f"with the whole volume as one block, batch {s['cleftwise_batch_size']}, blend "
+        f"{s['cleftwise_options']['blend']}, uint8 zarr output. chunkflow {s['chunkflow_version']} "
+        f"`Inferencer(framework='pytorch', bump='wu', mask_output_chunk=True, batch_size=1)` (its "
+        "pytorch framework asserts batch 1) on the volume held in memory, cleftwise's model through a "
+        "generated adapter (`cleftwise.models.checkpoint.load_model` + sigmoid), output saved as "
+        f"float32 .npy. Forward: `model(batch)` over the same {s['grid_patches']} patches at batch "
+        f"{s['cleftwise_batch_size']} (with glibc's default malloc, and with the `M_MMAP_MAX=0`, "
+        "`M_TRIM_THRESHOLD=1 GiB` settings cleftwise's predict step applies) and at batch 1, inputs "
+        "prepared before the clock. Min over {s['repeats']} "
+        "interleaved repeats, each repeat's value in parentheses (peak RSS: max).",
+        "",
+        "*Process* = the whole child process (interpreter start, imports, reading, the step, writing; "
+        "`wait4` rusage of the child, i.e. what `getrusage(RUSAGE_CHILDREN)` accumulates). *Step* = "
+        "measured inside the child with `getrusage(RUSAGE_SELF)`: cleftwise `run_task` (checkpoint "
+        "load, zarr read, forward, blend, uint8, zarr write, ledger); chunkflow `Inferencer(...)` + "
+        "`inferencer(chunk)` (model load, patch loop, blend, normalisation; no I/O); forward: the "
+        "`model(batch)` loop only.",
+        "",
+        "| contender | process wall s | process CPU s | process minor faults | peak RSS MiB "
+        "| step wall s | step CPU s | step minor faults | patches (forward calls) | in model.forward s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = {"cleftwise": "cleftwise (run_task)", "chunkflow": f"chunkflow {s['chunkflow_version']} Inferencer",
+             "forward": f"bare forward loop, batch {s['cleftwise_batch_size']}",
+             "forward_b1": "bare forward loop, batch 1",
+             "forward_malloc": f"bare forward loop, batch {s['cleftwise_batch_size']}, cleftwise's malloc settings"}
+    for k in ("cleftwise", "chunkflow", "forward", "forward_malloc", "forward_b1"):
+        if k not in r:
+            continue
+        x = r[k]
+        def rep(part, m, fmt):
+            al = x[part][f"all_{m}"]
+            return format(x[part][m], fmt) + (f" ({' / '.join(format(v, fmt) for v in al)})" if len(al) > 1 else "")
+        lines.append(f"| {names[k]} | {x['process']['wall_s']:.2f} | {rep('process', 'cpu_s', '.2f')} | "
+                     f"{rep('process', 'minflt', ',')} | {x['process']['maxrss_mib']} | {x['step']['wall_s']:.2f} | "
+                     f"{rep('step', 'cpu_s', '.2f')} | {rep('step', 'minflt', ',')} | {x['patches_evaluated']} "
+                     f"({x['forward_calls']}) | {x['forward_s_in_step']:.2f} |")
+    lines += ["", "| ratio | value | target |", "|---|---:|---|"]
+    labels = {"cpu_process_cleftwise_over_chunkflow": "CPU, whole process: cleftwise / chunkflow",
+              "cpu_step_cleftwise_over_chunkflow": "CPU, inference step: cleftwise / chunkflow",
+              "minflt_process_cleftwise_over_chunkflow": "minor page faults, whole process: cleftwise / chunkflow",
+              "minflt_step_cleftwise_over_chunkflow": "minor page faults, step: cleftwise / chunkflow",
+              "throughput_engine_over_forward": "patches/s, cleftwise step / bare forward loop (wall)",
+              "throughput_engine_over_forward_cpu": "patches/CPU s, cleftwise step / bare forward loop",
+              "throughput_engine_over_forward_malloc": "patches/s, cleftwise step / bare loop with cleftwise's malloc settings (wall)",
+              "throughput_engine_over_forward_malloc_cpu": "patches/CPU s, cleftwise step / bare loop with cleftwise's malloc settings",
+              "forward_cpu_per_patch_batch1_over_batchN": "bare forward CPU per patch: batch 1 / cleftwise's batch (both default malloc)",
+              "engine_forward_share_in_step": "share of cleftwise's step spent in model.forward (same run)"}
+    for k, v in pr["ratios"].items():
+        t = pr["targets"].get(k)
+        lines.append(f"| {labels.get(k, k)} | **{v:.3f}** | "
+                     + (f"{t}: {'met' if pr['met'][k] else 'NOT met'}" if t else "—") + " |")
+    lines += ["",
+              f"Agreement, cleftwise (uint8 / 255) vs chunkflow (float32), probabilities: max |Δ| "
+              f"{a['max_abs']}, mean |Δ| {a['mean_abs']}, fraction of voxels with |Δ| > 0.1: "
+              f"{a['frac_gt_0.1']:.6f}; within {FACE} voxels of the volume faces: max |Δ| "
+              f"{a['near_faces_max_abs']}, fraction > 0.1 {a['near_faces_frac_gt_0.1']:.6f}; interior: "
+              f"max |Δ| {a['interior_max_abs']}, fraction > 0.1 {a['interior_frac_gt_0.1']}. The two "
+              "blend windows differ (cleftwise's bump with a per-axis floor, chunkflow's normalised "
+              "'wu' bump), so small differences in the overlaps are expected."]
+    return lines
+
+
+def write_markdown(res: dict, path: str) -> None:
+    lines = ["# bench_predict: engine vs pure forward vs MONAI vs chunkflow", ""]
+    if "peers" in res:
+        lines += peers_markdown(res) + [""]
+    if "results" in res:
+        lines += engine_markdown(res)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny volume and model (smoke test)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (>= 2)")
-    ap.add_argument("--input", choices=("auto", "synthetic", "random"), default="auto",
-                    help="input volume: synthetic EM if the renderer exists (auto), or random uint8")
-    ap.add_argument("--profile", action="store_true", help="always cProfile one engine run")
-    ap.add_argument("--filters", type=int, nargs="+", help="RSUNet filters per level (default: setup's)")
-    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
-    args = ap.parse_args(argv)
-    setup = QUICK if args.quick else FULL
-    if args.filters:
-        setup = dataclasses.replace(setup, filters=tuple(args.filters))
-    repeats = max(2, args.repeats or setup.repeats)
+# ---------------------------------------------------------------------------------------------
+# Peers: cleftwise vs chunkflow vs a bare forward loop, each in its own fresh process
+# ---------------------------------------------------------------------------------------------
+#
+# chunkflow lives in the benchmark's own virtual environment (never a cleftwise dependency):
+#
+#   python -m venv benchmarks/scratch/venv-chunkflow --system-site-packages
+#   benchmarks/scratch/venv-chunkflow/bin/pip install chunkflow==1.2.0
+#
+# (``--system-site-packages`` lets the venv see the same torch/numpy and the editable cleftwise,
+# whose ``load_model`` the adapter below uses; the full install of chunkflow 1.2.0 and its
+# requirements succeeded with pip 23 on Python 3.11.) ``--chunkflow-python`` points elsewhere.
+
+PEER_MODEL = os.path.join(REPO, "models", "weights", "rsunet_polarity.pt")
+SCRATCH = os.path.join(REPO, "benchmarks", "scratch")
+CHUNKFLOW_PY = os.path.join(SCRATCH, "venv-chunkflow", "bin", "python")
+PEER_THREADS = 1
+FACE = 8  # voxels: the "near the volume faces" band of the agreement check
+
+
+@dataclass
+class PeerSetup:
+    shape: tuple
+    patch: tuple
+    stride: tuple
+    batch_size: int
+
+
+# 3 x 4 x 4 = 48 patches on cleftwise's global grid and on chunkflow's (last patch clamped)
+PEER_FULL = PeerSetup(shape=(36, 384, 384), patch=(18, 160, 160), stride=(9, 80, 80), batch_size=4)
+PEER_QUICK = PeerSetup(shape=(18, 240, 240), patch=(18, 160, 160), stride=(9, 80, 80), batch_size=4)
+
+# chunkflow's pytorch framework imports a python file: ``load_model(weight_path)`` builds the
+# net, ``post_process`` maps logits to what is blended (cleftwise's model emits logits; cleftwise
+# applies the sigmoid itself).
+CHUNKFLOW_ADAPTER = '''
+import torch
+from cleftwise.models.checkpoint import load_model as _load
+
+
+def load_model(weight_path):
+    model, _ = _load(weight_path, device="cpu")
+    return model.eval()
+
+
+def post_process(net_output):
+    return torch.sigmoid(net_output)
+'''
+
+# Shared by the workers: count forward calls and samples (patches) by wrapping RSUNet.forward,
+# time the measured step with getrusage(RUSAGE_SELF) around it, report JSON.
+WORKER_COMMON = '''
+import json, os, resource, sys, time
+T_START = time.perf_counter()
+import numpy as np
+import torch
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+from cleftwise.models import rsunet
+
+spec = json.load(open(sys.argv[1]))
+COUNT = {"calls": 0, "patches": 0, "forward_s": 0.0}
+_orig_forward = rsunet.RSUNet.forward
+
+
+def _counted(module, x):
+    t0 = time.perf_counter()
+    try:
+        return _orig_forward(module, x)
+    finally:
+        COUNT["forward_s"] += time.perf_counter() - t0
+        COUNT["calls"] += 1
+        COUNT["patches"] += int(x.shape[0])
+
+
+rsunet.RSUNet.forward = _counted
+
+
+class Step:
+    def __enter__(self):
+        self.t0, self.r0 = time.perf_counter(), self._ru()
+        return self
+
+    @staticmethod
+    def _ru():  # this process and any children it waited for
+        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime, a.ru_minflt + b.ru_minflt,
+                a.ru_majflt + b.ru_majflt)
+
+    def __exit__(self, *exc):
+        r1 = self._ru()
+        self.res = {"wall_s": time.perf_counter() - self.t0, "cpu_s": r1[0] - self.r0[0],
+                    "minflt": r1[1] - self.r0[1], "majflt": r1[2] - self.r0[2]}
+
+
+def report(step, **extra):
+    out = {"step": step.res, "count": COUNT, "torch_threads": torch.get_num_threads(),
+           "step_start_s": step.t0 - T_START, **extra}
+    with open(spec["result"], "w") as f:
+        json.dump(out, f)
+'''
+
+CLEFTWISE_WORKER = WORKER_COMMON + '''
+from cleftwise.postprocess.predict import PredictConfig, PredictStep
+from cleftwise.blockwise.runner import BackendConfig, run_task
+
+cfg = PredictConfig(input=spec["raw_url"], output=spec["out_url"], checkpoint=spec["model"],
+                    block_shape=tuple(spec["shape"]), patch_shape=tuple(spec["patch"]),
+                    stride=tuple(spec["stride"]), batch_size=spec["batch_size"], device="cpu",
+                    torch_threads=int(os.environ["OMP_NUM_THREADS"]))
+with Step() as st:  # checkpoint load, zarr read, batched forward, blend, uint8, zarr write, ledger
+    run_task(PredictStep(cfg), BackendConfig("local", progress=False), overwrite=True)
+report(st)
+'''
+
+CHUNKFLOW_WORKER = WORKER_COMMON + '''
+from chunkflow.chunk import Chunk
+from chunkflow.flow.divid_conquer.inferencer import Inferencer
+
+raw = np.load(spec["raw_npy"])
+with Step() as st:  # model load, patch loop, blend, mask
+    inf = Inferencer(spec["adapter"], spec["model"], input_patch_size=tuple(spec["patch"]),
+                     output_patch_overlap=tuple(p - s for p, s in zip(spec["patch"], spec["stride"])),
+                     num_output_channels=3, framework="pytorch", batch_size=1, bump="wu",
+                     mask_output_chunk=True)
+    out = inf(Chunk(raw, voxel_offset=(0, 0, 0), voxel_size=tuple(spec["voxel_size"])))
+np.save(spec["out_npy"], np.asarray(out.array, dtype=np.float32))
+origins = sorted({tuple(int(s.start) for s in sl[0]) for sl in inf.patch_slices_list})
+report(st, patch_origins=origins)
+'''
+
+FORWARD_WORKER = WORKER_COMMON + '''
+from cleftwise.models.checkpoint import load_model
+
+if spec.get("malloc"):  # the glibc settings cleftwise's predict applies (keep_freed_memory)
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-4, 0)  # M_MMAP_MAX
+    libc.mallopt(-1, ctypes.c_int(1 << 30))  # M_TRIM_THRESHOLD
+raw = np.load(spec["raw_npy"])
+model, _ = load_model(spec["model"], device="cpu")
+model.eval()
+p = spec["patch"]
+batches = []
+for b in spec["batches"]:
+    arr = np.stack([raw[o[0]:o[0] + p[0], o[1]:o[1] + p[1], o[2]:o[2] + p[2]] for o in b])
+    batches.append(torch.from_numpy(arr[:, None].astype(np.float32) / np.float32(255)))
+with Step() as st, torch.inference_mode():  # only model(batch), inputs prepared beforehand
+    for x in batches:
+        model(x)
+report(st)
+'''
+
+
+def run_worker(python: str, script: str, spec: dict, log_path: str) -> dict:
+    """Run ``script`` with ``python`` in a fresh process (1 thread); its own rusage from wait4
+    (the same numbers getrusage(RUSAGE_CHILDREN) accumulates, per child), plus the step figures
+    the worker measured inside itself."""
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(PEER_THREADS), MKL_NUM_THREADS=str(PEER_THREADS),
+               OPENBLAS_NUM_THREADS=str(PEER_THREADS), PYTHONUNBUFFERED="1")
+    spec_path = spec["result"] + ".spec.json"
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    if os.path.exists(spec["result"]):
+        os.remove(spec["result"])
+    with open(log_path, "w") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([python, script, spec_path], stdout=log, stderr=subprocess.STDOUT,
+                                env=env, cwd=SCRATCH)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not os.path.exists(spec["result"]):
+        with open(log_path) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"{os.path.basename(script)} failed (exit {proc.returncode}):\n{tail}")
+    with open(spec["result"]) as f:
+        inner = json.load(f)
+    inner["process"] = {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "user_s": ru.ru_utime,
+                        "sys_s": ru.ru_stime, "minflt": ru.ru_minflt, "majflt": ru.ru_majflt,
+                        "maxrss_mib": round(ru.ru_maxrss / 1024, 1)}
+    return inner
+
+
+def agreement(a: np.ndarray, b: np.ndarray, face: int = FACE) -> dict:
+    """max |a - b| and the fraction of voxels with |a - b| > 0.1, overall and within ``face``
+    voxels of a volume face (arrays (C, z, y, x))."""
+    d = np.abs(a.astype(np.float32) - b.astype(np.float32))
+    near = np.zeros(d.shape[1:], bool)
+    for ax in range(3):
+        sl = [slice(None)] * 3
+        sl[ax] = slice(0, face)
+        near[tuple(sl)] = True
+        sl[ax] = slice(d.shape[1 + ax] - face, None)
+        near[tuple(sl)] = True
+    dn, di = d[:, near], d[:, ~near]
+    return {"max_abs": round(float(d.max()), 4), "frac_gt_0.1": round(float((d > 0.1).mean()), 6),
+            "mean_abs": round(float(d.mean()), 5),
+            "near_faces_max_abs": round(float(dn.max()), 4),
+            "near_faces_frac_gt_0.1": round(float((dn > 0.1).mean()), 6),
+            "interior_max_abs": round(float(di.max()), 4) if di.size else None,
+            "interior_frac_gt_0.1": round(float((di > 0.1).mean()), 6) if di.size else None}
+
+
+def run_peers(quick: bool, repeats: int, source: str, chunkflow_python: str) -> dict:
+    """cleftwise (run_task in a fresh process) vs chunkflow 1.2.0's Inferencer (its venv) vs a
+    bare forward loop, all on rsunet_polarity, one thread, interleaved; see module docstring."""
+    ps = PEER_QUICK if quick else PEER_FULL
+    if not os.path.exists(chunkflow_python):
+        raise SystemExit(f"chunkflow venv not found at {chunkflow_python}: see the set-up comment "
+                         "in benchmarks/bench_predict.py (or pass --sections engine)")
+    os.makedirs(SCRATCH, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="peers_", dir=SCRATCH)
+    try:
+        raw, src = make_raw(ps.shape, seed=1, source=source)
+        raw_npy = os.path.join(work, "raw.npy")
+        np.save(raw_npy, raw)
+        raw_url = os.path.join(work, "in.zarr", "raw")
+        vol = create_volume(raw_url, shape=ps.shape, voxel_size=VOXEL_SIZE, dtype="uint8",
+                            chunk_shape=tuple(min(c, s) for c, s in zip(ps.patch, ps.shape)))
+        vol.write(vol.roi, raw)
+        scripts = {}
+        for name, text in (("adapter", CHUNKFLOW_ADAPTER), ("cleftwise", CLEFTWISE_WORKER),
+                           ("chunkflow", CHUNKFLOW_WORKER), ("forward", FORWARD_WORKER)):
+            scripts[name] = os.path.join(work, f"{name}_worker.py" if name != "adapter" else "chunkflow_model.py")
+            with open(scripts[name], "w") as f:
+                f.write(text)
+        origins = grid_origins(ps.shape, ps.patch, ps.stride)
+        grid = [(z, y, x) for z in origins[0] for y in origins[1] for x in origins[2]]
+        batches = [[list(map(int, o)) for o in grid[i:i + ps.batch_size]]
+                   for i in range(0, len(grid), ps.batch_size)]
+        base = {"shape": list(ps.shape), "patch": list(ps.patch), "stride": list(ps.stride),
+                "batch_size": ps.batch_size, "model": PEER_MODEL, "voxel_size": list(VOXEL_SIZE),
+                "raw_npy": raw_npy, "raw_url": raw_url}
+        specs = {
+            "cleftwise": (sys.executable, dict(base, out_url=os.path.join(work, "cw.zarr", "pred"))),
+            "chunkflow": (chunkflow_python, dict(base, adapter=scripts["adapter"],
+                                                  out_npy=os.path.join(work, "chunkflow_out.npy"))),
+            "forward": (sys.executable, dict(base, batches=batches)),
+            # chunkflow's batch size, to tell the batch size's share of a CPU gap from the engine's
+            "forward_b1": (sys.executable, dict(base, batches=[[list(map(int, o))] for o in grid])),
+            # the same loop with the malloc settings cleftwise's predict step applies
+            # (M_MMAP_MAX=0, M_TRIM_THRESHOLD=1 GiB): isolates the engine's own overhead
+            "forward_malloc": (sys.executable, dict(base, batches=batches, malloc=True)),
+        }
+        runs = {k: [] for k in specs}
+        for rep in range(repeats):
+            for k, (py, spec) in specs.items():
+                spec = dict(spec, result=os.path.join(work, f"{k}_result.json"))
+                r = run_worker(py, scripts[k.split("_")[0]], spec, os.path.join(work, f"{k}_{rep}.log"))
+                runs[k].append(r)
+                print(f"  peers repeat {rep + 1}: {k:14s} process {r['process']['wall_s']:6.1f} s wall "
+                      f"{r['process']['cpu_s']:6.1f} s CPU {r['process']['minflt']:>8} minflt "
+                      f"{r['process']['maxrss_mib']:7.1f} MiB | step {r['step']['wall_s']:6.1f} s wall "
+                      f"{r['step']['cpu_s']:6.1f} s CPU {r['step']['minflt']:>8} minflt | "
+                      f"{r['count']['patches']} patches in {r['count']['calls']} forward calls", flush=True)
+
+        cw = open_volume(specs["cleftwise"][1]["out_url"]).read().astype(np.float32) / 255
+        cf = np.load(specs["chunkflow"][1]["out_npy"])
+        agree = agreement(cw, cf)
+        cf_origins = [tuple(o) for o in runs["chunkflow"][-1].get("patch_origins", [])]
+        same_grid = sorted(map(tuple, grid)) == sorted(cf_origins)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def summary(k: str) -> dict:
+        rs = runs[k]
+        out = {}
+        for part in ("process", "step"):
+            out[part] = {m: round(min(r[part][m] for r in rs), 3) for m in ("wall_s", "cpu_s", "minflt")}
+            out[part]["all_cpu_s"] = [round(r[part]["cpu_s"], 3) for r in rs]
+            out[part]["all_minflt"] = [r[part]["minflt"] for r in rs]
+        out["process"]["maxrss_mib"] = max(r["process"]["maxrss_mib"] for r in rs)
+        out["forward_calls"] = rs[-1]["count"]["calls"]
+        out["patches_evaluated"] = rs[-1]["count"]["patches"]
+        out["forward_s_in_step"] = round(min(r["count"]["forward_s"] for r in rs), 3)
+        out["torch_threads"] = rs[-1]["torch_threads"]
+        return out
+
+    res = {k: summary(k) for k in runs}
+    c, f, fw, f1, fm = (res[k] for k in ("cleftwise", "chunkflow", "forward", "forward_b1", "forward_malloc"))
+    ratios = {
+        "cpu_process_cleftwise_over_chunkflow": round(c["process"]["cpu_s"] / f["process"]["cpu_s"], 3),
+        "cpu_step_cleftwise_over_chunkflow": round(c["step"]["cpu_s"] / f["step"]["cpu_s"], 3),
+        "minflt_process_cleftwise_over_chunkflow": round(c["process"]["minflt"] / f["process"]["minflt"], 3),
+        "minflt_step_cleftwise_over_chunkflow": round(c["step"]["minflt"] / max(f["step"]["minflt"], 1), 3),
+        # patches per second of the engine's step over a bare model(batch) loop at the same batch size
+        "throughput_engine_over_forward": round(
+            (c["patches_evaluated"] / c["step"]["wall_s"]) / (fw["patches_evaluated"] / fw["step"]["wall_s"]), 3),
+        "throughput_engine_over_forward_cpu": round(
+            (c["patches_evaluated"] / c["step"]["cpu_s"]) / (fw["patches_evaluated"] / fw["step"]["cpu_s"]), 3),
+        "throughput_engine_over_forward_malloc": round(
+            (c["patches_evaluated"] / c["step"]["wall_s"]) / (fm["patches_evaluated"] / fm["step"]["wall_s"]), 3),
+        "throughput_engine_over_forward_malloc_cpu": round(
+            (c["patches_evaluated"] / c["step"]["cpu_s"]) / (fm["patches_evaluated"] / fm["step"]["cpu_s"]), 3),
+        # bare forward CPU per patch at batch 1 (chunkflow's) / at cleftwise's batch size
+        "forward_cpu_per_patch_batch1_over_batchN": round(
+            (f1["step"]["cpu_s"] / f1["patches_evaluated"]) / (fw["step"]["cpu_s"] / fw["patches_evaluated"]), 3),
+        # same run: time the engine's step spent in RSUNet.forward / the step's time
+        "engine_forward_share_in_step": round(c["forward_s_in_step"] / c["step"]["wall_s"], 3),
+    }
+    targets = {"cpu_process_cleftwise_over_chunkflow": ("<=", 0.8),
+               "cpu_step_cleftwise_over_chunkflow": ("<=", 0.8),
+               "minflt_process_cleftwise_over_chunkflow": ("<=", 1.5),
+               "throughput_engine_over_forward": (">=", 0.95),
+               "throughput_engine_over_forward_cpu": (">=", 0.95),
+               "throughput_engine_over_forward_malloc": (">=", 0.95),
+               "throughput_engine_over_forward_malloc_cpu": (">=", 0.95)}
+    met = {k: (ratios[k] <= v if op == "<=" else ratios[k] >= v) for k, (op, v) in targets.items()}
+    import subprocess
+    cf_version = subprocess.run([chunkflow_python, "-c", "import importlib.metadata as m; print(m.version('chunkflow'))"],
+                                capture_output=True, text=True).stdout.strip()
+    return {"setup": {"shape": list(ps.shape), "voxels": int(np.prod(ps.shape)), "input": src,
+                      "model": os.path.relpath(PEER_MODEL, REPO), "patch": list(ps.patch),
+                      "stride": list(ps.stride), "overlap": [p - s for p, s in zip(ps.patch, ps.stride)],
+                      "grid_patches": len(grid), "cleftwise_batch_size": ps.batch_size,
+                      "chunkflow_batch_size": 1, "threads": PEER_THREADS, "repeats": repeats,
+                      "chunkflow_version": cf_version, "chunkflow_options": {
+                          "framework": "pytorch", "bump": "wu", "mask_output_chunk": True},
+                      "cleftwise_options": {"blend": PredictConfig().blend, "output_dtype": "uint8",
+                                            "block_shape": "whole volume (one block)"}},
+            "results": res, "ratios": ratios,
+            "targets": {k: f"{op} {v}" for k, (op, v) in targets.items()}, "met": met,
+            "agreement_cleftwise_vs_chunkflow": agree, "same_patch_grid": same_grid}
+
+
+def engine_section(args, setup: Setup, repeats: int) -> dict:
+    """The engine vs forward vs MONAI section (2 threads, in this process)."""
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     load_start = [round(x, 2) for x in os.getloadavg()]
@@ -495,26 +935,96 @@ def main(argv=None) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    os.makedirs(args.out, exist_ok=True)
+    return res
+
+
+def git_state() -> dict:
+    """Commit and modified tracked files of the measured working tree (read-only git calls)."""
+    import subprocess
+
+    def git(*a):
+        r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
+        return r.stdout.rstrip() if r.returncode == 0 else ""
+    return {"commit": git("rev-parse", "--short", "HEAD"), "subject": git("log", "-1", "--format=%s")[:100],
+            "modified": [l[3:] for l in git("status", "--porcelain", "--untracked-files=no").splitlines()]}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small volumes (smoke test), 1 repeat")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 2; 1 with --quick)")
+    ap.add_argument("--input", choices=("auto", "synthetic", "random"), default="auto",
+                    help="input volume: synthetic EM if the renderer exists (auto), or random uint8")
+    ap.add_argument("--profile", action="store_true", help="always cProfile one engine run")
+    ap.add_argument("--filters", type=int, nargs="+", help="RSUNet filters per level (default: setup's)")
+    ap.add_argument("--sections", default="engine,peers",
+                    help="comma list: engine (engine vs forward vs MONAI, 2 threads), peers (cleftwise vs "
+                         "chunkflow vs forward, 1 thread, fresh processes). A section not run is carried "
+                         "over from the existing results file, marked with when it was measured")
+    ap.add_argument("--chunkflow-python", default=CHUNKFLOW_PY,
+                    help="python of the venv holding chunkflow 1.2.0 (see the set-up comment)")
+    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    args = ap.parse_args(argv)
+    sections = {x.strip() for x in args.sections.split(",") if x.strip()}
+    if not sections <= {"engine", "peers"}:
+        ap.error(f"--sections: unknown {sorted(sections - {'engine', 'peers'})}")
+    setup = QUICK if args.quick else FULL
+    if args.filters:
+        setup = dataclasses.replace(setup, filters=tuple(args.filters))
+    repeats = max(1, args.repeats or (1 if args.quick else setup.repeats))
     stem = "bench_predict_quick" if args.quick else "bench_predict"
     if args.filters:
         stem += "_filters" + "-".join(map(str, setup.filters))
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+    json_path = os.path.join(args.out, stem + ".json")
+    prev = {}
+    if os.path.exists(json_path):
+        with open(json_path) as f:
+            prev = json.load(f)
+    stamp = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git_state()}
+
+    if "engine" in sections:
+        res = engine_section(args, setup, repeats)
+        res["engine_measured"] = stamp
+    elif "results" in prev:
+        res = {k: v for k, v in prev.items() if k not in ("peers", "peers_measured")}
+        res.setdefault("engine_measured", {"measured_at": "in an earlier run (before the peers section "
+                                                          "existed; commit not recorded)",
+                                           "git": {}})
+    else:
+        res = {"benchmark": "bench_predict", "quick": args.quick}
+    if "peers" in sections:
+        print(f"peers: cleftwise vs chunkflow vs forward, {PEER_THREADS} thread, {repeats} repeats, "
+              f"load {[round(x, 2) for x in os.getloadavg()]}")
+        res["peers"] = run_peers(args.quick, repeats, args.input, args.chunkflow_python)
+        res["peers"]["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+        res["peers_measured"] = stamp
+    elif "peers" in prev:
+        res["peers"], res["peers_measured"] = prev["peers"], prev.get("peers_measured", {})
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(json_path, "w") as f:
         json.dump(res, f, indent=2)
     write_markdown(res, os.path.join(args.out, stem + ".md"))
-    r = res["results"]
-    print(f"\nforward whole {r['forward_whole']['seconds']:.3f} s | engine whole {r['engine_whole']['seconds']:.3f} s "
-          f"(overhead {r['engine_whole']['overhead_vs_forward']:.3f}, same-run {r['engine_whole']['in_run_ratio']:.3f})"
-          f" | forward blocks "
-          f"{r['forward_blocks']['seconds']:.3f} s | engine blocks {r['engine_blocks']['seconds']:.3f} s "
-          f"(overhead {r['engine_blocks']['overhead_vs_forward']:.3f}, same-run {r['engine_blocks']['in_run_ratio']:.3f})"
-          f" | MONAI {r['monai']['seconds']:.3f} s")
-    print(f"engine/MONAI: whole {r['engine_whole']['ratio_vs_monai']:.3f}, blocks "
-          f"{r['engine_blocks']['ratio_vs_monai']:.3f}; engine vs direct max |Δ| {checks['engine_vs_direct_max_abs_uint8']}"
-          f" / {checks['engine_blocks_vs_direct_max_abs_uint8']} uint8; MONAI vs engine max |Δ| "
-          f"{checks['monai_vs_engine_max_abs']}")
-    print(f"results: {os.path.join(args.out, stem + '.json')} (+ .md)")
-    if not checks["engine_matches_direct"]:
+    if "engine" in sections:
+        r, checks = res["results"], res["checks"]
+        print(f"\nforward whole {r['forward_whole']['seconds']:.3f} s | engine whole {r['engine_whole']['seconds']:.3f} s "
+              f"(overhead {r['engine_whole']['overhead_vs_forward']:.3f}, same-run {r['engine_whole']['in_run_ratio']:.3f})"
+              f" | forward blocks "
+              f"{r['forward_blocks']['seconds']:.3f} s | engine blocks {r['engine_blocks']['seconds']:.3f} s "
+              f"(overhead {r['engine_blocks']['overhead_vs_forward']:.3f}, same-run {r['engine_blocks']['in_run_ratio']:.3f})"
+              f" | MONAI {r['monai']['seconds']:.3f} s")
+        print(f"engine/MONAI: whole {r['engine_whole']['ratio_vs_monai']:.3f}, blocks "
+              f"{r['engine_blocks']['ratio_vs_monai']:.3f}; engine vs direct max |Δ| {checks['engine_vs_direct_max_abs_uint8']}"
+              f" / {checks['engine_blocks_vs_direct_max_abs_uint8']} uint8; MONAI vs engine max |Δ| "
+              f"{checks['monai_vs_engine_max_abs']}")
+    if "peers" in sections:
+        pr = res["peers"]
+        print("\npeers ratios: " + ", ".join(f"{k} {v}" + (f" (target {pr['targets'][k]}: "
+              f"{'met' if pr['met'][k] else 'NOT met'})" if k in pr["targets"] else "")
+              for k, v in pr["ratios"].items()))
+        print(f"cleftwise vs chunkflow: {pr['agreement_cleftwise_vs_chunkflow']}; same patch grid: {pr['same_patch_grid']}")
+    print(f"results: {json_path} (+ .md)")
+    if "engine" in sections and not res["checks"]["engine_matches_direct"]:
         print("ERROR: engine output differs from a direct predict_region call", file=sys.stderr)
         sys.exit(1)
     return res

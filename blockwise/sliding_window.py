@@ -13,7 +13,13 @@ Volumes smaller than a patch along an axis must be padded by the caller.
 
 **Blending.** Each patch prediction is weighted by a window (``blend_window``) that is largest in
 the patch centre and small but positive at its faces, so voxels near patch faces (where the
-network sees less context) count less.
+network sees less context) count less. Each per-axis profile is floored (not their product),
+so at a volume face, where every covering patch has the same profile along the face's axis,
+the patches keep the relative weights they have in the interior.
+
+**Memory.** ``predict_region`` takes a :class:`Workspace` whose buffers a worker reuses from
+block to block, and :func:`keep_freed_memory` keeps glibc from unmapping the forward pass's
+large buffers after every batch (which cost ~7 M minor page faults per 48 patches).
 
 Typical use (per write block)::
 
@@ -27,8 +33,12 @@ Typical use (per write block)::
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import itertools
 import logging
+import platform
+import sys
+import time
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -37,6 +47,9 @@ from cleftwise.blockwise.errors import BlockwiseError
 
 __all__ = [
     "blend_window",
+    "calibrate_batch_size",
+    "keep_freed_memory",
+    "Workspace",
     "grid_origins",
     "overlapping_origins",
     "patch_origins",
@@ -66,8 +79,8 @@ def _shape3(value: Sequence[int], name: str, minimum: int = 1) -> Shape:
 
 
 def blend_window(patch_shape: Sequence[int], mode: str = "bump", sigma_scale: float = 1.0 / 8,
-                 min_weight: float = 1e-3) -> np.ndarray:
-    """Blending weights for one patch: float32 (z, y, x), max 1, every value >= ``min_weight``.
+                 min_weight: float = 1e-3, floor: str = "axis") -> np.ndarray:
+    """Blending weights for one patch: float32 (z, y, x), max 1, every value > 0.
 
     The window is a product of 1-D profiles evaluated at voxel centres, mirror-symmetric along
     each axis:
@@ -77,12 +90,23 @@ def blend_window(patch_shape: Sequence[int], mode: str = "bump", sigma_scale: fl
     - ``"gaussian"``: ``exp(-d² / (2 σ²))`` with ``d`` the distance (voxels) to the patch centre
       and ``σ = sigma_scale · size`` per axis (nnU-Net style);
 
-    then scaled to a maximum of 1 and floored at ``min_weight`` so that no voxel has weight 0
-    (at the volume borders a voxel may be covered only by patch faces).
+    each scaled to a maximum of 1 and floored so that no voxel has weight 0 (at the volume
+    borders a voxel may be covered only by patch faces):
+
+    - ``floor="axis"`` (default): each 1-D profile is floored at ``min_weight`` before the
+      product (window values >= ``min_weight³``). Near a volume face every patch covering a
+      voxel has the same profile value along the face's axis, which then cancels in Σw·p / Σw:
+      the weights along the other axes keep their shape up to the faces;
+    - ``floor="product"``: the product is floored at ``min_weight`` (cleftwise before the
+      issue "Prediction inner loop …"). Near a face the product of every covering patch falls
+      to the floor, so the blend there degrades to a plain average. Kept for comparisons
+      (``benchmarks/blend_faces.py``).
     """
     shape = _shape3(patch_shape, "patch_shape")
     if mode not in ("bump", "gaussian"):
         raise BlockwiseError(f"blend_window: mode must be 'bump' or 'gaussian', got {mode!r}")
+    if floor not in ("axis", "product"):
+        raise BlockwiseError(f"blend_window: floor must be 'axis' or 'product', got {floor!r}")
     if not 0 < min_weight <= 1:
         raise BlockwiseError(f"blend_window: min_weight must lie in (0, 1], got {min_weight}")
     if mode == "gaussian" and not sigma_scale > 0:
@@ -97,9 +121,13 @@ def blend_window(patch_shape: Sequence[int], mode: str = "bump", sigma_scale: fl
         else:
             sigma = sigma_scale * n
             prof = np.exp(-(d ** 2) / (2.0 * sigma ** 2))
-        profiles.append(prof / prof.max())
+        prof = prof / prof.max()
+        if floor == "axis":
+            np.maximum(prof, min_weight, out=prof)
+        profiles.append(prof)
     w = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
-    np.maximum(w, min_weight, out=w)
+    if floor == "product":
+        np.maximum(w, min_weight, out=w)
     return w.astype(np.float32)
 
 
@@ -213,7 +241,7 @@ def raw_outside_range(raw: np.ndarray, raw_range: Tuple[float, float],
 
 
 def normalise_raw(raw: np.ndarray, raw_range: Tuple[float, float] = (0.0, 255.0),
-                  reciprocal: bool = False) -> np.ndarray:
+                  reciprocal: bool = False, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Raw intensities (any shape) → float32 ``(raw - low) / (high - low)``, so [low, high] maps
     to [0, 1] (values are not clipped; check them first with :func:`raw_outside_range`).
 
@@ -221,9 +249,15 @@ def normalise_raw(raw: np.ndarray, raw_range: Tuple[float, float] = (0.0, 255.0)
     ``reciprocal=True`` multiplies by ``float32(1 / (high - low))`` instead of dividing, which can
     differ by one float32 ulp: the arithmetic predict has always used, kept so that predictions
     stay byte-identical (the classifiers were run, and trained, with the division).
+    ``out``: a float32 array of raw's shape to write into (the same arithmetic, no allocation).
     """
     low, high = float(raw_range[0]), float(raw_range[1])
-    out = np.asarray(raw).astype(np.float32)
+    if out is None:
+        out = np.asarray(raw).astype(np.float32)
+    else:
+        if out.dtype != np.float32 or out.shape != np.shape(raw):
+            raise BlockwiseError(f"normalise_raw: out must be float32 {np.shape(raw)}, got {out.dtype} {out.shape}")
+        out[...] = raw
     if low:
         out -= np.float32(low)
     if reciprocal:
@@ -237,7 +271,8 @@ def predict_region(model_fn: ModelFn, raw: np.ndarray, raw_begin: Sequence[int],
                    write_begin: Sequence[int], write_end: Sequence[int], patch_shape: Sequence[int],
                    stride: Sequence[int], volume_shape: Sequence[int], window: Optional[np.ndarray] = None,
                    batch_size: int = 4, out_channels: int = 3,
-                   raw_range: Optional[Sequence[float]] = None) -> np.ndarray:
+                   raw_range: Optional[Sequence[float]] = None,
+                   workspace: Optional["Workspace"] = None) -> np.ndarray:
     """Blended prediction over the write region [write_begin, write_end) (z, y, x voxels).
 
     Args:
@@ -248,10 +283,15 @@ def predict_region(model_fn: ModelFn, raw: np.ndarray, raw_begin: Sequence[int],
         raw_begin: global voxel (z, y, x) of ``raw[0, 0, 0]``.
         patch_shape, stride, volume_shape: define the global grid (see module docstring).
         window: (pz, py, px) positive blending weights; None → ``blend_window(patch_shape)``.
-        batch_size: patches per ``model_fn`` call.
+        batch_size: patches per ``model_fn`` call; the last call of a region gets the patches
+            left over (fewer, never padded), so each patch is evaluated exactly once.
         out_channels: C, the number of channels ``model_fn`` returns.
         raw_range: [low, high] intensities mapped to [0, 1]; None = the default of raw's dtype
             (:func:`resolve_raw_range`: uint8 0–255, float32 0–1).
+        workspace: a :class:`Workspace` whose buffers (input batch, Σw·p, Σw, one weighted
+            patch) are reused from call to call, so a worker does not allocate, and fault in,
+            fresh memory for every block. None: fresh buffers. With a workspace, the returned
+            array is a view into it, valid until the next call with the same workspace.
 
     Returns:
         float32 (C, wz, wy, wx): ``Σ w·p / Σ w`` over every global patch overlapping the write
@@ -285,8 +325,9 @@ def predict_region(model_fn: ModelFn, raw: np.ndarray, raw_begin: Sequence[int],
 
     origins = patch_origins(wb, we, patch, stride, volume_shape)
     wshape = tuple(e - b for b, e in zip(wb, we))
-    num = np.zeros((out_channels,) + wshape, dtype=np.float32)
-    den = np.zeros(wshape, dtype=np.float32)
+    ws = workspace if workspace is not None else Workspace()
+    num = ws.array("num", (out_channels,) + wshape, zero=True)
+    den = ws.array("den", wshape, zero=True)
     log.debug("predict_region write [%s, %s): %d patches", wb, we, len(origins))
 
     # Per patch: slice in the raw array, and (patch-local, write-local) slices of the overlap.
@@ -302,8 +343,9 @@ def predict_region(model_fn: ModelFn, raw: np.ndarray, raw_begin: Sequence[int],
 
     for start in range(0, len(origins), batch_size):
         chunk = origins[start:start + batch_size]
-        batch = normalise_raw(np.stack([raw[raw_slices(o)] for o in chunk])[:, None], scale,
-                              reciprocal=True)
+        batch = ws.array("batch", (len(chunk), 1) + patch)
+        for i, o in enumerate(chunk):
+            normalise_raw(raw[raw_slices(o)], scale, reciprocal=True, out=batch[i, 0])
         pred = np.asarray(model_fn(batch))
         expected = (len(chunk), out_channels) + patch
         if pred.shape != expected:
@@ -312,17 +354,49 @@ def predict_region(model_fn: ModelFn, raw: np.ndarray, raw_begin: Sequence[int],
         for o, p in zip(chunk, pred):
             local, out = overlap(o)
             w = window[local]
-            num[(slice(None),) + out] += w * p[(slice(None),) + local]
+            wp = ws.array("weighted", (out_channels,) + w.shape)
+            np.multiply(w, p[(slice(None),) + local], out=wp)
+            num[(slice(None),) + out] += wp
             den[out] += w
     num /= den
     return num
 
 
-def to_uint8(prob: np.ndarray) -> np.ndarray:
+class Workspace:
+    """Named float32 buffers reused across calls (one per worker, see :func:`predict_region`).
+
+    ``array(name, shape)`` returns a C-contiguous view of ``shape`` into the buffer ``name``,
+    which grows (is reallocated) only when a larger shape is asked for, so a worker predicting
+    blocks of one shape allocates its buffers once. Views from an earlier call alias the new one.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict = {}
+
+    def array(self, name: str, shape: Sequence[int], zero: bool = False) -> np.ndarray:
+        size = int(np.prod(shape, dtype=np.int64))
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = self._buffers[name] = np.empty(size, dtype=np.float32)
+        out = buf[:size].reshape(tuple(shape))
+        if zero:
+            out.fill(0)
+        return out
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        return sum(b.nbytes for b in self._buffers.values())
+
+
+def to_uint8(prob: np.ndarray, in_place: bool = False) -> np.ndarray:
     """Probabilities in [0, 1] → uint8 ``round(prob · 255)`` (values outside [0, 1] are clipped).
-    Any shape; raises BlockwiseError on NaN (a diverged model)."""
+    Any shape; raises BlockwiseError on NaN (a diverged model). ``in_place``: scale a float32
+    ``prob`` in place (it is consumed) instead of allocating a float32 copy."""
     prob = np.asarray(prob)
-    scaled = np.multiply(prob, 255.0, dtype=np.float32)
+    if in_place and prob.dtype == np.float32:
+        scaled = np.multiply(prob, np.float32(255.0), out=prob)
+    else:
+        scaled = np.multiply(prob, 255.0, dtype=np.float32)
     if np.isnan(scaled).any():
         raise BlockwiseError("to_uint8: probabilities contain NaN")
     np.clip(scaled, 0.0, 255.0, out=scaled)
@@ -360,16 +434,18 @@ class TorchPredictor:
         tta: average probabilities over all 8 flips of (z, y, x) (test-time augmentation).
         num_threads: if given, ``torch.set_num_threads(num_threads)`` (process-wide).
         pin_memory: use pinned host buffers for CUDA transfers.
-        min_batch: batches smaller than this are padded by repeating their last sample (the
-            extra outputs are dropped). CPU convolutions take a different code path for a single
-            sample (measured: logits differ by ~1e-5 from the same sample inside a batch), so the
-            default 2 keeps each patch's prediction independent of how patches were grouped,
-            which blockwise == whole-volume equality relies on.
+
+    A batch runs at its true size, never padded: ``patches_evaluated`` counts the patches run
+    through the model (a TTA patch counts once) and ``forward_calls`` the calls. CPU
+    convolutions may take another code path for a single sample, so a patch's probabilities
+    can differ by ~1e-5 between batch sizes; blockwise and whole-volume results agree to
+    that tolerance (cleftwise before the issue "Prediction inner loop …" padded a batch of one
+    to two to make them bit-identical, at twice the cost).
     """
 
     def __init__(self, model, device: Union[str, "torch.device", None] = "auto",
                  activation: Optional[str] = None, amp_dtype: Optional[str] = None, tta: bool = False,
-                 num_threads: Optional[int] = None, pin_memory: bool = True, min_batch: int = 2):
+                 num_threads: Optional[int] = None, pin_memory: bool = True):
         import torch
 
         self._torch = torch
@@ -388,7 +464,8 @@ class TorchPredictor:
         if amp_dtype is not None and self.amp_dtype is None:
             log.info("TorchPredictor: amp_dtype=%s ignored on %s", amp_dtype, self.device)
         self.tta = bool(tta)
-        self.min_batch = max(1, int(min_batch))
+        self.patches_evaluated = 0
+        self.forward_calls = 0
         self.pin_memory = bool(pin_memory) and self.device.type == "cuda"
         if num_threads is not None:
             torch.set_num_threads(int(num_threads))
@@ -414,8 +491,8 @@ class TorchPredictor:
         if batch.ndim != 5:
             raise BlockwiseError(f"TorchPredictor: expected a (B, C, z, y, x) batch, got shape {batch.shape}")
         n = batch.shape[0]
-        if 0 < n < self.min_batch:
-            batch = np.concatenate([batch, np.repeat(batch[-1:], self.min_batch - n, axis=0)])
+        self.patches_evaluated += n
+        self.forward_calls += 1
         x = torch.from_numpy(batch)
         if self.pin_memory:
             x = x.pin_memory()
@@ -432,4 +509,79 @@ class TorchPredictor:
                     pi = torch.flip(pi, dims) if dims else pi
                     prob = pi if prob is None else prob + pi
                 prob = prob / len(flips)
-            return prob[:n].cpu().numpy()
+            return prob.cpu().numpy()
+
+
+def calibrate_batch_size(model_fn: ModelFn, patch_shape: Sequence[int],
+                         candidates: Sequence[int] = (1, 2, 4, 8), in_channels: int = 1,
+                         clock: Callable[[], float] = time.perf_counter) -> Tuple[int, dict]:
+    """The batch size with the most patches/s among ``candidates``, measured on ``model_fn``.
+
+    One warm-up call at the smallest candidate, then one timed call per candidate in increasing
+    order on a fixed random batch (B, in_channels, pz, py, px) float32; stops at the first
+    candidate slower (patches/s) than the best so far, or that runs out of memory (MemoryError,
+    or a RuntimeError saying "out of memory"/"can't allocate"). Returns ``(best, {batch:
+    patches_per_s})`` of the candidates timed. Which batch wins changes the time only: results
+    agree to ~1e-5 whatever the batch (:class:`TorchPredictor`).
+    """
+    patch = _shape3(patch_shape, "patch_shape")
+    cands = sorted({int(c) for c in candidates})
+    if not cands or cands[0] < 1:
+        raise BlockwiseError(f"calibrate_batch_size: candidates must be integers >= 1, got {list(candidates)}")
+    x = np.random.default_rng(0).random((cands[-1], in_channels) + patch, dtype=np.float32)
+    model_fn(x[:cands[0]])  # warm-up: first-call allocations and kernel selection
+    rates: dict = {}
+    best = cands[0]
+    for b in cands:
+        t0 = clock()
+        try:
+            model_fn(x[:b])
+        except (MemoryError, RuntimeError) as e:
+            if not isinstance(e, MemoryError) and not any(
+                    m in str(e).lower() for m in ("out of memory", "can't allocate", "cannot allocate")):
+                raise
+            log.info("calibrate_batch_size: batch %d ran out of memory (%s); keeping %d", b, e, best)
+            break
+        rates[b] = b / max(clock() - t0, 1e-12)
+        log.debug("calibrate_batch_size: batch %d: %.3f patches/s", b, rates[b])
+        if rates[b] > rates[best]:
+            best = b
+        elif rates[b] < rates[best]:
+            break
+    return best, rates
+
+
+_MALLOC_SET: Optional[dict] = None
+
+
+def keep_freed_memory(trim_threshold: int = 1 << 30) -> dict:
+    """Make this process's glibc malloc keep large freed blocks for reuse (Linux/glibc only).
+
+    A forward pass allocates activation buffers of tens of MB; glibc serves blocks above its
+    mmap threshold (at most 32 MiB) with ``mmap`` and unmaps them on free, and trims the top of
+    the heap above ``M_TRIM_THRESHOLD``, so every batch faults its buffers in again (measured:
+    7.1 M minor page faults for 48 patches of 18 × 160 × 160). This sets, once per process,
+    ``M_MMAP_MAX = 0`` (no mmap'd blocks: large blocks come from the heap and are reused) and
+    ``M_TRIM_THRESHOLD = trim_threshold`` (freed memory below that stays mapped). The cost: the
+    process keeps its peak heap (up to the threshold above what it uses) until it exits.
+
+    Returns the settings applied (``{}`` where the platform has no glibc ``mallopt``, e.g.
+    macOS, Windows, musl); later calls return the first call's result.
+    """
+    global _MALLOC_SET
+    if _MALLOC_SET is not None:
+        return _MALLOC_SET
+    applied: dict = {}
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+            if libc.mallopt(m_mmap_max, 0) == 1:
+                applied["M_MMAP_MAX"] = 0
+            if libc.mallopt(m_trim_threshold, ctypes.c_int(min(int(trim_threshold), 2 ** 31 - 1))) == 1:
+                applied["M_TRIM_THRESHOLD"] = int(min(int(trim_threshold), 2 ** 31 - 1))
+        except (OSError, AttributeError) as e:  # no libc.so.6 / no mallopt
+            log.debug("keep_freed_memory: mallopt unavailable (%s)", e)
+    log.debug("keep_freed_memory: %s", applied or "not applied (no glibc)")
+    _MALLOC_SET = applied
+    return applied

@@ -13,10 +13,11 @@ input's voxel size and the ROI's offset.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 from funlib.geometry import Coordinate, Roi
@@ -24,11 +25,13 @@ from funlib.geometry import Coordinate, Roi
 from cleftwise.models.checkpoint import load_model, read_checkpoint_meta, weights_digest
 from cleftwise.models.errors import ModelError
 from cleftwise.models.rsunet import check_patch_shape
+from cleftwise.storage.atomic import atomic_path
 from cleftwise.storage.volume import open_volume
 
 from cleftwise.blockwise.grid import Block
 from cleftwise.blockwise.errors import BlockwiseError
-from cleftwise.blockwise.sliding_window import (torch_threads, TorchPredictor, blend_window, predict_region,
+from cleftwise.blockwise.sliding_window import (torch_threads, TorchPredictor, Workspace, blend_window,
+                                                calibrate_batch_size, keep_freed_memory, predict_region,
                                                 raw_outside_range, required_read_region,
                                                 resolve_raw_range, to_uint8)
 from cleftwise.blockwise.stages import Stage
@@ -36,7 +39,8 @@ from cleftwise.postprocess.preflight import check_checkpoint
 from cleftwise.blockwise.step import ArraySpec, BlockStep
 from cleftwise.postprocess.errors import PostprocessError
 
-__all__ = ["PredictConfig", "PredictStep", "channel_names", "checked_raw_range", "check_raw_values", "STAGE"]
+__all__ = ["PredictConfig", "PredictStep", "channel_names", "checked_raw_range", "check_raw_values",
+           "batch_cache_path", "BATCH_CANDIDATES", "STAGE"]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +71,11 @@ class PredictConfig:
     """patch stride, voxels; default patch_shape // 2"""
     blend: str = "bump"
     """blending window: bump or gaussian"""
-    batch_size: int = 4
-    """patches per forward pass"""
+    batch_size: Union[int, str] = "auto"
+    """patches per forward pass, or auto: each worker times a few forward passes at batch
+    1, 2, 4, 8 and keeps the most patches/s, cached per (weights, patch, device, threads) in
+    $CLEFTWISE_CACHE_DIR/batch.json (default ~/.cache/cleftwise); results agree to ~1e-5
+    whatever the batch"""
     output_dtype: str = "uint8"
     """uint8 (probability × 255) or float16"""
     device: str = "auto"
@@ -90,6 +97,9 @@ class PredictConfig:
             _check_shape(getattr(self, key), f"predict.{key}")
         if self.raw_range is not None:
             checked_raw_range(self.input or "predict", "float32", self.raw_range, "predict.raw_range")
+        if self.batch_size != "auto" and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                          or self.batch_size < 1):
+            raise PostprocessError(f"predict.batch_size must be a whole number >= 1 or auto, got {self.batch_size!r}")
 
     #: fields that do not change the output (left out of the job identity, so a job can resume
     #: on other hardware)
@@ -210,6 +220,9 @@ class PredictStep(BlockStep):
         c = self.cfg
         return {"input": os.path.abspath(c.input) if "://" not in c.input else c.input,
                 "weights_sha256": self._digest, "patch": list(self.patch), "stride": list(self.stride),
+                # the window's per-axis floor (issue "Prediction inner loop …") changed the
+                # predictions: a job started with the product floor is not resumed by this one
+                "blend_floor": "axis",
                 # raw_range only when set, so jobs started before the setting existed resume
                 **({"raw_range": list(self.raw_range)} if c.raw_range is not None else {}),
                 **{k: v for k, v in asdict(c).items()
@@ -227,13 +240,48 @@ class PredictStep(BlockStep):
 
     @contextlib.contextmanager
     def open_worker(self):
+        # keep the forward pass's large freed buffers mapped for the next batch (glibc only;
+        # process-wide, once): see keep_freed_memory
+        keep_freed_memory()
         with torch_threads(self.cfg.torch_threads):
             model, _ = load_model(self.cfg.checkpoint, device=self.cfg.device)
-            yield {"predictor": TorchPredictor(model, device=self.cfg.device, tta=self.cfg.tta,
-                                               amp_dtype="bf16" if self.cfg.amp else None),
+            predictor = TorchPredictor(model, device=self.cfg.device, tta=self.cfg.tta,
+                                       amp_dtype="bf16" if self.cfg.amp else None)
+            batch = self.cfg.batch_size if self.cfg.batch_size != "auto" else self.auto_batch_size(predictor)
+            yield {"predictor": predictor, "batch_size": int(batch), "workspace": Workspace(),
                    "window": blend_window(self.patch, mode=self.cfg.blend),
                    "src": open_volume(self.cfg.input, missing=self.cfg.missing_chunks),
                    "dst": open_volume(self.cfg.output, mode="r+"), "pending": {}}
+
+    def auto_batch_size(self, predictor: TorchPredictor) -> int:
+        """``batch_size: auto``: the batch cached for this (weights, patch, device, threads,
+        tta, amp), else one calibrated now (:func:`calibrate_batch_size` over
+        :data:`BATCH_CANDIDATES`) and cached. Workers of one machine calibrate one at a time
+        (a lock file beside the cache) so they agree; a cache that cannot be read or written
+        is logged and skipped."""
+        import torch
+
+        key = json.dumps({"weights_sha256": self._digest, "patch": list(self.patch),
+                          "device": str(predictor.device), "threads": torch.get_num_threads(),
+                          "tta": self.cfg.tta, "amp": bool(self.cfg.amp and predictor.amp_dtype is not None)},
+                         sort_keys=True)
+        path = batch_cache_path()
+        with _locked(path + ".lock"):
+            cache = _read_cache(path)
+            hit = cache.get(key, {}).get("batch_size")
+            if isinstance(hit, int) and not isinstance(hit, bool) and hit >= 1:
+                log.info("predict: batch_size auto → %d (cached in %s)", hit, path)
+                return hit
+            best, rates = calibrate_batch_size(predictor, self.patch, BATCH_CANDIDATES)
+            cache[key] = {"batch_size": best, "patches_per_s": {str(b): round(r, 4) for b, r in rates.items()}}
+            try:
+                with atomic_path(path) as tmp, open(tmp, "w") as f:
+                    json.dump(cache, f, indent=1, sort_keys=True)
+            except Exception as e:  # a read-only home must not stop a prediction
+                log.warning("predict: could not write the batch cache %s (%s)", path, e)
+        log.info("predict: batch_size auto → %d (patches/s by batch: %s; cached in %s)", best,
+                 {b: round(r, 3) for b, r in rates.items()}, path)
+        return best
 
     def prefetch(self, block: Block, w) -> None:
         """Start an asynchronous TensorStore read of ``block``'s input."""
@@ -246,10 +294,57 @@ class PredictStep(BlockStep):
         raw = fut.result() if fut is not None else w["src"].read(roi)
         check_raw_values(raw, self.cfg.input, self.raw_range, "predict.raw_range", f" (block {block.block_id})")
         probs = predict_region(w["predictor"], raw, r0, w0, w1, self.patch, self.stride,
-                               self.volume_shape, w["window"], batch_size=self.cfg.batch_size,
-                               out_channels=self.out_channels, raw_range=self.raw_range)
-        out = to_uint8(probs) if self.cfg.output_dtype == "uint8" else probs.astype(np.float16)
+                               self.volume_shape, w["window"], batch_size=w["batch_size"],
+                               out_channels=self.out_channels, raw_range=self.raw_range,
+                               workspace=w["workspace"])
+        # probs is a view into the worker's workspace: consumed here
+        out = to_uint8(probs, in_place=True) if self.cfg.output_dtype == "uint8" else probs.astype(np.float16)
         w["dst"].write(block.write_roi, out)
+
+
+#: batch sizes ``batch_size: auto`` tries, in this order (it stops when patches/s drop)
+BATCH_CANDIDATES = (1, 2, 4, 8)
+
+
+def batch_cache_path() -> str:
+    """The ``batch_size: auto`` cache: ``$CLEFTWISE_CACHE_DIR/batch.json``, else
+    ``$XDG_CACHE_HOME/cleftwise/batch.json``, else ``~/.cache/cleftwise/batch.json``."""
+    d = os.environ.get("CLEFTWISE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "cleftwise")
+    return os.path.join(d, "batch.json")
+
+
+def _read_cache(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("predict: ignoring the unreadable batch cache %s (%s)", path, e)
+        return {}
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+    """An exclusive lock on the file ``path`` (POSIX flock) while the body runs; no lock where
+    the folder cannot be created or flock is missing."""
+    try:
+        import fcntl
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(path, "a")
+    except (ImportError, OSError) as e:
+        log.warning("predict: no lock for the batch cache (%s)", e)
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _predict_steps(run, cfg: PredictConfig):

@@ -2,11 +2,14 @@
 
 import logging
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# predict's batch_size "auto" caches its calibration: never in the user's ~/.cache from tests
+os.environ.setdefault("CLEFTWISE_CACHE_DIR", tempfile.mkdtemp(prefix="cleftwise-test-cache-"))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
