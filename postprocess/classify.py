@@ -554,7 +554,7 @@ def classify_table(cfg: ClassifyConfig, synapses: Optional[pd.DataFrame] = None)
 def _classify_steps(run, cfg: ClassifyConfig):
     yield ClassifyStep(ClassifyConfig(**{**asdict(cfg), "raw": cfg.raw or run.raw, "db": cfg.db or run.db_url,
                                          "work_dir": cfg.work_dir or run.stage_dir("classify"),
-                                         "missing_chunks": cfg.missing_chunks if cfg.missing_chunks != "error" else run.missing_chunks}))
+                                         "missing_chunks": run.missing_for(cfg)}))
 
 
 def _classify_skip(run, cfg: ClassifyConfig) -> Optional[str]:

@@ -337,13 +337,14 @@ def write_records(step: PartnersStep, df: pd.DataFrame) -> tuple[int, bool]:
 def _partners_steps(run, cfg: PartnersConfig):
     seg = run.segment
     yield PartnersStep(PartnersConfig(**{
-        **asdict(cfg), "predictions": cfg.predictions or seg.predictions or run.predictions_url,
+        **asdict(cfg),
+        "predictions": cfg.predictions or seg.predictions or run.predict.output or run.predictions_url,
         "labels": cfg.labels or seg.output or run.labels_url,
         "instances": cfg.instances or os.path.join(seg.work_dir or run.stage_dir("segment"), "instances.parquet"),
         "db": cfg.db or run.db_url, "work_dir": cfg.work_dir or run.stage_dir("partners"),
         "neurons": cfg.neurons or run.neurons,
         "block_shape": cfg.block_shape or seg.block_shape,
-        "missing_chunks": cfg.missing_chunks if cfg.missing_chunks != "error" else run.missing_chunks}))
+        "missing_chunks": run.missing_for(cfg)}))
 
 
 def _partners_preflight(run, cfg: PartnersConfig) -> None:

@@ -92,6 +92,10 @@ class RunConfig:
     def labels_url(self) -> str:
         return os.path.join(os.path.abspath(self.output_dir), "synapses.zarr", "labels")
 
+    def missing_for(self, section) -> str:
+        """A stage's ``missing_chunks``: "zeros" when the stage or the run opts in, else "error"."""
+        return "zeros" if "zeros" in (section.missing_chunks, self.missing_chunks) else section.missing_chunks
+
     def stage_dir(self, name: str) -> str:
         """``<output_dir>/<stage>``: a stage's ledgers and scratch files."""
         return os.path.join(os.path.abspath(self.output_dir), name)

@@ -352,7 +352,7 @@ def _predict_steps(run, cfg: PredictConfig):
                                        "output": cfg.output or run.predictions_url,
                                        "roi": cfg.roi if cfg.roi is not None else run.roi,
                                        "work_dir": cfg.work_dir or run.stage_dir("predict"),
-                                       "missing_chunks": cfg.missing_chunks if cfg.missing_chunks != "error" else run.missing_chunks}))
+                                       "missing_chunks": run.missing_for(cfg)}))
 
 
 def _predict_preflight(run, cfg: PredictConfig) -> None:

@@ -307,9 +307,9 @@ def segment_passes(cfg: SegmentConfig) -> list:
 
 def _segment_steps(run, cfg: SegmentConfig):
     return segment_passes(SegmentConfig(**{
-        **asdict(cfg), "predictions": cfg.predictions or run.predictions_url,
+        **asdict(cfg), "predictions": cfg.predictions or run.predict.output or run.predictions_url,
         "output": cfg.output or run.labels_url, "work_dir": cfg.work_dir or run.stage_dir("segment"),
-        "missing_chunks": cfg.missing_chunks if cfg.missing_chunks != "error" else run.missing_chunks}))
+        "missing_chunks": run.missing_for(cfg)}))
 
 
 #: the ``segment`` stage: probabilities → exactly stitched synapse label volume
