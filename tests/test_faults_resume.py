@@ -33,7 +33,8 @@ from cleftwise.blockwise.runner import BackendConfig, run_task
 from cleftwise.blockwise.stages import run_stages
 from cleftwise.postprocess.demo import DEMO_STRIDE, DEMO_THRESHOLD
 from cleftwise.postprocess.errors import PostprocessError
-from cleftwise.postprocess.pipeline import LOCK_NAME, output_lock, parse_config, pipeline_status, run_pipeline
+from cleftwise.postprocess.pipeline import parse_config, pipeline_status, run_pipeline
+from cleftwise.postprocess.run_lock import LOCK_NAME, output_lock
 from cleftwise.storage.db import open_store
 from cleftwise.storage.synthetic import SyntheticConfig, generate_volume
 from cleftwise.storage.volume import create_volume, open_volume
