@@ -18,11 +18,11 @@ import logging
 import os
 import sys
 
-from cleftwise.launch._common import new_parser
+from cleftwise.launch._common import new_parser, setup_logging
 from cleftwise.train.cv_folds import CVFoldsConfig, train_folds
 from cleftwise.train.errors import TrainError
 
-log = logging.getLogger("cv_folds")
+log = logging.getLogger("cleftwise.launch.cv_folds")
 
 
 def main(argv=None) -> int:
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
                                   "init_weights); e.g. the fold's stage<K-1>.pt")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args)
     if args.first_stage < 1:
         p.error("--first-stage must be >= 1")
     if args.init is not None and not os.path.isfile(args.init):

@@ -15,7 +15,7 @@ import logging
 import sys
 from typing import Optional
 
-from cleftwise.launch._common import new_parser
+from cleftwise.launch._common import new_parser, setup_logging
 from cleftwise.train.errors import TrainError
 from cleftwise.train.evaluate import EvalConfig, evaluate
 
@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args)
     cfg = EvalConfig(checkpoint=args.checkpoint, volume=args.volume, work_dir=args.work_dir, out=args.out,
                      threshold=args.threshold, min_size=args.min_size, device=args.device,
                      torch_threads=args.threads, partner_rule=args.partner_rule, block_shape=tuple(args.block_shape),

@@ -18,7 +18,7 @@ import logging
 import sys
 from typing import Optional
 
-from cleftwise.launch._common import new_parser
+from cleftwise.launch._common import new_parser, setup_logging
 from cleftwise.train.errors import TrainError
 from cleftwise.train.evaluate_classifier import ClassifierEvalConfig, evaluate_checkpoint
 
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args)
     import torch
 
     if args.threads:

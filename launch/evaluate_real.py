@@ -15,7 +15,7 @@ import logging
 import sys
 from typing import Optional
 
-from cleftwise.launch._common import new_parser
+from cleftwise.launch._common import new_parser, setup_logging
 from cleftwise.train.errors import TrainError
 from cleftwise.train.evaluate_real import RealEvalConfig, evaluate_with_comparisons, training_info
 
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list] = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args)
     d = RealEvalConfig()
     heldout = (tuple(args.heldout[:3]), tuple(args.heldout[3:])) if args.heldout else d.heldout
     train_region = (tuple(args.train_region[:3]), tuple(args.train_region[3:])) if args.train_region else d.train_region

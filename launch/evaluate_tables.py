@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Optional
 
-from cleftwise.launch._common import new_parser
+from cleftwise.launch._common import new_parser, setup_logging
 from cleftwise.postprocess.errors import PostprocessError
 from cleftwise.storage.errors import StorageError
 from cleftwise.train.errors import TrainError
@@ -32,7 +32,7 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="CV repeats (5 folds each)")
     p.add_argument("--db", help="synapse DB URL for the MANC import (default: a temporary SQLite file)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(a)
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)

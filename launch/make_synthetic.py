@@ -12,12 +12,12 @@ import sys
 
 import numpy as np
 
-from cleftwise.launch._common import new_parser
+from cleftwise.launch._common import new_parser, setup_logging
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.synthetic import SyntheticConfig, generate_volume
 from cleftwise.storage.volume import open_volume
 
-log = logging.getLogger("make_synthetic")
+log = logging.getLogger("cleftwise.launch.make_synthetic")
 
 
 def save_montage(container: str, path: str, table, n_slices: int = 3) -> str:
@@ -95,10 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"))
     p.add_argument("--overwrite", action="store_true", help="replace existing datasets")
     p.add_argument("--montage", default=None, help="also save a PNG montage here")
-    p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args, default=logging.WARNING)
     kw = dict(shape=tuple(args.shape), seed=args.seed, voxel_size=tuple(args.voxel_size))
     if args.block:
         kw["block_shape"] = tuple(args.block)

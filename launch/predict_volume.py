@@ -17,7 +17,7 @@ import sys
 import yaml
 
 from cleftwise.errors import CleftwiseError
-from cleftwise.launch._common import new_parser
+from cleftwise.launch._common import new_parser, setup_logging, show_progress
 from cleftwise.postprocess.pipeline import STAGES, parse_config, pipeline_status, run_pipeline
 from cleftwise.storage.config_io import yaml_error_text
 from cleftwise.storage.errors import StorageError
@@ -44,7 +44,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="discard earlier results and start fresh")
     p.add_argument("--status", action="store_true", help="print blocks done/remaining/failed per stage")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
@@ -71,8 +70,7 @@ def main(argv=None) -> int:
 
 def _main(argv: list) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args)
     if args.demo:
         if args.config:
             _parser().error("--demo runs on its own synthetic volume: give --demo or --config, not both")
@@ -90,7 +88,7 @@ def _main(argv: list) -> int:
     for key in ("backend", "workers", "address"):
         if getattr(args, key) is not None:
             backend[key] = getattr(args, key)
-    if args.no_progress:
+    if not show_progress(args):
         backend["progress"] = False
     data["backend"] = backend
     cfg = parse_config(data, where=args.config)
@@ -108,7 +106,7 @@ def _demo(args) -> int:
 
     cfg = DemoConfig(out_dir=args.demo_dir, shape=tuple(args.demo_shape), seed=args.demo_seed,
                      backend=args.backend or "local", workers=args.workers or 1,
-                     progress=not args.no_progress, overwrite=args.overwrite)
+                     progress=show_progress(args), overwrite=args.overwrite)
     summary = run_demo(cfg)
     print(format_summary(summary))
     return 0

@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Optional
 
-from cleftwise.launch._common import new_parser
+from cleftwise.launch._common import new_parser, setup_logging
 from cleftwise.train.errors import TrainError
 from cleftwise.train.train_classifier import load_classifier_config, train_classifier
 
@@ -32,14 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--max-minutes", type=float, help="wall-time budget of this process")
     p.add_argument("--max-steps", type=int, help="override max_steps")
-    p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
 def main(argv: Optional[list] = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging(args)
     try:
         cfg = load_classifier_config(args.config)
         if args.run_dir:

@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 
-from cleftwise.launch._common import new_parser
+from cleftwise.launch._common import new_parser, setup_logging
 from cleftwise.train.errors import TrainError
 from cleftwise.train.loop import export_weights, load_train_config, train
 
@@ -35,14 +35,12 @@ def _parser() -> argparse.ArgumentParser:
                    "PATH (.pt + .json), e.g. models/weights/rsunet_polarity.pt")
     p.add_argument("--export-aux", action="store_true",
                    help="keep the auxiliary output channels (data.aux) in the exported model")
-    p.add_argument("-v", "--verbose", action="store_true")
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args)
     try:
         cfg = load_train_config(args.config)
         if args.device:
@@ -62,7 +60,7 @@ def main(argv=None) -> int:
         if args.export:
             summary["exported"] = export_weights(cfg.run_dir, args.export, keep_aux=args.export_aux)
     except TrainError as e:
-        logging.getLogger("train_rsunet").error("%s", e)
+        logging.getLogger("cleftwise.launch.train_rsunet").error("%s", e)
         return 2
     sys.stdout.write(json.dumps(summary, indent=1, default=str) + "\n")
     return 0

@@ -141,3 +141,53 @@ def test_no_sys_path_edits():
         if "sys.path" in fh.read():
             offenders.append("__init__.py")
     assert offenders == []
+
+
+def _levels(argv):
+    """cleftwise's and pymongo's effective log levels after a command parsed ``argv``."""
+    import logging
+
+    from cleftwise.launch._common import new_parser, setup_logging, show_progress
+
+    args = new_parser().parse_args(argv)
+    setup_logging(args)
+    return (logging.getLogger("cleftwise.postprocess.predict").getEffectiveLevel(),
+            logging.getLogger("pymongo.command").getEffectiveLevel(),
+            logging.getLogger("distributed.worker").getEffectiveLevel(), show_progress(args))
+
+
+def test_quiet_and_verbose_levels():
+    """-v shows cleftwise's debug lines, not every dependency's (pymongo, distributed); -vv shows
+    theirs too; -q keeps warnings only and turns progress bars off."""
+    import logging
+
+    try:
+        assert _levels([]) == (logging.INFO, logging.WARNING, logging.WARNING, True)
+        assert _levels(["-v"]) == (logging.DEBUG, logging.WARNING, logging.WARNING, True)
+        assert _levels(["-vv"]) == (logging.DEBUG, logging.DEBUG, logging.DEBUG, True)
+        assert _levels(["-q"]) == (logging.WARNING, logging.WARNING, logging.WARNING, False)
+    finally:
+        logging.getLogger("cleftwise").setLevel(logging.NOTSET)
+        logging.basicConfig(level=logging.WARNING, force=True)
+
+
+def test_every_command_takes_quiet_and_verbose(helps):
+    for sub, (_, text) in helps.items():
+        assert "-q, --quiet" in text and "-v, --verbose" in text, sub
+
+
+def test_quiet_command_prints_no_info_lines(tmp_path):
+    """A real command run with -q writes no INFO lines to stderr; with -v its debug lines are
+    cleftwise's only."""
+    out = tmp_path / "syn.zarr"
+    cmd = [sys.executable, "-m", "cleftwise.launch.make_synthetic", "--out", str(out),
+           "--shape", "8", "64", "64", "--seed", "1"]
+    q = subprocess.run(cmd + ["-q"], capture_output=True, text=True, timeout=120)
+    assert q.returncode == 0, q.stderr
+    assert "INFO" not in q.stderr and "DEBUG" not in q.stderr
+    v = subprocess.run(cmd + ["-v", "--overwrite"], capture_output=True, text=True, timeout=120)
+    assert v.returncode == 0, v.stderr
+    assert " INFO cleftwise." in v.stderr  # make-synthetic is terse by default; -v shows its lines
+    for line in v.stderr.splitlines():
+        if " DEBUG " in line or " INFO " in line:
+            assert " cleftwise." in line, line
