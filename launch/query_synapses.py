@@ -7,6 +7,13 @@ bound is open, e.g. ``:,0:4000,:``):
     python launch/query_synapses.py --db sqlite:///out/synapses.db --pre 17 --min-score 0.5 \
         --format csv --out pre17.csv
     python launch/query_synapses.py --db mongodb://localhost:27017/fly --count --neuron 17
+    python launch/query_synapses.py --db sqlite:////data/synapses.db --layout cave \
+        --voxel-size 40 4 4 --out cave_synapses.parquet
+
+Layouts: cleftwise (the records, extra fields of imported tables included), cave (CAVE's
+synapse-table columns, positions in x, y, z voxels of --voxel-size) and manc (neuPrint/MANC
+export columns); each imports back with import_synapses.py without --map. JSON writes every
+64-bit id (id, pre_neuron, post_neuron, *_root_id, *_supervoxel_id, ...) as a decimal string.
 
 The database is opened read-only (a read-only file or folder is fine; nothing is created);
 --out is written atomically and may not be the database itself or lie in a volume container.
@@ -22,6 +29,7 @@ from cleftwise.launch._common import new_parser
 from cleftwise.storage.atomic import atomic_path, check_output_path
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.db import open_store
+from cleftwise.storage.db.table_layouts import DEFAULT_VOXEL_SIZE, LAYOUTS, check_layout, json_text, to_layout
 from cleftwise.storage.db.urls import db_files
 
 _FORMATS = ("table", "csv", "parquet", "json")
@@ -77,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=_FORMATS,
                    help="output format (default: from --out suffix, else table)")
     p.add_argument("--out", help="output file (default: stdout; required for parquet)")
+    p.add_argument("--layout", choices=LAYOUTS, default="cleftwise",
+                   help="column layout: cleftwise (default), cave or manc (neuPrint)")
+    p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
+                   help="nm per voxel of the cave/manc positions (default: cave "
+                        f"{' '.join(f'{v:g}' for v in DEFAULT_VOXEL_SIZE['cave'])}, manc "
+                        f"{' '.join(f'{v:g}' for v in DEFAULT_VOXEL_SIZE['manc'])}); stated in the file")
     p.add_argument("--count", action="store_true", help="print the number of matches only")
     return p
 
@@ -96,7 +110,12 @@ def main(argv=None) -> int:
     filters = dict(roi=a.roi, roi_match=a.roi_match, pre=a.pre, post=a.post, neuron=a.neuron,
                    min_score=a.min_score, block_id=a.block)
     columns = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None
+    if a.layout == "cleftwise" and a.voxel_size is not None:
+        p.error("--voxel-size applies to --layout cave and manc (the cleftwise layout is in nm)")
+    if a.layout != "cleftwise" and columns is not None:
+        p.error(f"--columns selects from the cleftwise layout; the {a.layout} layout has fixed columns")
     try:
+        vs = check_layout(a.layout, a.voxel_size)
         if a.out:
             check_output_path(a.out, db_files(a.db), "--out")
         with open_store(a.db, create=False, readonly=True) as db:
@@ -104,14 +123,16 @@ def main(argv=None) -> int:
                 print(db.count(**filters))
                 return 0
             if a.out and fmt in ("csv", "parquet"):
-                n = db.export(a.out, format=fmt, columns=columns, limit=a.limit, **filters)
+                n = db.export(a.out, format=fmt, columns=columns, limit=a.limit, layout=a.layout,
+                              voxel_size=vs, **filters)
                 print(f"wrote {n} synapses to {a.out}", file=sys.stderr)
                 return 0
             df = db.query(limit=a.limit, columns=columns, **filters)
+            df = to_layout(df, a.layout, vs, dict((n, t) for n, t in db.extra_fields()), fmt)
         if fmt == "csv":
             text = df.to_csv(index=False)
         elif fmt == "json":
-            text = df.to_json(orient="records") + "\n"
+            text = json_text(df)
         else:
             text = df.to_string(index=False) + "\n" if len(df) else "(no synapses)\n"
         if not a.out:

@@ -54,7 +54,8 @@ def test_csv_json_parquet_outputs(db, tmp_path, capsys):
 
     assert query_synapses.main(args + ["--format", "json", "--columns", "z,pre_neuron"]) == 0
     recs = json.loads(capsys.readouterr().out)
-    assert [r["id"] for r in recs] == exp["id"].tolist() and set(recs[0]) == {"id", "z", "pre_neuron"}
+    assert [int(r["id"]) for r in recs] == exp["id"].tolist() and set(recs[0]) == {"id", "z", "pre_neuron"}
+    assert isinstance(recs[0]["id"], str) and isinstance(recs[0]["pre_neuron"], str)  # 64-bit ids as strings
 
     pq = tmp_path / "sel.parquet"
     assert query_synapses.main(args + ["--out", str(pq)]) == 0  # format from the suffix

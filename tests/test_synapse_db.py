@@ -507,8 +507,8 @@ def test_unknown_open_options_are_named(tmp_path):
     with pytest.raises(StorageError, match=r"\['bogus'\] for the SQLite synapse database; it takes"):
         open_store(str(tmp_path / "x.db"), bogus=1)
     assert not (tmp_path / "x.db").exists()
-    with pytest.raises(StorageError, match="layout must be 1 or 2"):
-        open_store(str(tmp_path / "x.db"), layout=3)
+    with pytest.raises(StorageError, match="layout must be 1, 2 or 3"):
+        open_store(str(tmp_path / "x.db"), layout=4)
 
 
 def test_sqlite_url_relative_and_absolute(tmp_path, monkeypatch):

@@ -42,7 +42,6 @@ from cleftwise.storage.atomic import atomic_path
 from cleftwise.storage.db.schema import (
     COLUMN_NAMES,
     QueryFilter,
-    arrow_schema,
     as_int64_ids,
     empty_frame,
     make_filter,
@@ -112,6 +111,16 @@ class SynapseStore(abc.ABC):
     def close(self) -> None:
         """Release the connection (idempotent)."""
 
+    def extra_fields(self) -> list:
+        """The extra fields the database holds, ``[[name, type], ...]`` in first-seen order
+        (:mod:`cleftwise.storage.db.extra_fields`); empty when none."""
+        return []
+
+    def _columns(self, columns: Optional[Sequence[str]]) -> tuple[list[str], dict]:
+        """(validated output columns, {extra name: type})."""
+        types = dict((n, t) for n, t in self.extra_fields())
+        return select_columns(columns, list(types)), types
+
     # ----------------------------------------------------------- public API
     def upsert_many(self, records: Any, block_id: Optional[int] = None, extra: str = "error") -> int:
         """Insert or replace records (a DataFrame or list of dicts); returns how many.
@@ -119,7 +128,8 @@ class SynapseStore(abc.ABC):
         A record whose id exists replaces the stored one entirely. With ``block_id``, the
         block's previous records are deleted first and every record is tagged with it, so
         rewriting a block is idempotent (SQLite: one transaction; MongoDB: delete, then bulk
-        upserts). ``extra="ignore"`` drops columns outside the schema instead of failing.
+        upserts). Columns outside the schema are an error (``extra="error"``), dropped
+        (``"ignore"``) or kept as typed extra fields (``"keep"``; table imports).
         """
         frame = normalize_records(records, block_id=block_id, extra=extra,
                                   where=f"records for {self.url}" + (f" block {block_id}" if block_id is not None else ""))
@@ -134,11 +144,12 @@ class SynapseStore(abc.ABC):
     def query(self, roi=None, pre=None, post=None, neuron=None, min_score=None,
               limit: Optional[int] = None, columns: Optional[Sequence[str]] = None,
               block_id: Optional[int] = None, roi_match: str = "centroid") -> pd.DataFrame:
-        """Matching records as one DataFrame (``id`` first, then ``columns`` or all)."""
-        cols = select_columns(columns)
+        """Matching records as one DataFrame (``id`` first, then ``columns`` or all: the
+        schema's, then the extra fields)."""
+        cols, types = self._columns(columns)
         filt = make_filter(roi, pre, post, neuron, min_score, block_id, roi_match)
         frames = list(self._select(filt, cols, _check_limit(limit), batch_size=ONE_BATCH))
-        return _concat(frames, cols)
+        return _concat(frames, cols, types)
 
     def iter_query(self, roi=None, pre=None, post=None, neuron=None, min_score=None,
                    limit: Optional[int] = None, columns: Optional[Sequence[str]] = None,
@@ -147,7 +158,7 @@ class SynapseStore(abc.ABC):
         """Like :meth:`query` but yields DataFrames of at most ``batch_size`` rows."""
         if int(batch_size) < 1:
             raise StorageError(f"batch_size must be >= 1, got {batch_size}")
-        cols = select_columns(columns)
+        cols, _ = self._columns(columns)
         filt = make_filter(roi, pre, post, neuron, min_score, block_id, roi_match)
         yield from self._select(filt, cols, _check_limit(limit), batch_size=int(batch_size))
 
@@ -158,11 +169,11 @@ class SynapseStore(abc.ABC):
 
     def get(self, ids, columns: Optional[Sequence[str]] = None) -> pd.DataFrame:
         """Records with these synapse ids, ordered by id (absent ids are skipped)."""
-        cols = select_columns(columns)
+        cols, types = self._columns(columns)
         filt = make_filter(ids=ids)
         if filt.ids.size == 0:
-            return empty_frame(cols)
-        return _concat(list(self._select(filt, cols, None, batch_size=ONE_BATCH)), cols)
+            return empty_frame(cols, types)
+        return _concat(list(self._select(filt, cols, None, batch_size=ONE_BATCH)), cols, types)
 
     def degrees(self, roi=None, min_score=None, block_id: Optional[int] = None,
                 roi_match: str = "centroid") -> pd.DataFrame:
@@ -201,25 +212,45 @@ class SynapseStore(abc.ABC):
         return matched
 
     def export(self, path: str, format: Optional[str] = None, batch_size: int = 50_000,
-               columns: Optional[Sequence[str]] = None, **filters) -> int:
+               columns: Optional[Sequence[str]] = None, layout: str = "cleftwise",
+               voxel_size: Optional[Sequence[float]] = None, **filters) -> int:
         """Stream matching records to a Parquet or CSV file; returns the row count.
 
         Memory is bounded by ``batch_size`` rows (pyarrow writers, one batch at a time; about
         2.5 KiB of transient memory per row of a batch with all columns). The
         file is written beside ``path`` and renamed into place when complete. ``format``
         defaults to the suffix (``.parquet``/``.pq`` or ``.csv``); ``filters`` are those of
-        :meth:`query` (``roi``, ``pre``, ``min_score``, ``limit``, ...).
+        :meth:`query` (``roi``, ``pre``, ``min_score``, ``limit``, ...). ``layout``:
+        ``cleftwise`` (the records, extra fields included), ``cave`` or ``manc`` with positions
+        in voxels of ``voxel_size`` (z, y, x) nm (:mod:`cleftwise.storage.db.table_layouts`).
+        Parquet files carry key-value metadata ``cleftwise`` (layout, resolution); a CSV gets
+        the same, with the column dtypes, in ``<path>.meta.json``.
         """
+        import json
+
         import pyarrow as pa
+
+        from cleftwise.storage.db import table_layouts as tl
 
         path = os.fspath(path)
         fmt = format or ("csv" if path.lower().endswith(".csv") else "parquet")
         if fmt not in ("parquet", "csv"):
             raise StorageError(f"export format must be 'parquet' or 'csv', got {fmt!r} for {path}")
-        cols = select_columns(columns)
-        schema = arrow_schema(cols)
+        vs = tl.check_layout(layout, voxel_size)
+        if layout != "cleftwise" and columns is not None:
+            raise StorageError(f"columns select from the cleftwise layout; the {layout} layout has "
+                               f"fixed columns")
+        cols, types = self._columns(columns)
+        fields = tl.layout_fields(layout, cols, types, fmt)
+        schema = pa.schema([pa.field(n, t, nullable=not (layout == "cleftwise" and n in
+                                                         ("id", "pre_neuron", "post_neuron")))
+                            for n, t in fields])
+        empty = tl.to_layout(empty_frame(cols, types), layout, vs, types, fmt)
         # pandas metadata lets pd.read_parquet restore the nullable Int64 / str dtypes
-        schema = schema.with_metadata(pa.Schema.from_pandas(empty_frame(cols), preserve_index=False).metadata)
+        meta = dict(pa.Table.from_pandas(empty, schema=schema, preserve_index=False).schema.metadata)
+        meta[tl.META_KEY] = json.dumps(tl.file_metadata(layout, vs)).encode()
+        meta[b"PANDAS_ATTRS"] = json.dumps(tl.pandas_attrs(layout, vs)).encode()
+        schema = schema.with_metadata(meta)
         rows = 0
         with atomic_path(path, "export") as tmp:
             if fmt == "parquet":
@@ -230,10 +261,15 @@ class SynapseStore(abc.ABC):
                 writer = pcsv.CSVWriter(tmp, schema)
             try:
                 for df in self.iter_query(columns=cols, batch_size=batch_size, **filters):
+                    df = tl.to_layout(df, layout, vs, types, fmt)
                     writer.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False))
                     rows += len(df)
             finally:
                 writer.close()
+        if fmt == "csv":
+            side = tl.file_metadata(layout, vs, tl.csv_dtypes(fields))
+            with atomic_path(tl.sidecar_path(path), "export metadata") as tmp, open(tmp, "w") as f:
+                json.dump(side, f, indent=1)
         log.info("%s: exported %d records to %s", self.url, rows, path)
         return rows
 
@@ -255,9 +291,9 @@ def _check_limit(limit) -> Optional[int]:
     return int(limit)
 
 
-def _concat(frames: list[pd.DataFrame], cols: list[str]) -> pd.DataFrame:
+def _concat(frames: list[pd.DataFrame], cols: list[str], types: Optional[dict] = None) -> pd.DataFrame:
     if not frames:
-        return empty_frame(cols)
+        return empty_frame(cols, types)
     if len(frames) == 1:
         return frames[0]
     return pd.concat(frames, ignore_index=True)

@@ -3,7 +3,12 @@
 Layout in the URL's database: collection ``synapses`` (configurable) with one document per
 record, ``_id`` = synapse id (so a rewrite replaces the document); missing values are absent
 fields. Indexes: ``(z, y, x)``, ``(pre_neuron, post_neuron)``, ``post_neuron``, ``block_id``.
-Collection ``<collection>_meta`` holds ``{_id: "schema", kind, version}``.
+Collection ``<collection>_meta`` holds ``{_id: "schema", kind, version}`` and, once records
+with extra fields (columns of imported tables outside the schema) were written, their registry
+``extra_fields: [[name, type], …]``; a record keeps its extra values in the sub-document
+``extra`` (uint64 values >= 2**63 as the int64 with the same bits; see
+:mod:`cleftwise.storage.db.extra_fields`). The registry is extended read-modify-write: two
+processes adding *different new* extra fields at the same moment may lose one registration.
 
 Writes go in unordered ``bulk_write`` batches: inserts first (cheapest for new ids, which is
 the common case), then ``ReplaceOne(upsert=True)`` for the ids that already existed (duplicate
@@ -20,6 +25,7 @@ builder methods to accept it (only ``sort=None``), so the same ``bulk_write`` co
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import re
 import threading
@@ -31,6 +37,7 @@ import pandas as pd
 
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.db.base import ONE_BATCH, SynapseStore
+from cleftwise.storage.db.extra_fields import from_mongo_values, merge_registry, mongo_values, parse_registry
 from cleftwise.storage.db.urls import redact
 from cleftwise.storage.db.schema import (
     COLUMN_NAMES,
@@ -196,10 +203,22 @@ class MongoSynapseStore(SynapseStore):
             raise StorageError(f"{self.url}: {what} failed: {str(e)[:300]}") from e
 
     # ----------------------------------------------------------- writes
+    def extra_fields(self) -> list:
+        meta = self._call("metadata read", self._meta.find_one, {"_id": "schema"}) or {}
+        return parse_registry(json.dumps(meta.get("extra_fields") or []), self.url)
+
     def _write(self, frame: pd.DataFrame, block_id: Optional[int]) -> None:
+        names = [c for c in frame.columns if c not in COLUMN_NAMES]
+        registry = []
+        if names:
+            old = self.extra_fields()
+            registry, frame = merge_registry(old, frame.copy(), names, f"records for {self.url}")
+            if registry != old:
+                self._call("metadata update", self._meta.update_one, {"_id": "schema"},
+                           {"$set": {"extra_fields": registry}})
         if block_id is not None:
             self._call(f"delete of block {block_id}", self._col.delete_many, {"block_id": block_id})
-        docs = _documents(frame)
+        docs = _documents(frame, registry)
         for start in range(0, len(docs), self.batch_size):
             self._write_batch(docs[start:start + self.batch_size])
 
@@ -302,8 +321,13 @@ class MongoSynapseStore(SynapseStore):
 
         if limit == 0:
             return
-        projection = {c: 1 for c in columns if c != "id"}
+        names = set(COLUMN_NAMES)
+        extras = [c for c in columns if c not in names]
+        registry = self.extra_fields() if extras else []
+        projection = {c: 1 for c in columns if c != "id" and c in names}
         projection["_id"] = 1
+        if extras:
+            projection["extra"] = 1
         everything = batch_size >= ONE_BATCH and limit is None
         try:
             # One result is sorted here, not by the server (no in-memory sort limits there).
@@ -315,10 +339,10 @@ class MongoSynapseStore(SynapseStore):
             for doc in cursor:
                 batch.append(doc)
                 if len(batch) >= batch_size:
-                    yield _frame(batch, columns)
+                    yield _frame(batch, columns, registry)
                     batch = []
             if batch:
-                frame = _frame(batch, columns)
+                frame = _frame(batch, columns, registry)
                 yield frame.sort_values("id", kind="stable", ignore_index=True) if everything else frame
         except PyMongoError as e:
             raise StorageError(f"{self.url}: query failed: {str(e)[:300]}") from e
@@ -381,10 +405,12 @@ def _column_values(series: pd.Series) -> list:
     return series.to_numpy(dtype=object, na_value=None).tolist()
 
 
-def _documents(frame: pd.DataFrame) -> list[dict]:
-    """One document per record: ``_id`` = id, missing values left out."""
+def _documents(frame: pd.DataFrame, registry: list = ()) -> list[dict]:
+    """One document per record: ``_id`` = id, missing values left out, extra fields in the
+    sub-document ``extra``."""
     names = [c for c in COLUMN_NAMES if c != "id"]
     columns = [_column_values(frame[c]) for c in names]
+    extra = mongo_values(frame, registry) if registry else [None] * len(frame)
     docs = []
     for k, sid in enumerate(frame["id"].tolist()):
         doc = {"_id": sid}
@@ -392,14 +418,25 @@ def _documents(frame: pd.DataFrame) -> list[dict]:
             v = col[k]
             if v is not None:
                 doc[name] = v
+        if extra[k] is not None:
+            doc["extra"] = extra[k]
         docs.append(doc)
     return docs
 
 
-def _frame(docs: list[dict], columns: list[str]) -> pd.DataFrame:
+def _frame(docs: list[dict], columns: list[str], registry: list = ()) -> pd.DataFrame:
     data = {}
+    schema = set(COLUMN_NAMES)
+    extras = [c for c in columns if c not in schema]
     for c in columns:
+        if c not in schema:
+            continue
         key = "_id" if c == "id" else c
         default = 0 if c in ("pre_neuron", "post_neuron") else None
         data[c] = [d.get(key, default) for d in docs]
-    return frame_from_columns(data, columns)
+    frame = frame_from_columns(data, [c for c in columns if c in schema])
+    if not extras:
+        return frame
+    for name, values in from_mongo_values([d.get("extra") for d in docs], registry, extras).items():
+        frame[name] = values
+    return frame[list(columns)]

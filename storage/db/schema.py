@@ -213,7 +213,9 @@ def normalize_records(records: Any, block_id: Optional[int] = None, extra: str =
             are missing values (neuron ids default to 0).
         block_id: when given, every record gets this ``block_id`` (a record carrying another
             block id is an error).
-        extra: ``"error"`` (default) rejects columns not in the schema; ``"ignore"`` drops them.
+        extra: ``"error"`` (default) rejects columns not in the schema; ``"ignore"`` drops them;
+            ``"keep"`` keeps them as typed extra fields after the schema columns
+            (:mod:`cleftwise.storage.db.extra_fields`).
         where: what to name in error messages.
 
     Returns:
@@ -228,8 +230,8 @@ def normalize_records(records: Any, block_id: Optional[int] = None, extra: str =
     unknown = [c for c in df.columns if c not in _KIND]
     if unknown and extra == "error":
         raise StorageError(f"{where}: unknown columns {unknown} (schema: {list(COLUMN_NAMES)})")
-    if extra not in ("error", "ignore"):
-        raise StorageError(f"extra must be 'error' or 'ignore', got {extra!r}")
+    if extra not in ("error", "ignore", "keep"):
+        raise StorageError(f"extra must be 'error', 'ignore' or 'keep', got {extra!r}")
     n = len(df)
     if n and "id" not in df.columns:
         raise StorageError(f"{where}: no 'id' column")
@@ -257,7 +259,15 @@ def normalize_records(records: Any, block_id: Optional[int] = None, extra: str =
             out[name] = _as_float(series, name)
         else:
             out[name] = _as_text(series, name)
-    frame = pd.DataFrame(out, columns=list(COLUMN_NAMES))
+    names = list(COLUMN_NAMES)
+    if extra == "keep" and unknown:
+        from cleftwise.storage.db.extra_fields import extra_type
+
+        for name in unknown:
+            _, series = extra_type(df[name], name, where)
+            out[name] = series.array
+        names += unknown
+    frame = pd.DataFrame(out, columns=names)
     if block_id is not None:
         bid = int(as_int64_ids(block_id, "block_id"))
         given = frame["block_id"]
@@ -310,16 +320,24 @@ def normalize_update(records: Any, fields: Optional[Sequence[str]] = None,
     return full[["id", *fields]], fields
 
 
-def empty_frame(columns: Sequence[str] = COLUMN_NAMES) -> pd.DataFrame:
-    """A zero-row result with the schema dtypes."""
-    return frame_from_columns({c: [] for c in columns}, columns)
+def empty_frame(columns: Sequence[str] = COLUMN_NAMES, extra_types: Optional[dict] = None) -> pd.DataFrame:
+    """A zero-row result with the schema dtypes (and those of extra fields ``{name: type}``)."""
+    return frame_from_columns({c: [] for c in columns}, columns, extra_types)
 
 
-def frame_from_columns(data: dict, columns: Sequence[str]) -> pd.DataFrame:
-    """Typed DataFrame from column sequences as read from a database (None = missing)."""
+def frame_from_columns(data: dict, columns: Sequence[str], extra_types: Optional[dict] = None) -> pd.DataFrame:
+    """Typed DataFrame from column sequences as read from a database (None = missing).
+
+    Columns outside the schema are extra fields typed by ``extra_types`` ({name: type}).
+    """
     out = {}
     for name in columns:
         values = data[name]
+        if name not in _KIND:
+            from cleftwise.storage.db.extra_fields import typed_extra
+
+            out[name] = typed_extra(list(values), (extra_types or {})[name])
+            continue
         kind = _KIND[name]
         if kind in ("key", "neuron"):
             out[name] = np.array(values, dtype=np.int64)
@@ -334,26 +352,31 @@ def frame_from_columns(data: dict, columns: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(out, columns=list(columns))
 
 
-def select_columns(columns: Optional[Iterable[str]]) -> list[str]:
-    """Validated output columns; ``id`` always first. None = all columns."""
+def select_columns(columns: Optional[Iterable[str]], extra_names: Sequence[str] = ()) -> list[str]:
+    """Validated output columns; ``id`` always first. None = all columns (the schema's, then
+    the extra fields ``extra_names``)."""
     if columns is None:
-        return list(COLUMN_NAMES)
+        return list(COLUMN_NAMES) + [c for c in extra_names if c not in _KIND]
     if isinstance(columns, str):
         columns = [columns]
     cols = list(dict.fromkeys(columns))
-    unknown = [c for c in cols if c not in _KIND]
+    unknown = [c for c in cols if c not in _KIND and c not in extra_names]
     if unknown:
-        raise StorageError(f"unknown columns {unknown} (schema: {list(COLUMN_NAMES)})")
+        more = f"; extra fields: {list(extra_names)}" if extra_names else ""
+        raise StorageError(f"unknown columns {unknown} (schema: {list(COLUMN_NAMES)}{more})")
     return ["id", *[c for c in cols if c != "id"]]
 
 
-def arrow_schema(columns: Sequence[str] = COLUMN_NAMES):
-    """pyarrow schema of exported tables (fixed, so empty batches keep their types)."""
+def arrow_schema(columns: Sequence[str] = COLUMN_NAMES, extra_types: Optional[dict] = None):
+    """pyarrow schema of exported tables (fixed, so empty batches keep their types); columns
+    outside the schema are extra fields typed by ``extra_types`` ({name: type})."""
     import pyarrow as pa
+    from cleftwise.storage.db.extra_fields import arrow_type
 
     types = {"key": pa.int64(), "neuron": pa.int64(), "count": pa.int64(),
              "float": pa.float64(), "text": pa.string()}
     return pa.schema([pa.field(c, types[_KIND[c]], nullable=_KIND[c] not in ("key", "neuron"))
+                      if c in _KIND else pa.field(c, arrow_type((extra_types or {})[c]))
                       for c in columns])
 
 

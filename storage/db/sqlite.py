@@ -19,6 +19,14 @@ patches ``packed`` in the same statement, and a trigger refuses hand-made UPDATE
 SQL column that would leave it stale. Layout 1 (one SQL column per field, no ``packed``) is
 still read and written as such.
 
+Layout 3 (files made since 2026-12) is layout 2 plus ``extra``, a TEXT column holding each
+record's extra fields (columns of imported tables outside the schema) as a JSON object of its
+present values, typed by the registry in ``cleftwise_meta`` key ``extra_fields``
+(:mod:`cleftwise.storage.db.extra_fields`; SQL tools read them with ``json_extract``). A layout-2
+file is upgraded in place (``ALTER TABLE … ADD COLUMN``) the first time records with extra
+fields are written to it; a layout-1 file refuses them. cleftwise versions before layout 3
+refuse layout-3 files clearly ("SQLite layout 3 is not one this cleftwise reads").
+
 Concurrency: WAL journal (readers never block the writer), a busy timeout, every write in a
 short ``BEGIN IMMEDIATE`` transaction (the write lock is taken up front, so two writers never
 deadlock upgrading read locks), and whole-transaction retries with backoff when SQLITE_BUSY
@@ -57,6 +65,7 @@ except ImportError:  # pragma: no cover - other pandas versions
 from cleftwise.storage.db import sqlite_rtree
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.db.record_pack import PACKED_COLUMNS, PACKED_DTYPE, pack_records, unpack_records
+from cleftwise.storage.db.extra_fields import decode_json_rows, encode_json_rows, merge_registry, parse_registry
 from cleftwise.storage.db.base import ONE_BATCH, SynapseStore
 from cleftwise.storage.db.urls import sqlite_url
 from cleftwise.storage.db.schema import (
@@ -86,9 +95,13 @@ _WAL_LIMIT = 64 << 20  #: bytes the WAL file is truncated to when SQLite resets 
 #: File layout of this backend (meta key ``sqlite_layout``; absent = 1). Layout 1: one SQL
 #: column per schema field. Layout 2 (new files): the SQL columns of :data:`SQL_COLUMNS` plus
 #: ``packed``, every numeric field of the record in one BLOB (:mod:`cleftwise.storage.db.record_pack`); the
-#: fields of :data:`PACKED_ONLY` live only there. Files of either layout are read and written.
-_LAYOUT = 2
+#: fields of :data:`PACKED_ONLY` live only there. Layout 3 (new files): layout 2 plus ``extra``
+#: (JSON of the extra fields). Files of any of these layouts are read and written.
+_LAYOUT = 3
 _PACKED = "packed"
+_EXTRA = "extra"  #: SQL column of the extra fields (layout 3)
+_EXTRA_KEY = "extra_fields"  #: meta key of the extra-field registry
+_EXTRA_JSON = "\x00extra_json"  #: frame column carrying the encoded extra fields into _write_rows
 #: Fields kept only in ``packed`` (layout 2): never filtered or indexed in SQL; read them
 #: through cleftwise (``query``, the CLI, exports).
 PACKED_ONLY = ("size", "score_pre", "score_post", "score_max", "pre_z", "pre_y", "pre_x",
@@ -101,12 +114,14 @@ _PACKED_MIN_COLUMNS = 8
 
 
 def _ddl(layout: int = _LAYOUT) -> list[str]:
-    names = SQL_COLUMNS if layout == 2 else COLUMN_NAMES
+    names = SQL_COLUMNS if layout >= 2 else COLUMN_NAMES
     cols = ",\n  ".join(
         f"{c.name} {_SQL_TYPE[c.kind]}{' NOT NULL' if c.name in _NOT_NULL else ''}"
         for c in COLUMNS if c.name in names)
-    if layout == 2:
+    if layout >= 2:
         cols += f",\n  {_PACKED} BLOB NOT NULL CHECK (length({_PACKED}) = {PACKED_DTYPE.itemsize})"
+    if layout == 3:
+        cols += f",\n  {_EXTRA} TEXT"
     both = [c for c in PACKED_COLUMNS if c in SQL_COLUMNS]  # fields held twice
     changed = " OR ".join(f"NEW.{c} IS NOT OLD.{c}" for c in both)
     stale_guard = [
@@ -123,7 +138,7 @@ def _ddl(layout: int = _LAYOUT) -> list[str]:
         "CREATE INDEX synapses_pre_post ON synapses(pre_neuron, post_neuron)",
         "CREATE INDEX synapses_post ON synapses(post_neuron)",
         "CREATE INDEX synapses_block ON synapses(block_id)",
-        *(stale_guard if layout == 2 else []),
+        *(stale_guard if layout >= 2 else []),
     ]
 
 
@@ -139,7 +154,8 @@ class SQLiteSynapseStore(SynapseStore):
     """Synapse records in one SQLite file; see :class:`cleftwise.storage.db.base.SynapseStore`.
 
     Options beyond :func:`cleftwise.storage.db.open_store`'s: ``cache_mb`` (SQLite page cache
-    per connection), ``layout`` (of a new file: 2, default, or 1, every field an SQL column; see
+    per connection), ``layout`` (of a new file: 3, default, 2 without extra fields, or 1, every
+    field an SQL column and no extra fields; see
     the module docstring; an existing file keeps its own) and ``bulk_min_rows`` (writes of at
     least this many records into a table holding at most as many are bulk loads, see the module
     docstring; 0 disables them).
@@ -156,9 +172,10 @@ class SQLiteSynapseStore(SynapseStore):
         self.batch_size = int(batch_size)
         self.bulk_min_rows = int(bulk_min_rows)
         self._conn: Optional[sqlite3.Connection] = None
-        self._packed = False  # layout 2 (set when the schema is checked)
-        if layout not in (1, 2):
-            raise StorageError(f"SQLite layout must be 1 or 2, got {layout!r}")
+        self._packed = False  # layout >= 2 (set when the schema is checked)
+        self._has_extra = False  # layout 3
+        if layout not in (1, 2, 3):
+            raise StorageError(f"SQLite layout must be 1, 2 or 3, got {layout!r}")
         self._new_layout = int(layout)
         if os.path.isdir(self.path):
             raise StorageError(f"synapse database {self.path} is a directory")
@@ -251,12 +268,51 @@ class SQLiteSynapseStore(SynapseStore):
             r[0] for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if missing:
             raise StorageError(f"{self.path}: synapse database lacks tables {sorted(missing)}")
-        layout = int(meta.get("sqlite_layout", "1"))
-        if layout not in (1, _LAYOUT):
-            raise StorageError(f"{self.path}: SQLite layout {layout} is not one this cleftwise "
-                               f"reads (1, {_LAYOUT}); update cleftwise")
-        self._packed = layout == 2
+        self._set_layout(meta)
+
+    def _set_layout(self, meta: dict) -> None:
+        try:
+            layout = int(meta.get("sqlite_layout", "1"))
+        except ValueError:
+            layout = -1
+        if layout not in (1, 2, 3):
+            raise StorageError(f"{self.path}: SQLite layout {meta.get('sqlite_layout')} is not one this "
+                               f"cleftwise reads (1, 2, 3); update cleftwise")
+        self._layout = layout
+        self._packed = layout >= 2
+        self._has_extra = layout == 3
         self._sql_columns = SQL_COLUMNS if self._packed else COLUMN_NAMES
+        self._registry = parse_registry(meta.get(_EXTRA_KEY), self.path)
+
+    def _read_meta(self, cur=None) -> dict:
+        conn = cur if cur is not None else self._live()
+        return dict(conn.execute(f"SELECT key, value FROM {_META}").fetchall())
+
+    def extra_fields(self) -> list:
+        try:
+            self._set_layout(self._retry(self._read_meta))
+        except sqlite3.Error as e:
+            raise StorageError(f"{self.path}: cannot read the database metadata: {e}") from e
+        return [list(r) for r in self._registry]
+
+    def _add_extra_fields(self, cur: sqlite3.Cursor, frame: pd.DataFrame, names: list) -> pd.DataFrame:
+        """Register the frame's extra fields (upgrading a layout-2 file to 3) in the current
+        transaction; returns the frame with them cast to the registered types."""
+        self._set_layout(self._read_meta(cur))
+        if self._layout == 1:
+            raise StorageError(f"{self.path}: SQLite layout 1 holds no extra fields ({names[:5]}); "
+                               f"stream the file into a new one (layout 3, see docs/synapse_db.md) "
+                               f"or drop those columns")
+        reg, frame = merge_registry(self._registry, frame, names, f"records for {self.url}")
+        if self._layout == 2:
+            cur.execute(f"ALTER TABLE synapses ADD COLUMN {_EXTRA} TEXT")
+            cur.execute(f"INSERT OR REPLACE INTO {_META} VALUES ('sqlite_layout', '3')")
+            log.info("%s: upgraded SQLite layout 2 -> 3 to hold extra fields %s", self.path, names)
+            self._set_layout(self._read_meta(cur))
+        if reg != self._registry:
+            cur.execute(f"INSERT OR REPLACE INTO {_META} VALUES (?, ?)", (_EXTRA_KEY, json.dumps(reg)))
+            self._registry = reg
+        return frame
 
     # ----------------------------------------------------------- transactions
     def _retry(self, fn: Callable[[], object]) -> object:
@@ -305,9 +361,18 @@ class SQLiteSynapseStore(SynapseStore):
             frame = frame.iloc[np.argsort(frame["id"].to_numpy(), kind="stable")]
         n = len(frame)
         bulk = 0 < self.bulk_min_rows <= n
+        extras = [c for c in frame.columns if c not in _KIND]
+        state: dict = {"frame": frame}
 
         def first(cur: sqlite3.Cursor) -> bool:
             """Write the first transaction; True when it wrote everything."""
+            frame = state["frame"]
+            if extras:  # registry checked and extended under the write lock
+                frame = self._add_extra_fields(cur, frame.copy(), extras)
+                frame = frame.assign(**{_EXTRA_JSON: encode_json_rows(frame, self._registry)})
+                state["frame"] = frame
+            else:  # layout as of now (another process may have upgraded the file)
+                self._set_layout(self._read_meta(cur))
             if bulk and self._stored_at_most(cur, n):
                 self._bulk_load(cur, frame, block_id)
                 return True
@@ -320,6 +385,7 @@ class SQLiteSynapseStore(SynapseStore):
 
         if self._transaction(first):
             return
+        frame = state["frame"]
         for start in range(self.batch_size, n, self.batch_size):
             part = frame.iloc[start:start + self.batch_size]
             self._transaction(lambda cur, part=part: self._write_rows(cur, part))
@@ -332,9 +398,13 @@ class SQLiteSynapseStore(SynapseStore):
         faster there, 15-30 % slower with the three indexes or into the R*Tree).
         """
         names = [*self._sql_columns, _PACKED] if self._packed else list(self._sql_columns)
-        mat = _bind_matrix(frame, self._sql_columns, extra=1 if self._packed else 0)
+        if self._has_extra:
+            names.append(_EXTRA)
+        mat = _bind_matrix(frame, self._sql_columns, extra=int(self._packed) + int(self._has_extra))
         if self._packed:
-            mat[:, -1] = pack_records(frame)
+            mat[:, len(self._sql_columns)] = pack_records(frame)
+        if self._has_extra:
+            mat[:, -1] = frame[_EXTRA_JSON].to_numpy(dtype=object) if _EXTRA_JSON in frame.columns else None
         _insert_many(cur, f"INSERT OR REPLACE INTO synapses ({', '.join(names)})",
                      mat, self._max_params(), rows_per_statement)
         if rtree:
@@ -498,6 +568,9 @@ class SQLiteSynapseStore(SynapseStore):
         conn = self._live()
         clause, params = self._where(filt)
         everything = batch_size >= ONE_BATCH and limit is None
+        extras = [c for c in columns if c not in _KIND]
+        order = list(columns)
+        columns = [c for c in columns if c in _KIND]
         numeric = [c for c in columns if c in PACKED_COLUMNS]
         packed = self._packed and (len(numeric) >= _PACKED_MIN_COLUMNS
                                    or any(c not in self._sql_columns for c in columns))
@@ -505,6 +578,8 @@ class SQLiteSynapseStore(SynapseStore):
         # packed: one BLOB per row and the text columns
         selected = [f"s.{_PACKED}", *("s." + c for c in texts)] if packed \
             else ["s." + c for c in columns]
+        if extras:  # the JSON of the extra fields last (ignored by the frame builders)
+            selected.append(f"s.{_EXTRA}" if self._has_extra else "NULL")
         sql = f"SELECT {', '.join(selected)} {clause}"
         if not everything:  # batches and limits need SQL's order; one whole result is sorted
             # in Python below (cheaper than SQLite's sorter)
@@ -518,10 +593,11 @@ class SQLiteSynapseStore(SynapseStore):
                     rows = cur.fetchall() if batch_size >= ONE_BATCH else cur.fetchmany(batch_size)
                     if not rows:
                         break
-                    frame = (_frame_from_packed(rows, columns, numeric, texts, sort=everything)
-                             if packed else _frame_from_rows(rows, columns, sort=everything))
+                    more = decode_json_rows([r[-1] for r in rows], self._registry, extras) if extras else {}
+                    frame = (_frame_from_packed(rows, columns, numeric, texts, sort=everything, more=more)
+                             if packed else _frame_from_rows(rows, columns, sort=everything, more=more))
                     del rows
-                yield frame
+                yield frame if list(frame.columns) == order else frame[order]
                 if batch_size >= ONE_BATCH:
                     break
         except sqlite3.Error as e:
@@ -679,7 +755,7 @@ def _drop_indexes(cur: sqlite3.Cursor) -> tuple[list[str], int]:
     return dropped, kept
 
 
-def _frame_from_rows(rows: list, columns: list[str], sort: bool = False) -> pd.DataFrame:
+def _frame_from_rows(rows: list, columns: list[str], sort: bool = False, more: Optional[dict] = None) -> pd.DataFrame:
     """Typed DataFrame from fetched row tuples (dtypes of :func:`cleftwise.storage.db.schema.frame_from_columns`).
 
     One 2-D object array, then one cast per column kind: no per-row Python work. With
@@ -704,16 +780,18 @@ def _frame_from_rows(rows: list, columns: list[str], sort: bool = False) -> pd.D
             arrays[name] = pd.arrays.IntegerArray(data.astype(np.int64), mask)
         elif kind == "text":
             arrays[name] = obj[:, j].copy()
-    return _typed_frame(arrays, columns, sort)
+    arrays.update(more or {})
+    return _typed_frame(arrays, [*columns, *(more or {})], sort)
 
 
 def _frame_from_packed(rows: list, columns: list[str], numeric: list[str], texts: list[str],
-                       sort: bool) -> pd.DataFrame:
+                       sort: bool, more: Optional[dict] = None) -> pd.DataFrame:
     """Typed DataFrame from fetched rows ``(packed BLOB, *texts)`` (layout 2)."""
     cells = list(zip(*rows))
     arrays = unpack_records(cells[0], numeric)
     arrays.update((name, np.array(col, dtype=object)) for name, col in zip(texts, cells[1:]))
-    return _typed_frame(arrays, columns, sort)
+    arrays.update(more or {})
+    return _typed_frame(arrays, [*columns, *(more or {})], sort)
 
 
 def _typed_frame(arrays: dict, columns: list[str], sort: bool) -> pd.DataFrame:
@@ -726,7 +804,7 @@ def _typed_frame(arrays: dict, columns: list[str], sort: bool) -> pd.DataFrame:
             arrays = {k: v[order] for k, v in arrays.items()}
     out = {}
     for name in columns:
-        if _KIND[name] == "text" and TEXT_DTYPE is not object:
+        if _KIND.get(name) == "text" and TEXT_DTYPE is not object:
             out[name] = pd.array(arrays[name], dtype=TEXT_DTYPE)
         else:
             out[name] = arrays[name]

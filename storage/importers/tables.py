@@ -27,10 +27,21 @@ same ids and the second import replaces records instead of adding them. Two rows
 content are duplicate synapses: an error naming both rows (or, with ``on_duplicate="drop"``,
 the later row is dropped and logged).
 
+A table column whose name is a record field (``id``, ``size``, ``score_union``, ``ei_prob``,
+``flags``, ``source``, …) fills that field unless the mapping fills it from another column
+(then it is an error naming both). Every other column the mapping does not use is kept as a
+typed **extra field** (int64, uint64, float64, bool or str; :mod:`cleftwise.storage.db.extra_fields`),
+stored with the record and returned by queries and exports under its own name
+(``keep_extra=False`` drops them, as cleftwise did before).
+
 Presets (:data:`PRESETS`): ``manc`` (neuPrint/MANC exports: ``bodyId_pre``, ``x_pre`` …,
-``bbox_xmin`` …, 8 nm voxels) and ``cave`` (CAVE synapse tables: ``pre_pt_position``,
-``post_pt_position``, ``pre_pt_root_id``, ``post_pt_root_id``, ``size``, optional
-``ctr_pt_position``; (40, 4, 4) nm voxels, positions stored x, y, z). Example::
+``bbox_xmin`` …, 8 nm voxels), ``cave`` (CAVE synapse tables: ``pre_pt_position``,
+``post_pt_position``, ``pre_pt_root_id``, ``post_pt_root_id``, ``size``, optional ``id`` (kept
+as the synapse id) and ``ctr_pt_position``; (40, 4, 4) nm voxels, positions stored x, y, z) and
+``cleftwise`` (cleftwise's own query exports: the record fields by name, nm). Without a preset
+and a mapping the layout is detected (:func:`detect_layout`): from the ``cleftwise`` metadata
+cleftwise writes into Parquet files and CSV sidecars (``<file>.meta.json``, which also give
+the voxel size and the column dtypes), else from the column names. Example::
 
     from cleftwise.storage.importers.tables import TableImportConfig, import_tables
     cfg = TableImportConfig(preset="manc")
@@ -39,10 +50,11 @@ Presets (:data:`PRESETS`): ``manc`` (neuPrint/MANC exports: ``bodyId_pre``, ``x_
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -50,9 +62,11 @@ import pandas as pd
 
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.db.schema import COLUMN_NAMES, as_int64_ids, normalize_records
+from cleftwise.storage.db.table_layouts import DERIVED, META_KEY, sidecar_path
 
 __all__ = ["FIELDS", "PRESETS", "TablePreset", "TableImportConfig", "resolve_columns", "read_table",
-           "map_table", "synapse_ids", "import_tables", "parse_mapping", "config_from_dict"]
+           "map_table", "synapse_ids", "import_tables", "parse_mapping", "config_from_dict",
+           "detect_layout"]
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +109,13 @@ PRESETS: dict[str, TablePreset] = {
     "cave": TablePreset(
         columns={"pre_neuron": "pre_pt_root_id", "post_neuron": "post_pt_root_id",
                  "pre_position": "pre_pt_position", "post_position": "post_pt_position"},
-        optional={"position": "ctr_pt_position", "size": "size"},
+        optional={"position": "ctr_pt_position", "size": "size", "id": "id"},
         voxel_size=(40.0, 4.0, 4.0),
-        doc="CAVE synapse tables (pre/post_pt_position as x, y, z voxels, *_pt_root_id, size)"),
+        doc="CAVE synapse tables (pre/post_pt_position as x, y, z voxels, *_pt_root_id, size, id)"),
+    "cleftwise": TablePreset(
+        columns={"pre_neuron": "pre_neuron", "post_neuron": "post_neuron", "z": "z", "y": "y", "x": "x"},
+        units="nm",
+        doc="cleftwise query exports (record fields by name, nm; extra fields kept)"),
 }
 
 
@@ -121,6 +139,8 @@ class TableImportConfig:
     """value of the ``source`` field (default: the table's file name without suffix)"""
     on_duplicate: str = "error"
     """``error``: duplicate rows raise; ``drop``: keep the first, log the rest"""
+    keep_extra: bool = True
+    """keep the columns the mapping does not use as typed extra fields (False: drop them)"""
 
 
 def parse_mapping(items: Sequence[str], where: str = "--map") -> dict:
@@ -195,19 +215,65 @@ def resolve_columns(table: pd.DataFrame, cfg: TableImportConfig, where: str = "t
 
 
 def read_table(path: str) -> pd.DataFrame:
-    """A CSV (``.csv``, ``.tsv``, optionally ``.gz``) or Parquet (``.parquet``, ``.pq``) table."""
+    """A CSV (``.csv``, ``.tsv``, optionally ``.gz``) or Parquet (``.parquet``, ``.pq``) table.
+
+    What cleftwise stated about a file it wrote (Parquet key-value metadata ``cleftwise``, or a
+    CSV's sidecar ``<path>.meta.json``: layout, voxel size, CSV column dtypes) is returned in
+    ``table.attrs["cleftwise"]``; a sidecar's dtypes are used to parse the CSV exactly.
+    """
     path = os.fspath(path)
     low = path.lower()
     if not os.path.exists(path):
         raise StorageError(f"synapse table {path} not found")
+    meta = None
     try:
         if low.endswith((".parquet", ".pq")):
-            return pd.read_parquet(path)
-        if low.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")):
-            return pd.read_csv(path, sep="\t" if ".tsv" in low else ",")
-    except (OSError, ValueError) as e:
+            import pyarrow.parquet as pq
+
+            table = pd.read_parquet(path)
+            raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
+            meta = _json_meta(raw, path)
+        elif low.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz", ".txt")):
+            side = sidecar_path(path)
+            if os.path.exists(side):
+                with open(side, "rb") as f:
+                    meta = _json_meta(f.read(), side)
+            dtypes = (meta or {}).get("dtypes") or None
+            table = pd.read_csv(path, sep="\t" if ".tsv" in low else ",", dtype=dtypes,
+                                keep_default_na=dtypes is None, na_values=[""] if dtypes else None)
+        else:
+            raise StorageError(f"synapse table {path}: unknown format; use .csv, .tsv or .parquet")
+    except (OSError, ValueError, TypeError) as e:
         raise StorageError(f"cannot read synapse table {path}: {e}") from e
-    raise StorageError(f"synapse table {path}: unknown format; use .csv, .tsv or .parquet")
+    table.attrs = {"cleftwise": meta} if meta else {}
+    return table
+
+
+def _json_meta(raw: Optional[bytes], where: str) -> Optional[dict]:
+    if not raw:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise StorageError(f"{where}: unreadable cleftwise metadata: {e}") from None
+    if not isinstance(meta, dict) or meta.get("writer") != "cleftwise":
+        return None
+    return meta
+
+
+def detect_layout(table: pd.DataFrame) -> Optional[str]:
+    """The preset fitting ``table``: the layout cleftwise recorded in the file, else ``cleftwise``
+    (columns ``pre_neuron``, ``post_neuron``, ``z``, ``y``, ``x``), ``cave`` (``pre_pt_root_id``,
+    ``post_pt_root_id``) or ``manc`` (``bodyId_pre``, ``bodyId_post``); None when none fits."""
+    meta = table.attrs.get("cleftwise") or {}
+    if meta.get("layout") in PRESETS:
+        return meta["layout"]
+    cols = set(map(str, table.columns))
+    for name in ("cleftwise", "cave", "manc"):
+        if set(PRESETS[name].columns.values()) <= cols or (
+                name == "cave" and {"pre_pt_root_id", "post_pt_root_id"} <= cols):
+            return name
+    return None
 
 
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
@@ -299,8 +365,14 @@ def map_table(table: pd.DataFrame, cfg: TableImportConfig = TableImportConfig(),
     Raises:
         StorageError: missing columns, non-numeric or missing values, duplicate rows.
     """
+    cfg = _effective_config(table, cfg, where)
     used = resolve_columns(table, cfg, where)
     _, _, flag_cols, units, vs, order = _settings(cfg)
+    for side in ("pre", "post"):
+        if f"{side}_neuron" not in used:
+            raise StorageError(f"{where}: no column is mapped to {side}_neuron (the {side}synaptic "
+                               f"neuron id); map it or choose a preset ({', '.join(PRESETS)})")
+    used, extras = _name_matches_and_extras(table, cfg, used, flag_cols, where)
     scale = vs if units == "voxel" else np.ones(3)
     n = len(table)
     rec: dict[str, Any] = {}
@@ -330,6 +402,8 @@ def map_table(table: pd.DataFrame, cfg: TableImportConfig = TableImportConfig(),
         else:
             return None
         bad = np.flatnonzero(~np.isfinite(arr).all(axis=1))
+        if bad.size and prefix and cfg.preset == "cleftwise":  # records may lack their sites
+            bad = np.flatnonzero(~np.isfinite(arr).all(axis=1) & ~np.isnan(arr).all(axis=1))
         if bad.size:
             raise StorageError(f"{where}: {packed.replace('_', ' ')} has missing or non-finite values "
                                f"in row {bad[0]}")
@@ -357,7 +431,7 @@ def map_table(table: pd.DataFrame, cfg: TableImportConfig = TableImportConfig(),
             rec[f_] = _numeric(table[used[f_]], used[f_], where) * scale["zyx".index(f_[5])]
     else:  # the box spanning the sites (or the centroid voxel)
         pts = [p for p in (pre, post, ctr) if p is not None]
-        lo, hi = np.minimum.reduce(pts), np.maximum.reduce(pts) + vs
+        lo, hi = np.fmin.reduce(pts), np.fmax.reduce(pts) + vs
         for k, ax in enumerate("zyx"):
             rec[f"bbox_{ax}0"], rec[f"bbox_{ax}1"] = lo[:, k], hi[:, k]
 
@@ -381,13 +455,16 @@ def map_table(table: pd.DataFrame, cfg: TableImportConfig = TableImportConfig(),
         for i in np.flatnonzero(vals.to_numpy(bool)):
             flags[i].append(name)
     rec["flags"] = [",".join(dict.fromkeys(f)) for f in flags]
-    rec["source"] = cfg.source or source or where
+    if cfg.source or "source" not in used:  # else the table's own source column
+        rec["source"] = cfg.source or source or where
 
     if "id" not in used:
         pre_h = pre if pre is not None else ctr
         post_h = post if post is not None else ctr
         rec["id"] = synapse_ids(rec["pre_neuron"], rec["post_neuron"], pre_h, post_h)
     frame = pd.DataFrame(rec)
+    for col in extras:  # typed as in the table (normalize_records makes them canonical)
+        frame[col] = table[col].reset_index(drop=True)
     ids = as_int64_ids(frame["id"].to_numpy(), f"{where}: column {used.get('id', 'id')!r}")
     dup = pd.Series(ids).duplicated(keep="first").to_numpy()
     if dup.any():
@@ -403,7 +480,60 @@ def map_table(table: pd.DataFrame, cfg: TableImportConfig = TableImportConfig(),
         log.warning("%s: dropped %d duplicate row(s) with %s (first: row %d duplicates row %d)",
                     where, len(pairs), what, pairs[0][1], pairs[0][0])
         frame = frame.loc[~dup]
-    return normalize_records(frame, where=where)
+    out = normalize_records(frame, extra="keep", where=where)
+    out.attrs["id_column"] = used.get("id")  # ids taken from the table (None: hashed)
+    return out
+
+
+def _effective_config(table: pd.DataFrame, cfg: TableImportConfig, where: str) -> TableImportConfig:
+    """``cfg`` with the detected preset (no preset and no mapping given) and the voxel size that
+    cleftwise recorded in the file (when none is given and the file's layout is the preset)."""
+    meta = table.attrs.get("cleftwise") or {}
+    if cfg.preset is None and not cfg.columns:
+        preset = detect_layout(table)
+        if preset is None:
+            raise StorageError(f"{where}: cannot tell the table's layout from its columns "
+                               f"{sorted(map(str, table.columns))[:12]}; choose a preset "
+                               f"({', '.join(PRESETS)}) or map the columns (pre_neuron=…, "
+                               f"post_neuron=…, positions)")
+        log.info("%s: detected the %s layout", where, preset)
+        cfg = replace(cfg, preset=preset)
+    if cfg.voxel_size is None and meta.get("layout") == cfg.preset and meta.get("voxel_size_zyx_nm"):
+        cfg = replace(cfg, voxel_size=tuple(meta["voxel_size_zyx_nm"]))
+    return cfg
+
+
+def _name_matches_and_extras(table: pd.DataFrame, cfg: TableImportConfig, used: dict,
+                             flag_cols: dict, where: str) -> tuple[dict, list]:
+    """(``used`` plus columns named like unmapped record fields, the extra columns to keep)."""
+    used = dict(used)
+    taken = set(used.values())
+    for f_ in _PACKED_FIELDS:  # split columns read for a packed field
+        if f_ in used and used[f_] not in table.columns:
+            taken |= {f"{used[f_]}_{a}" for a in "xyz"}
+    taken |= {c for c in flag_cols if c in table.columns}
+    packed_of = {**{f: "pre_position" for f in _SITE_FIELDS[:3]},
+                 **{f: "post_position" for f in _SITE_FIELDS[3:]},
+                 **{f: "position" for f in _CENTROID_FIELDS}}
+    for col in map(str, table.columns):
+        if col in taken or col not in COLUMN_NAMES:
+            continue
+        other = used.get(col) or used.get(packed_of.get(col, ""))
+        if other is not None:
+            raise StorageError(f"{where}: column {col!r} has the name of the record field {col!r}, "
+                               f"which is filled from column {other!r}; rename or drop one of them")
+        used[col] = col
+        taken.add(col)
+    meta = table.attrs.get("cleftwise") or {}
+    derived = set(DERIVED.get(meta.get("layout"), ())) if meta.get("layout") == cfg.preset else set()
+    rest = [c for c in table.columns if c not in taken and c not in derived]
+    if rest and not cfg.keep_extra:
+        log.info("%s: dropped unmapped columns %s", where, rest)
+        return used, []
+    bad = [c for c in rest if not isinstance(c, str)]
+    if bad:
+        raise StorageError(f"{where}: column names {bad[:5]} are not strings")
+    return used, rest
 
 
 def import_tables(paths: Sequence[str], url: str, cfg: TableImportConfig = TableImportConfig(),
@@ -411,7 +541,9 @@ def import_tables(paths: Sequence[str], url: str, cfg: TableImportConfig = Table
     """Read, map and upsert each table into the synapse DB at ``url``; returns {path: records}.
 
     All tables are mapped before anything is written, so a bad table leaves the DB untouched.
-    Re-importing writes the same ids (records are replaced, the count does not grow).
+    Re-importing writes the same ids (records are replaced, the count does not grow). Ids taken
+    from a table (CAVE ``id``, a cleftwise export) that the database already holds for records
+    of another ``source`` are an error (two tables numbered 1, 2, … would overwrite each other).
     """
     from cleftwise.storage.db import open_store
 
@@ -424,8 +556,30 @@ def import_tables(paths: Sequence[str], url: str, cfg: TableImportConfig = Table
     counts = {}
     with open_store(url, **store_opts) as store:
         for path, frame in frames:
-            counts[os.fspath(path)] = store.upsert_many(frame)
+            if frame.attrs.get("id_column"):  # hashed ids name the content: replacing is right
+                _check_id_owners(store, frame, os.fspath(path))
+        for path, frame in frames:
+            counts[os.fspath(path)] = store.upsert_many(frame, extra="keep")
     return counts
+
+
+def _check_id_owners(store, frame: pd.DataFrame, where: str) -> None:
+    """Raise when stored records with the frame's ids came from another source."""
+    if not len(frame):
+        return
+    old = store.get(frame["id"].to_numpy(), columns=["source"])
+    if not len(old):
+        return
+    new = frame.set_index("id")["source"].astype(object)
+    mine = new.reindex(old["id"].to_numpy()).to_numpy()
+    theirs = old["source"].astype(object).to_numpy()
+    clash = np.flatnonzero([not (a == b or (pd.isna(a) and pd.isna(b))) for a, b in zip(mine, theirs)])
+    if clash.size:
+        k = clash[0]
+        raise StorageError(f"{where}: {clash.size} id(s) already belong to records of another source, "
+                           f"e.g. id {int(old['id'].iloc[k])} from {theirs[k]!r} (this table: "
+                           f"{mine[k]!r}); tables numbered alike would overwrite each other: import "
+                           f"into another database, or give --source {theirs[k]} to replace them")
 
 
 def config_from_dict(data: Optional[dict]) -> TableImportConfig:
