@@ -124,6 +124,8 @@ def test_cave_layout_round_trip(tmp_path):
         assert a["pre_pt_supervoxel_id"].tolist() == [int(v) for v in src["pre_pt_supervoxel_id"]]
         assert a["valid"].tolist() == src["valid"].tolist() and a["id"].tolist() == src["id"].tolist()
         assert {"cleft_score", "nt_gaba", "tag", "n_votes", "score_union", "ei_prob", "sign"} <= set(a.columns)
+        # no E/I probability: the sign is missing, not 0 (which would read as a sign)
+        assert (a["sign"].isna() == a["ei_prob"].isna()).all() and not (a["sign"] == 0).any()
     # another voxel size is stated in the file and used by the re-import
     e3 = tmp_path / "e3.parquet"
     assert query_synapses.main(["--db", one, "--layout", "cave", "--voxel-size", "40", "8", "8",

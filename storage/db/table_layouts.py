@@ -15,7 +15,7 @@ file as written by cleftwise, and the JSON encoding with 64-bit ids as decimal s
   ids and ``valid`` come from extra fields of those names (``valid`` is true where absent); the
   supervoxel columns appear only when the database has them. Root ids are int64 as CAVE stores
   them (a uint64 id >= 2**63 keeps its bits). ``sign``: +1 where ``ei_prob >= 0.5``, -1 below,
-  0 unknown.
+  missing where unknown (no E/I probability).
 - ``manc``: neuPrint/MANC synapse exports: ``bodyId_pre``, ``bodyId_post``, ``bbox_xmin`` …
   ``bbox_zmax``, ``x_pre`` … ``z_post`` (float64 voxels, default 8 nm), ``confidence``
   (``score_union``), ``neurotransmitter`` (``ei_label``), ``any_out_of_range`` (flag
@@ -152,7 +152,9 @@ def to_layout(df: pd.DataFrame, layout: str, voxel_size: Optional[tuple], extra_
         p = df["ei_prob"].to_numpy(np.float64)
         out["ei_prob"] = p
         out["ei_label"] = df["ei_label"].array
-        out["sign"] = np.where(np.isnan(p), 0, np.where(p >= 0.5, 1, -1)).astype(np.int8)
+        # unknown E/I: missing (<NA>, empty in CSV), never 0, which reads as a sign
+        out["sign"] = pd.array(np.where(p >= 0.5, 1, -1).astype(np.int8), dtype="Int8")
+        out["sign"][np.isnan(p)] = pd.NA
     else:
         out["bodyId_pre"] = df["pre_neuron"].to_numpy(np.int64)
         out["bodyId_post"] = df["post_neuron"].to_numpy(np.int64)
