@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate-tables": ("evaluate_tables", "evaluate neuron signs on real tables (MICrONS, MANC)"),
     "tune-segment": ("tune_segment", "choose the segment threshold and min_size on a validation volume"),
     "cv-folds": ("cv_folds", "train out-of-fold models for choosing post-processing"),
+    "view": ("view", "open a run's outputs in neuroglancer (state JSON, --serve over HTTP)"),
 }
 
 

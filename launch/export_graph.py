@@ -2,7 +2,12 @@
 """Export the signed connectome of a synapse DB: ``--db URL --out DIR --format csv,graphml``.
 
 Formats: csv, parquet (edge list + node table), graphml (networkx), npz (scipy sparse signed
-adjacency + neurons.npy index), neuroglancer (precomputed LINE annotations pre → post).
+adjacency, positive weights + neurons.npy index), neuroglancer (precomputed annotations, LINE
+pre → post site or POINT, with pre/post neuron relationships). The filters (--min-score,
+--min-partner-conf, autapses, background) apply to every format, annotations included.
+
+Edges: ``weight`` ≥ 0 (synapse count, or summed score with --weight score), ``sign`` +1/−1
+(missing when unknown, never 0) and ``signed_weight`` (docs/networkx.md).
 
 Signs: from per-synapse E/I probabilities (``ei_prob``) by default; ``--sign-table`` adds a
 per-neuron table (cell types or transmitters, ``--sign-class-col`` + ``--sign-map``, or
@@ -20,7 +25,7 @@ import json
 import sys
 
 from cleftwise.launch._common import new_parser
-from cleftwise.postprocess.connectome import SignConfig
+from cleftwise.postprocess.connectome import EDGE_WEIGHTS, SignConfig
 from cleftwise.postprocess.errors import PostprocessError
 from cleftwise.postprocess.export import (FORMATS, SignTableConfig, export_graph, export_paths, signs_for,
                                           table_signs)
@@ -42,7 +47,11 @@ def main(argv=None) -> int:
     p.add_argument("--min-partner-conf", type=float, default=0.0)
     p.add_argument("--keep-autapses", action="store_true")
     p.add_argument("--keep-background", action="store_true")
-    p.add_argument("--drop-weak-neurons", action="store_true", help="weak/mixed neurons get sign 0")
+    p.add_argument("--drop-weak-neurons", action="store_true", help="weak/mixed neurons get no sign")
+    p.add_argument("--weight", choices=list(EDGE_WEIGHTS), default="count",
+                   help="edge weight: count (synapses, default) or score (summed union score)")
+    p.add_argument("--annotation-kind", choices=["line", "point"], default="line",
+                   help="neuroglancer annotations: line pre site → post site (default) or point at the cleft")
     p.add_argument("--sign-table", help="per-neuron table (CSV/Parquet) used as the first sign source")
     p.add_argument("--sign-neuron-col", default="neuron", help="neuron id column of --sign-table")
     p.add_argument("--sign-class-col", help="class column (cell type / transmitter) of --sign-table")
@@ -65,7 +74,7 @@ def main(argv=None) -> int:
         p.error(f"unknown format(s) {bad}; choose from {', '.join(FORMATS)}")
     cfg = SignConfig(min_synapse_score=a.min_score, min_partner_conf=a.min_partner_conf,
                      drop_autapses=not a.keep_autapses, drop_background=not a.keep_background,
-                     drop_weak_neurons=a.drop_weak_neurons)
+                     drop_weak_neurons=a.drop_weak_neurons, edge_weight=a.weight)
     try:
         from cleftwise.storage.db import open_store
 
@@ -87,7 +96,7 @@ def main(argv=None) -> int:
         with open_store(a.db, create=False, readonly=True) as store:
             syn = store.query()
         signs = signs_for(syn, cfg, sources, use_synapses=not a.no_synapse_signs)
-        written = export_graph(syn, a.out, formats, signs=signs, cfg=cfg)
+        written = export_graph(syn, a.out, formats, signs=signs, cfg=cfg, annotation_kind=a.annotation_kind)
     except (StorageError, PostprocessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -17,7 +17,8 @@ synapses vote against the neuron's sign.
 
 Edges (:func:`build_edges`): directed pre → post with synapse count, summed size, mean
 scores; each edge carries its presynaptic neuron's sign and ``weight = sign · n_synapses``
-(0 where the sign is unknown).
+(0 where the sign is unknown). Exports (:mod:`cleftwise.postprocess.export`) turn this into a
+positive ``weight``, a ``sign`` that is missing when unknown and a ``signed_weight``.
 
 Sign sources — every one returns the same per-neuron frame (``neuron``, ``sign`` ∈ {+1, −1, 0},
 ``p_excitatory``, ``confidence``, ``weak``, ``mixed``, ``source``), so they compose in
@@ -48,7 +49,7 @@ import pandas as pd
 
 from cleftwise.postprocess.errors import PostprocessError
 
-__all__ = ["SignConfig", "SIGN_PRESETS", "resolve_sign_map", "neuron_signs_from_synapses",
+__all__ = ["SignConfig", "EDGE_WEIGHTS", "SIGN_PRESETS", "resolve_sign_map", "neuron_signs_from_synapses",
            "signs_from_table", "signs_from_class_probs", "combine_signs", "filter_synapses",
            "build_edges", "node_table", "signed_adjacency"]
 
@@ -64,6 +65,10 @@ SIGN_PRESETS: dict[str, dict[str, int]] = {
     "microns": {"e": 1, "basket": -1, "bipolar": -1, "chandelier": -1, "martinotti": -1,
                 "neurogliaform": -1, "unknown_type": 0},
 }
+
+
+#: what an exported edge's positive ``weight`` measures (:attr:`SignConfig.edge_weight`)
+EDGE_WEIGHTS = ("count", "score")
 
 
 @dataclass
@@ -87,7 +92,15 @@ class SignConfig:
     drop_background: bool = True
     """drop synapses with a background (0) pre or post neuron"""
     drop_weak_neurons: bool = False
-    """give weak/mixed neurons sign 0 in the edges (kept, but unsigned)"""
+    """give weak/mixed neurons sign 0 in the edges (kept, but unsigned: no sign in exports)"""
+    edge_weight: str = "count"
+    """exported edge ``weight`` (always ≥ 0): count (number of synapses) or score (summed
+    score_union of the edge's synapses); the sign is a separate attribute"""
+
+    def __post_init__(self):
+        if self.edge_weight not in EDGE_WEIGHTS:
+            raise PostprocessError(f"edge_weight must be one of {', '.join(EDGE_WEIGHTS)}, "
+                                   f"got {self.edge_weight!r}")
 
 
 def _need(df: pd.DataFrame, cols: Iterable[str], what: str) -> None:

@@ -2,13 +2,26 @@
 and neuroglancer annotations of the synapses.
 
 Input is a synapse table (as the synapse DB returns it); signs come from
-:mod:`cleftwise.postprocess.connectome`. Files written under ``out`` (a folder):
+:mod:`cleftwise.postprocess.connectome`. Every format sees the same synapses: the filters of
+:class:`~cleftwise.postprocess.connectome.SignConfig` (min score, min partner confidence,
+autapses, background) apply to the annotations as to the edges. Files written under ``out``:
 
-- ``edges.{csv,parquet}``: pre, post, n_synapses, total_size, mean scores, sign, weight;
+- ``edges.{csv,parquet}``: pre, post, n_synapses, total_size, mean scores, ``weight``,
+  ``sign``, ``signed_weight``, sign_confidence;
 - ``nodes.{csv,parquet}``: neuron, degrees, synapse counts, sign, p_excitatory, flags;
 - ``graph.graphml``: the same as a networkx DiGraph (node/edge attributes);
-- ``adjacency.npz``: scipy CSR signed adjacency + ``neurons.npy`` (row/column index);
-- ``annotations/``: neuroglancer precomputed LINE annotations pre site → post site.
+- ``adjacency.npz``: scipy CSR *signed* adjacency (``signed_weight``) + ``neurons.npy``
+  (row/column index); edges whose sign is unknown are **not** stored in it (no explicit 0s);
+  ``weights.npz``: the positive ``weight`` of every edge, same index;
+- ``annotations/``: neuroglancer precomputed annotations (LINE pre site → post site, or POINT
+  at the cleft centroid) with pre/post neuron relationships (:mod:`cleftwise.storage.ng_annotations`).
+
+Edge attributes: ``weight`` ≥ 0 is the synapse count (``edge_weight: count``, default) or the
+summed ``score_union`` of the edge's synapses (``edge_weight: score``), so shortest-path and
+flow algorithms can use it; ``sign`` is +1 / −1, the presynaptic neuron's sign, and
+**missing** when unknown (no GraphML attribute; empty in CSV, null in Parquet — pandas reads
+NaN / <NA>), never 0; ``signed_weight = sign · weight`` (missing when the sign is). Node
+``sign`` follows the same rule.
 """
 
 from __future__ import annotations
@@ -23,16 +36,17 @@ import pandas as pd
 from cleftwise.storage.atomic import atomic_path
 from cleftwise.storage.ng_annotations import write_synapse_annotations
 
-from cleftwise.postprocess.connectome import (SignConfig, build_edges, combine_signs, neuron_signs_from_synapses, node_table,
-                         signed_adjacency, signs_from_class_probs, signs_from_table)
+from cleftwise.postprocess.connectome import (EDGE_WEIGHTS, SignConfig, build_edges, combine_signs, filter_synapses,
+                                              neuron_signs_from_synapses, node_table, signs_from_class_probs,
+                                              signs_from_table)
 from cleftwise.postprocess.errors import PostprocessError
 
-__all__ = ["FORMATS", "FILES", "SignTableConfig", "export_graph", "export_paths", "signs_for",
-           "table_signs"]
+__all__ = ["FORMATS", "FILES", "SignTableConfig", "export_graph", "export_paths", "graph_tables",
+           "signs_for", "table_signs"]
 
 #: what each format writes under the output folder (``annotations`` is a folder)
 FILES = {"csv": ("edges.csv", "nodes.csv"), "parquet": ("edges.parquet", "nodes.parquet"),
-         "graphml": ("graph.graphml",), "npz": ("adjacency.npz", "neurons.npy"),
+         "graphml": ("graph.graphml",), "npz": ("adjacency.npz", "weights.npz", "neurons.npy"),
          "neuroglancer": ("annotations",)}
 FORMATS = tuple(FILES)
 
@@ -110,9 +124,41 @@ def signs_for(syn: pd.DataFrame, cfg: SignConfig = SignConfig(),
     return combine_signs(frames)
 
 
+def graph_tables(syn: pd.DataFrame, signs: Optional[pd.DataFrame] = None,
+                 cfg: SignConfig = SignConfig()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(edges, nodes) as exported: positive ``weight`` (``cfg.edge_weight``), nullable
+    ``sign`` (+1/−1, <NA> when unknown) and ``signed_weight`` (see the module docstring)."""
+    if cfg.edge_weight not in EDGE_WEIGHTS:
+        raise PostprocessError(f"edge_weight must be one of {', '.join(EDGE_WEIGHTS)}, got {cfg.edge_weight!r}")
+    edges = build_edges(syn, signs, cfg)
+    nodes = node_table(edges, signs)
+    if cfg.edge_weight == "score":
+        kept = filter_synapses(syn, cfg)
+        if "score_union" not in kept:
+            raise PostprocessError("edge_weight score needs the synapses' score_union")
+        score = kept.assign(pre=kept["pre_neuron"].astype(np.int64), post=kept["post_neuron"].astype(np.int64),
+                            s=kept["score_union"].fillna(0).astype(float)).groupby(["pre", "post"])["s"].sum()
+        weight = score.reindex(pd.MultiIndex.from_frame(edges[["pre", "post"]])).to_numpy(np.float64)
+    else:
+        weight = edges["n_synapses"].to_numpy(np.int64)
+    nullable = "Float64" if weight.dtype.kind == "f" else "Int64"
+    sign = edges["sign"].astype("Int8").where(edges["sign"] != 0, pd.NA)
+    edges = edges.drop(columns=["weight", "sign"])
+    at = edges.columns.get_loc("sign_confidence") if "sign_confidence" in edges else len(edges.columns)
+    edges.insert(at, "weight", weight)
+    edges.insert(at + 1, "sign", sign.to_numpy())
+    edges.insert(at + 2, "signed_weight", pd.array(weight, dtype=nullable) * sign.astype(nullable).array)
+    edges["sign"] = edges["sign"].astype("Int8")
+    nodes["sign"] = nodes["sign"].astype("Int8").where(nodes["sign"] != 0, pd.NA)
+    return edges, nodes
+
+
 def export_graph(syn: pd.DataFrame, out: str, formats: Sequence[str] = ("csv",),
-                 signs: Optional[pd.DataFrame] = None, cfg: SignConfig = SignConfig()) -> dict:
-    """Build edges/nodes from ``syn`` and write the requested formats; returns {format: path}."""
+                 signs: Optional[pd.DataFrame] = None, cfg: SignConfig = SignConfig(),
+                 annotation_kind: str = "line") -> dict:
+    """Build edges/nodes from ``syn`` and write the requested formats; returns {format: path}.
+
+    ``annotation_kind``: ``line`` (pre site → post site) or ``point`` (cleft centroid)."""
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise PostprocessError(f"unknown export format(s) {bad}; choose from {', '.join(FORMATS)}")
@@ -122,8 +168,7 @@ def export_graph(syn: pd.DataFrame, out: str, formats: Sequence[str] = ("csv",),
         raise PostprocessError(f"cannot create the export folder {out}: {e.strerror or e}") from e
     if signs is None:
         signs = signs_for(syn, cfg)
-    edges = build_edges(syn, signs, cfg)
-    nodes = node_table(edges, signs)
+    edges, nodes = graph_tables(syn, signs, cfg)
     written = {}
     if "csv" in formats:
         _write(out, "edges.csv", lambda tmp: edges.to_csv(tmp, index=False))
@@ -147,11 +192,18 @@ def export_graph(syn: pd.DataFrame, out: str, formats: Sequence[str] = ("csv",),
     if "npz" in formats:
         from scipy import sparse
 
-        A = signed_adjacency(edges, nodes)
+        index = pd.Index(nodes["neuron"].to_numpy(np.int64))
+        rows, cols = index.get_indexer(edges["pre"]), index.get_indexer(edges["post"])
+        n = len(index)
+        known = edges["signed_weight"].notna().to_numpy()
+        A = sparse.csr_matrix((edges["signed_weight"][known].to_numpy(float), (rows[known], cols[known])), shape=(n, n))
+        W = sparse.csr_matrix((edges["weight"].to_numpy(float), (rows, cols)), shape=(n, n))
         written["npz"] = _write(out, "adjacency.npz", lambda tmp: sparse.save_npz(tmp, A))
-        _write(out, "neurons.npy", lambda tmp: np.save(tmp, nodes["neuron"].to_numpy(np.int64)))
+        _write(out, "weights.npz", lambda tmp: sparse.save_npz(tmp, W))
+        _write(out, "neurons.npy", lambda tmp: np.save(tmp, index.to_numpy(np.int64)))
     if "neuroglancer" in formats:
-        written["neuroglancer"] = write_synapse_annotations(syn, os.path.join(out, "annotations"))
+        written["neuroglancer"] = write_synapse_annotations(filter_synapses(syn, cfg), os.path.join(out, "annotations"),
+                                                            kind=annotation_kind)
     return written
 
 
@@ -165,7 +217,9 @@ def _write(out: str, name: str, writer) -> str:
 
 
 def _plain(v):
-    """numpy scalars → Python (GraphML needs str/int/float/bool); NaN → None (omitted)."""
+    """numpy scalars → Python (GraphML needs str/int/float/bool); NaN / <NA> → None (omitted)."""
+    if v is pd.NA:
+        return None
     if isinstance(v, (np.bool_, bool)):
         return bool(v)
     if isinstance(v, (np.integer,)):

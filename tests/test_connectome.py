@@ -87,7 +87,7 @@ def test_exports_round_trip(tmp_path):
     A = sparse.load_npz(out["npz"])
     neurons = list(np.load(tmp_path / "g" / "neurons.npy"))
     for r in edges.itertuples():
-        assert A[neurons.index(r.pre), neurons.index(r.post)] == r.weight
+        assert A[neurons.index(r.pre), neurons.index(r.post)] == r.signed_weight
     assert os.path.exists(tmp_path / "g" / "annotations" / "info")
 
 
@@ -110,7 +110,7 @@ def test_export_cli_from_sqlite(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     edges = pd.read_parquet(tmp_path / "g" / "edges.parquet").set_index(["pre", "post"])
-    assert edges.loc[(2, 1), "weight"] == -5
+    assert edges.loc[(2, 1), "signed_weight"] == -5 and edges.loc[(2, 1), "weight"] == 5
     bad = subprocess.run([sys.executable, os.path.join(repo, "launch/export_graph.py"), "--db", url,
                           "--out", str(tmp_path / "h"), "--format", "xls"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown format" in bad.stderr

@@ -83,7 +83,7 @@ def test_manc_signed_graph_fish_vs_predicted(tmp_path):
     edges = pd.read_csv(tmp_path / "export" / "edges.csv")
     fish = pd.read_csv(os.path.join(MANC, "neurons_nt.csv")).set_index("bodyId")["nt_class"]
     expect = np.where(fish.reindex(edges["pre"]).to_numpy() == "acetylcholine", 1, -1)
-    assert (np.sign(edges["weight"].to_numpy()) == expect).all()
+    assert (np.sign(edges["signed_weight"].to_numpy()) == expect).all() and (edges["weight"] > 0).all()
 
 
 def test_microns_classifier_beats_majority_baseline():

@@ -214,7 +214,8 @@ def test_cli_import_then_export_signed(tmp_path):
                          capture_output=True, text=True)
     assert exp.returncode == 0, exp.stderr
     edges = pd.read_csv(tmp_path / "g" / "edges.csv").set_index(["pre", "post"])
-    assert edges.loc[(11, 21), "weight"] == -1 and edges.loc[(12, 11), "weight"] == 1
-    assert edges.loc[(30, 11), "weight"] == 0  # serotonin: modulatory, unsigned
+    assert edges.loc[(11, 21), "signed_weight"] == -1 and edges.loc[(12, 11), "signed_weight"] == 1
+    # serotonin: modulatory, unsigned: a positive weight, no sign (not 0)
+    assert edges.loc[(30, 11), "weight"] == 1 and pd.isna(edges.loc[(30, 11), "sign"])
     nodes = pd.read_csv(tmp_path / "g" / "nodes.csv").set_index("neuron")
     assert nodes.loc[11, "class"] == "GABA" and nodes.loc[11, "source"] == "types.csv"
