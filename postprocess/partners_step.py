@@ -38,7 +38,7 @@ from cleftwise.postprocess.preflight import check_db, check_neurons
 from cleftwise.blockwise.step import BlockStep
 from cleftwise.postprocess.errors import PostprocessError
 from cleftwise.postprocess.partners import dilation_radius_voxels, merge_partner_votes, partner_votes_block
-from cleftwise.postprocess.segment import SegmentConfig
+from cleftwise.postprocess.segment import SegmentConfig, sides_url
 from cleftwise.postprocess.polarity import assign_sides, merge_polarity_stats, polarity_stats_block
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.atomic import save_parquet
@@ -95,6 +95,9 @@ class PartnersConfig:
     missing_chunks: str = "error"
     """never-written chunks of this stage's input volumes: error or zeros; zeros here or in the
     top-level missing_chunks reads them as zeros"""
+    sides: Optional[str] = None
+    """uint8 side volume (1 pre, 2 post) of a segment run with a pytc decoding: voxel sides are
+    read from it instead of decided here (side_threshold, side_rule unused) (the pipeline fills it)"""
 
     #: fields that do not change the records (left out of the job identity)
     NOT_IDENTITY = ("work_dir", "db", "missing_chunks")
@@ -149,13 +152,20 @@ class PartnersStep(BlockStep):
                     f"({self.total_roi})")
             if seg.num_channels is not None:
                 raise PostprocessError(f"{cfg.neurons}: neuron segmentation must be (z, y, x)")
+        if cfg.sides:
+            sv = open_volume(cfg.sides)
+            if sv.roi != self.total_roi or sv.voxel_size != self.voxel_size or sv.num_channels is not None:
+                raise PostprocessError(
+                    f"partners: side volume {cfg.sides} ({sv.roi}, {tuple(sv.voxel_size)} nm) does not "
+                    f"match the predictions ({self.total_roi}, {tuple(self.voxel_size)} nm); re-run segment")
 
     @property
     def block(self) -> Coordinate:
         return self.write_size
 
     def identity(self) -> dict:
-        s = {k: v for k, v in asdict(self.cfg).items() if k not in PartnersConfig.NOT_IDENTITY}
+        s = {k: v for k, v in asdict(self.cfg).items() if k not in PartnersConfig.NOT_IDENTITY
+             and not (k == "sides" and v is None)}  # jobs without a side volume keep their identity
         s["channel_indices"] = list(self.channels)
         if os.path.exists(self.cfg.instances):  # other instances (a new segmentation) re-run partners
             with open(self.cfg.instances, "rb") as f:
@@ -172,14 +182,18 @@ class PartnersStep(BlockStep):
             os.makedirs(os.path.join(self.work_dir, sub), exist_ok=True)
         m = c.missing_chunks
         yield {"pred": open_volume(c.predictions, missing=m), "labels": open_volume(c.labels, missing=m),
-               "seg": open_volume(c.neurons, missing=m) if c.neurons else None}
+               "seg": open_volume(c.neurons, missing=m) if c.neurons else None,
+               "sides": open_volume(c.sides, missing=m) if c.sides else None}
 
     def process(self, block: Block, w) -> None:
         c = self.cfg
         roi = block.read_roi
         lab = w["labels"].read(roi, fill_outside=True)
         probs = w["pred"].read(roi, fill_outside=True)[self.channels]
-        sides = assign_sides(lab, probs, mode=c.polarity_mode, threshold=c.side_threshold, rule=c.side_rule)
+        if w["sides"] is not None:  # decided by the segment stage (pytc decodings)
+            sides = np.where(lab != 0, w["sides"].read(roi, fill_outside=True), 0).astype(np.uint8)
+        else:
+            sides = assign_sides(lab, probs, mode=c.polarity_mode, threshold=c.side_threshold, rule=c.side_rule)
         core = tuple(slice(int(k), int(k + s)) for k, s in
                      zip(self.context, block.write_roi.shape / self.voxel_size))
         stats = polarity_stats_block(lab[core], probs[(slice(None),) + core],
@@ -208,9 +222,24 @@ class PartnersStep(BlockStep):
 def partners_config(segment: SegmentConfig, db: str, work_dir: str, **settings) -> PartnersConfig:
     """A partners config reading what the segment run ``segment`` wrote (predictions, labels,
     instances, block shape), writing records to ``db``; ``settings`` are PartnersConfig fields."""
+    extra = {}
+    if segment.decoding != "cleftwise":
+        extra = {"sides": sides_url(segment),
+                 "polarity_mode": _pytc_polarity_mode(segment, settings.pop("polarity_mode", None))}
     return PartnersConfig(**{"predictions": segment.predictions, "labels": segment.output,
                              "instances": os.path.join(segment.work_dir, "instances.parquet"), "db": db,
-                             "work_dir": work_dir, "block_shape": tuple(segment.block_shape), **settings})
+                             "work_dir": work_dir, "block_shape": tuple(segment.block_shape),
+                             **extra, **settings})
+
+
+def _pytc_polarity_mode(segment: SegmentConfig, chosen: Optional[str] = None) -> str:
+    """The polarity mode a pytc decoding needs (its channels); a different ``chosen`` one is an error."""
+    need = "exclusive" if segment.decoding == "pytc_exclusive" else "nonexclusive"
+    if chosen is not None and chosen != need:
+        channels = "background/pre/post" if need == "exclusive" else "pre/post/union"
+        raise PostprocessError(f"segment.decoding {segment.decoding} decodes {channels} channels: "
+                               f"set partners.polarity_mode to {need} (got {chosen})")
+    return need
 
 
 def _nm(vox: np.ndarray, axis: int, roi: Roi, vs: Coordinate) -> np.ndarray:
@@ -344,10 +373,21 @@ def _partners_steps(run, cfg: PartnersConfig):
         "db": cfg.db or run.db_url, "work_dir": cfg.work_dir or run.stage_dir("partners"),
         "neurons": cfg.neurons or run.neurons,
         "block_shape": cfg.block_shape or seg.block_shape,
-        "missing_chunks": run.missing_for(cfg)}))
+        "missing_chunks": run.missing_for(cfg), **_pytc_settings(run, cfg)}))
+
+
+def _pytc_settings(run, cfg: PartnersConfig) -> dict:
+    """With a pytc segment decoding: its side volume (and a checked polarity mode)."""
+    seg = run.segment
+    if seg.decoding == "cleftwise":
+        return {}
+    _pytc_polarity_mode(seg, cfg.polarity_mode)
+    return {"sides": cfg.sides or sides_url(SegmentConfig(**{**asdict(seg), "output": seg.output or run.labels_url}))}
 
 
 def _partners_preflight(run, cfg: PartnersConfig) -> None:
+    if run.segment.decoding != "cleftwise":
+        _pytc_polarity_mode(run.segment, cfg.polarity_mode)
     if cfg.neurons or run.neurons:
         check_neurons(cfg.neurons or run.neurons, run.raw)
     check_db(cfg.db or run.db_url)

@@ -1,8 +1,10 @@
 """Synaptic polarity decoding: which voxels of each instance are pre- and which post-synaptic.
 
-Semantics follow PyTorch Connectomics' ``polarity2instance`` (zudi-lin/pytorch_connectomics,
+The thresholds follow PyTorch Connectomics' ``polarity2instance`` (zudi-lin/pytorch_connectomics,
 ``connectomics/decoding/synapse.py``), evaluated per instance of a label volume from
-connected components instead of re-labelling. ``probs`` is (3, z, y, x); values are
+connected components instead of re-labelling; unlike PyTC, small side fragments are kept and a
+voxel above threshold on both sides counts for both (``segment.decoding: pytc`` reproduces PyTC
+exactly: :mod:`cleftwise.postprocess.pytc_decoding`, docs/decoding.md). ``probs`` is (3, z, y, x); values are
 probabilities on the scale ``prob_scale`` (1.0 for float maps, 255 for uint8 maps: the default
 ``None`` picks 255 for uint8 and 1.0 otherwise; thresholds are always given in [0, 1] and
 compared as ``value > threshold * prob_scale``). Only voxels with ``instance_labels != 0``

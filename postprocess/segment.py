@@ -31,10 +31,9 @@ import os
 import threading
 import zipfile
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import pandas as pd
 from funlib.geometry import Coordinate, Roi
 
 from cleftwise.blockwise.grid import Block
@@ -47,8 +46,11 @@ from cleftwise.postprocess.cc_stitch import (apply_lut, block_faces, block_id_of
                         label_block_local, label_components, local_lut, resolve, union_mask)
 from cleftwise.postprocess.errors import PostprocessError
 
-__all__ = ["SegmentConfig", "SegmentLabel", "SegmentStitch", "SegmentRelabel", "resolve_segmentation",
-           "segment_passes", "segment_channel", "STAGE"]
+if TYPE_CHECKING:  # pandas is imported where the driver needs it, not by block workers
+    import pandas as pd
+
+__all__ = ["SegmentConfig", "DECODINGS", "sides_url", "SegmentLabel", "SegmentStitch", "SegmentRelabel",
+           "resolve_segmentation", "segment_passes", "segment_channel", "STAGE"]
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +83,63 @@ class SegmentConfig:
     missing_chunks: str = "error"
     """never-written chunks of this stage's input volumes: error or zeros; zeros here or in the
     top-level missing_chunks reads them as zeros"""
+    decoding: str = "cleftwise"
+    """cleftwise (connected components of the thresholded channel; sides decided by the
+    partners stage), pytc (PyTorch Connectomics' polarity2instance on pre/post/union: small
+    pre/post fragments removed, (1, d, d) dilation, 6-connected labels, voxels on both sides go
+    to post; uses threshold and the pytc_* keys; channel, connectivity, min_size, max_size and
+    min_peak are unused) or pytc_exclusive (the same on the arg-max of background/pre/post
+    softmax channels; needs partners.polarity_mode exclusive). See docs/decoding.md"""
+    pytc_small: int = 128
+    """pytc decodings: pre and post fragments (6-connected) with fewer voxels are removed
+    (PyTC's thres_small)"""
+    pytc_dilation: int = 5
+    """pytc decodings: the foreground is dilated by a (1, d, d) box before labelling, d odd
+    voxels, 1 = none (PyTC's dilate_sz)"""
+    pytc_connectivity: int = 6
+    """pytc decodings: connectivity of the dilated-foreground labelling, 6, 18 or 26 (PyTC since
+    May 2025: 6; before: skimage label, 26)"""
+    sides: str = ""
+    """pytc decodings: uint8 side volume written beside the labels, 1 pre, 2 post (the pipeline
+    fills it: <output>_sides)"""
 
     #: fields that do not change the output (left out of the job identity)
     NOT_IDENTITY = ("work_dir", "missing_chunks")
+    #: fields of the pytc decodings only (left out of the identity of the default decoding)
+    PYTC_FIELDS = ("decoding", "pytc_small", "pytc_dilation", "pytc_connectivity", "sides")
 
     def __post_init__(self):
         if self.connectivity not in (6, 18, 26):
             raise PostprocessError(f"segment: connectivity must be 6, 18 or 26, got {self.connectivity}")
         if not 0.0 <= self.threshold <= 1.0:
             raise PostprocessError(f"segment: threshold must be in [0, 1], got {self.threshold}")
+        if self.decoding not in DECODINGS:
+            raise PostprocessError(f"segment.decoding must be one of {list(DECODINGS)}, got {self.decoding!r}")
+        if self.pytc_connectivity not in (6, 18, 26):
+            raise PostprocessError(
+                f"segment.pytc_connectivity must be 6, 18 or 26, got {self.pytc_connectivity!r}")
+        if isinstance(self.pytc_small, bool) or not isinstance(self.pytc_small, int) or self.pytc_small < 0:
+            raise PostprocessError(f"segment.pytc_small must be an integer >= 0 (voxels), got {self.pytc_small!r}")
+        d = self.pytc_dilation
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1 or d % 2 == 0:
+            raise PostprocessError(
+                f"segment.pytc_dilation must be an odd integer >= 1 (voxels; an even box has no "
+                f"centre voxel), got {d!r}")
+
+    def identity_fields(self) -> dict:
+        """The fields that change the output (the pytc keys only with a pytc decoding, so
+        default-decoding jobs keep their identity)."""
+        skip = self.NOT_IDENTITY + (self.PYTC_FIELDS if self.decoding == "cleftwise" else ())
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+#: values of SegmentConfig.decoding
+DECODINGS = ("cleftwise", "pytc", "pytc_exclusive")
+
+
+def sides_url(cfg: SegmentConfig) -> str:
+    """The side volume of a pytc decoding: ``cfg.sides`` or ``<output>_sides``."""
+    return cfg.sides or (cfg.output.rstrip("/") + "_sides")
 
 
 class _SegmentPass(BlockStep):
@@ -116,8 +166,7 @@ class _SegmentPass(BlockStep):
         return self.write_size
 
     def identity(self) -> dict:
-        return {"channel_index": self.channel,
-                **{k: v for k, v in asdict(self.cfg).items() if k not in SegmentConfig.NOT_IDENTITY}}
+        return {"channel_index": self.channel, **self.cfg.identity_fields()}
 
     def begin_vox(self, roi: Roi) -> tuple:
         return tuple(int(x) for x in (roi.begin - self.total_roi.begin) / self.voxel_size)
@@ -232,6 +281,8 @@ class SegmentStitch(_SegmentPass):
 
 def resolve_segmentation(step: _SegmentPass) -> pd.DataFrame:
     """Union-find over all pairs → ``mapping.npz`` and ``instances.parquet`` (driver, once)."""
+    import pandas as pd  # only the driver's resolve reads records (workers need not)
+
     c, work = step.cfg, step.work_dir
     rec_files = [os.path.join(work, "records", f"{b.block_id}.parquet") for b in step.blocks()]
     pair_files = [os.path.join(work, "pairs", f"{b.block_id}.npy") for b in step.blocks()]
@@ -301,7 +352,12 @@ class SegmentRelabel(_SegmentPass):
 
 def segment_passes(cfg: SegmentConfig) -> list:
     """The three passes of the segment stage, in order (a later pass reads an earlier one's
-    outputs when it runs, so run them in this order)."""
+    outputs when it runs, so run them in this order); the pytc decodings' passes
+    (:mod:`cleftwise.postprocess.pytc_decoding`) when ``cfg.decoding`` names one."""
+    if cfg.decoding != "cleftwise":
+        from cleftwise.postprocess.pytc_decoding import pytc_passes
+
+        return pytc_passes(SegmentConfig(**{**asdict(cfg), "sides": sides_url(cfg)}))
     return [SegmentLabel(cfg), SegmentStitch(cfg), SegmentRelabel(cfg)]
 
 
