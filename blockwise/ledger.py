@@ -156,12 +156,24 @@ class Ledger:
         return {k: v for k, v in out.items() if k not in done}
 
     def mark_done(self, block_id: int, duration_s: float, worker: Optional[str] = None,
-                  extra: Optional[dict] = None) -> None:
-        """Record a block as done. Call only after its output is written and flushed."""
+                  extra: Optional[dict] = None, counters: Optional[dict] = None) -> None:
+        """Record a block as done. Call only after its output is written and flushed.
+
+        ``counters``: the step's integer counters for this block (name → int, e.g. forward
+        passes run), stored as ``counters`` in the record for the step to sum (``records()``);
+        a re-run block replaces its record, so nothing is counted twice."""
         rec = {"block_id": int(block_id), "time": time.time(), "duration_s": float(duration_s),
                "worker": worker or f"{socket.gethostname()}:{os.getpid()}"}
         if extra:
             rec.update(extra)
+        if counters:
+            import numbers
+
+            bad = {k: v for k, v in counters.items()
+                   if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, numbers.Integral)}
+            if bad:
+                raise BlockwiseError(f"block {block_id}: counters must map names to integers, got {bad!r}")
+            rec["counters"] = {k: int(v) for k, v in counters.items()}
         atomic_write_json(self._marker(block_id), rec)
         crashpoints.hit("marker_written", self.name)
         try:

@@ -9,7 +9,9 @@ clamped to ``n - p``, so every patch lies inside the volume and every voxel is c
 patches are the Cartesian product of the per-axis origins. The grid is a fixed function of
 (volume shape, patch shape, stride), which is what makes blockwise prediction block-independent:
 a voxel's value is ``Σ w·p / Σ w`` over the same global patches, whichever write block asks for it.
-Volumes smaller than a patch along an axis must be padded by the caller.
+The sums are exact integers (:mod:`cleftwise.blockwise.patch_sums`), so they can also be split
+across blocks (the predict step runs each patch once and adds the neighbours' spill) and give
+the same bits. Volumes smaller than a patch along an axis must be padded by the caller.
 
 **Blending.** Each patch prediction is weighted by a window (``blend_window``) that is largest in
 the patch centre and small but positive at its faces, so voxels near patch faces (where the
@@ -17,16 +19,21 @@ network sees less context) count less. Each per-axis profile is floored (not the
 so at a volume face, where every covering patch has the same profile along the face's axis,
 the patches keep the relative weights they have in the interior.
 
-**Memory.** ``predict_region`` takes a :class:`Workspace` whose buffers a worker reuses from
-block to block, and :func:`keep_freed_memory` keeps glibc from unmapping the forward pass's
-large buffers after every batch (which cost ~7 M minor page faults per 48 patches).
+**Batches.** :func:`batch_plan` never sends one patch alone when ``batch_size >= 2``: on CPU a
+batch of one takes another convolution path (~1e-6 apart), which would make a patch's
+prediction depend on which block ran it.
+
+**Memory.** ``predict_region`` takes a :class:`Workspace` whose input-batch buffer a worker
+reuses from block to block, and :func:`keep_freed_memory` keeps glibc from unmapping the
+forward pass's large buffers after every batch (which cost ~7 M minor page faults per 48
+patches).
 
 Typical use (per write block)::
 
     read_begin, read_end = required_read_region(wb, we, patch, stride, vol_shape)
     raw = volume[read_begin:read_end]                 # (z, y, x) uint8
     prob = predict_region(TorchPredictor(model), raw, read_begin, wb, we, patch, stride,
-                          vol_shape, blend_window(patch))   # (C, z, y, x) float32 in [0, 1]
+                          vol_shape, blend_profiles(patch))   # (C, z, y, x) float32 in [0, 1]
     out = to_uint8(prob)
 """
 
@@ -44,8 +51,12 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from cleftwise.blockwise.errors import BlockwiseError
+from cleftwise.blockwise.patch_sums import BlendSums
 
 __all__ = [
+    "batch_plan",
+    "blend_profiles",
+    "blend_sums",
     "blend_window",
     "calibrate_batch_size",
     "keep_freed_memory",
@@ -55,6 +66,7 @@ __all__ = [
     "patch_origins",
     "required_read_region",
     "predict_region",
+    "run_patches",
     "normalise_raw",
     "raw_outside_range",
     "resolve_raw_range",
@@ -76,6 +88,39 @@ def _shape3(value: Sequence[int], name: str, minimum: int = 1) -> Shape:
     if len(out) != 3 or any(v < minimum for v in out):
         raise BlockwiseError(f"{name} must be 3 integers >= {minimum} (z, y, x), got {value!r}")
     return out  # type: ignore[return-value]
+
+
+def blend_profiles(patch_shape: Sequence[int], mode: str = "bump", sigma_scale: float = 1.0 / 8,
+                   min_weight: float = 1e-3) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-axis 1-D profiles (float64, lengths pz, py, px; max 1, floored at ``min_weight``)
+    whose outer product is ``blend_window(patch_shape, mode, sigma_scale, min_weight)``.
+
+    Blending with the profiles (``predict_region(window=profiles)``, the predict step) uses the
+    separable maths of :class:`~cleftwise.blockwise.patch_sums.BlendSums`: Σ w per voxel comes
+    from per-axis sums, with no loop over patches."""
+    shape = _shape3(patch_shape, "patch_shape")
+    if mode not in ("bump", "gaussian"):
+        raise BlockwiseError(f"blend_window: mode must be 'bump' or 'gaussian', got {mode!r}")
+    if not 0 < min_weight <= 1:
+        raise BlockwiseError(f"blend_window: min_weight must lie in (0, 1], got {min_weight}")
+    if mode == "gaussian" and not sigma_scale > 0:
+        raise BlockwiseError(f"blend_window: sigma_scale must be > 0, got {sigma_scale}")
+    return tuple(np.maximum(p, min_weight) for p in _raw_profiles(shape, mode, sigma_scale))  # type: ignore[return-value]
+
+
+def _raw_profiles(shape: Shape, mode: str, sigma_scale: float) -> list:
+    profiles = []
+    for n in shape:
+        # Offsets of voxel centres from the patch centre, in voxels; exactly antisymmetric.
+        d = (2.0 * np.arange(n) + 1.0 - n) / 2.0
+        if mode == "bump":
+            t2 = (d / (n / 2.0)) ** 2  # in [0, 1)
+            prof = np.exp(-1.0 / (1.0 - t2))
+        else:
+            sigma = sigma_scale * n
+            prof = np.exp(-(d ** 2) / (2.0 * sigma ** 2))
+        profiles.append(prof / prof.max())
+    return profiles
 
 
 def blend_window(patch_shape: Sequence[int], mode: str = "bump", sigma_scale: float = 1.0 / 8,
@@ -111,20 +156,9 @@ def blend_window(patch_shape: Sequence[int], mode: str = "bump", sigma_scale: fl
         raise BlockwiseError(f"blend_window: min_weight must lie in (0, 1], got {min_weight}")
     if mode == "gaussian" and not sigma_scale > 0:
         raise BlockwiseError(f"blend_window: sigma_scale must be > 0, got {sigma_scale}")
-    profiles = []
-    for n in shape:
-        # Offsets of voxel centres from the patch centre, in voxels; exactly antisymmetric.
-        d = (2.0 * np.arange(n) + 1.0 - n) / 2.0
-        if mode == "bump":
-            t2 = (d / (n / 2.0)) ** 2  # in [0, 1)
-            prof = np.exp(-1.0 / (1.0 - t2))
-        else:
-            sigma = sigma_scale * n
-            prof = np.exp(-(d ** 2) / (2.0 * sigma ** 2))
-        prof = prof / prof.max()
-        if floor == "axis":
-            np.maximum(prof, min_weight, out=prof)
-        profiles.append(prof)
+    profiles = _raw_profiles(shape, mode, sigma_scale)
+    if floor == "axis":
+        profiles = [np.maximum(p, min_weight) for p in profiles]
     w = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
     if floor == "product":
         np.maximum(w, min_weight, out=w)
@@ -267,37 +301,98 @@ def normalise_raw(raw: np.ndarray, raw_range: Tuple[float, float] = (0.0, 255.0)
     return out
 
 
+def batch_plan(n: int, batch_size: int) -> list:
+    """Sizes of the ``model_fn`` calls that evaluate ``n`` patches with at most ``batch_size``
+    per call: full batches, then what is left, never a batch of one patch when ``batch_size
+    >= 2`` (the last two batches share the patches left: 4, 4, 1 → 4, 3, 2). On CPU a patch run
+    alone takes another convolution path and differs by ~1e-6 from the same patch run in any
+    larger batch; every patch is thus predicted the same whichever block runs it. A lone patch
+    (``n == 1 < batch_size``) is sent twice (size 2, see :func:`run_patches`)."""
+    if n <= 0:
+        return []
+    if batch_size <= 1:
+        return [1] * n
+    if n == 1:
+        return [1]
+    sizes = [batch_size] * (n // batch_size)
+    rest = n % batch_size
+    if rest == 1:
+        last = sizes.pop() + 1
+        sizes += [last - last // 2, last // 2]
+    elif rest:
+        sizes.append(rest)
+    return sizes
+
+
+def run_patches(model_fn: ModelFn, raw: np.ndarray, raw_begin: Sequence[int], origins: np.ndarray,
+                patch_shape: Sequence[int], batch_size: int, out_channels: int,
+                scale: Tuple[float, float], workspace: Optional["Workspace"] = None,
+                stats: Optional[dict] = None):
+    """Predict the patches at ``origins`` (N, 3; global voxels) from ``raw`` (whose first voxel
+    is ``raw_begin``), in batches of :func:`batch_plan`; yields ``(origin, pred)`` per patch,
+    ``pred`` (C, pz, py, px) float32 (valid until the next patch of the next batch).
+
+    ``stats`` (a dict) counts ``patches_run`` (distinct patches) and ``patches_padded`` (copies
+    sent only so that no batch holds one patch: a lone patch with ``batch_size >= 2``)."""
+    patch = _shape3(patch_shape, "patch_shape")
+    rb = _shape3(raw_begin, "raw_begin", minimum=0)
+    ws = workspace if workspace is not None else Workspace()
+    start = 0
+    for size in batch_plan(len(origins), batch_size):
+        chunk = origins[start:start + size]
+        start += size
+        pad = 1 if (size == 1 and batch_size >= 2) else 0
+        batch = ws.array("batch", (size + pad, 1) + patch)
+        for i, o in enumerate(chunk):
+            sl = tuple(slice(int(a) - r, int(a) - r + p) for a, r, p in zip(o, rb, patch))
+            normalise_raw(raw[sl], scale, reciprocal=True, out=batch[i, 0])
+        if pad:
+            batch[1] = batch[0]
+        pred = np.asarray(model_fn(batch))
+        expected = (size + pad, out_channels) + patch
+        if pred.shape != expected:
+            raise BlockwiseError(f"predict_region: model_fn returned shape {pred.shape}, expected {expected}")
+        pred = pred.astype(np.float32, copy=False)
+        if stats is not None:
+            stats["patches_run"] = stats.get("patches_run", 0) + size
+            stats["patches_padded"] = stats.get("patches_padded", 0) + pad
+        for o, p in zip(chunk, pred):
+            yield tuple(int(x) for x in o), p
+
+
 def predict_region(model_fn: ModelFn, raw: np.ndarray, raw_begin: Sequence[int],
                    write_begin: Sequence[int], write_end: Sequence[int], patch_shape: Sequence[int],
-                   stride: Sequence[int], volume_shape: Sequence[int], window: Optional[np.ndarray] = None,
+                   stride: Sequence[int], volume_shape: Sequence[int], window=None,
                    batch_size: int = 4, out_channels: int = 3,
                    raw_range: Optional[Sequence[float]] = None,
-                   workspace: Optional["Workspace"] = None) -> np.ndarray:
-    """Blended prediction over the write region [write_begin, write_end) (z, y, x voxels).
+                   workspace: Optional["Workspace"] = None, stats: Optional[dict] = None) -> np.ndarray:
+    """Blended prediction over the write region [write_begin, write_end) (z, y, x voxels),
+    running every global patch that overlaps it (the whole-volume path; the predict step runs
+    each patch once per job and adds neighbours' sums, with the same maths and bits).
 
     Args:
         model_fn: maps a batch (B, 1, pz, py, px) float32 in [0, 1] to (B, C, pz, py, px)
-            probabilities (e.g. a ``TorchPredictor``).
+            probabilities in [0, 1] (e.g. a ``TorchPredictor``).
         raw: (z, y, x) raw intensities covering at least ``required_read_region(...)``, scaled
             to [0, 1] by :func:`normalise_raw` with ``raw_range``.
         raw_begin: global voxel (z, y, x) of ``raw[0, 0, 0]``.
         patch_shape, stride, volume_shape: define the global grid (see module docstring).
-        window: (pz, py, px) positive blending weights; None → ``blend_window(patch_shape)``.
-        batch_size: patches per ``model_fn`` call; the last call of a region gets the patches
-            left over (fewer, never padded), so each patch is evaluated exactly once.
+        window: three per-axis profiles (:func:`blend_profiles`, separable maths) or a
+            (pz, py, px) array of positive weights (:func:`blend_window`); None →
+            ``blend_profiles(patch_shape)``.
+        batch_size: patches per ``model_fn`` call (:func:`batch_plan`: never one patch alone
+            when >= 2), so each patch is evaluated exactly once.
         out_channels: C, the number of channels ``model_fn`` returns.
         raw_range: [low, high] intensities mapped to [0, 1]; None = the default of raw's dtype
             (:func:`resolve_raw_range`: uint8 0–255, float32 0–1).
-        workspace: a :class:`Workspace` whose buffers (input batch, Σw·p, Σw, one weighted
-            patch) are reused from call to call, so a worker does not allocate, and fault in,
-            fresh memory for every block. None: fresh buffers. With a workspace, the returned
-            array is a view into it, valid until the next call with the same workspace.
+        workspace: a :class:`Workspace` whose input-batch buffer is reused from call to call.
+        stats: a dict to count patches into (:func:`run_patches`).
 
     Returns:
         float32 (C, wz, wy, wx): ``Σ w·p / Σ w`` over every global patch overlapping the write
-        region. Patches are accumulated in lexicographic origin order, so a voxel receives the
-        same sequence of float32 additions whichever write block contains it: blockwise results
-        equal whole-volume results up to differences in ``model_fn`` itself.
+        region, computed with the exact fixed-point sums of
+        :class:`~cleftwise.blockwise.patch_sums.BlendSums`: the same bits whichever region,
+        block split or patch order computes a voxel.
     """
     patch = _shape3(patch_shape, "patch_shape")
     wb, we = _check_write_region(write_begin, write_end, volume_shape)
@@ -315,51 +410,31 @@ def predict_region(model_fn: ModelFn, raw: np.ndarray, raw_begin: Sequence[int],
             f"predict_region: raw covers [{rb}, {raw_end}) but the write region [{wb}, {we}) needs "
             f"[{read_begin}, {read_end})"
         )
-    if window is None:
-        window = blend_window(patch)
-    window = np.asarray(window, dtype=np.float32)
-    if window.shape != patch or not np.all(window > 0):
-        raise BlockwiseError(
-            f"predict_region: window must be positive with shape {patch}, got shape {window.shape}"
-        )
-
+    sums = blend_sums(volume_shape, patch, stride, window)
     origins = patch_origins(wb, we, patch, stride, volume_shape)
-    wshape = tuple(e - b for b, e in zip(wb, we))
-    ws = workspace if workspace is not None else Workspace()
-    num = ws.array("num", (out_channels,) + wshape, zero=True)
-    den = ws.array("den", wshape, zero=True)
+    box = (wb, we)
+    num = sums.zeros(out_channels, box)
+    norm = sums.norm_max(box)
     log.debug("predict_region write [%s, %s): %d patches", wb, we, len(origins))
+    for o, p in run_patches(model_fn, raw, rb, origins, patch, batch_size, out_channels, scale,
+                            workspace, stats):
+        sums.add(num, wb, o, p, norm)
+    return sums.finalize(num, box)
 
-    # Per patch: slice in the raw array, and (patch-local, write-local) slices of the overlap.
-    def raw_slices(o: np.ndarray) -> Tuple[slice, ...]:
-        return tuple(slice(int(a) - r, int(a) - r + p) for a, r, p in zip(o, rb, patch))
 
-    def overlap(o: np.ndarray) -> Tuple[Tuple[slice, ...], Tuple[slice, ...]]:
-        lo = np.maximum(o, wb)
-        hi = np.minimum(o + patch, we)
-        local = tuple(slice(int(a - b), int(c - b)) for a, b, c in zip(lo, o, hi))
-        out = tuple(slice(int(a - b), int(c - b)) for a, b, c in zip(lo, wb, hi))
-        return local, out
-
-    for start in range(0, len(origins), batch_size):
-        chunk = origins[start:start + batch_size]
-        batch = ws.array("batch", (len(chunk), 1) + patch)
-        for i, o in enumerate(chunk):
-            normalise_raw(raw[raw_slices(o)], scale, reciprocal=True, out=batch[i, 0])
-        pred = np.asarray(model_fn(batch))
-        expected = (len(chunk), out_channels) + patch
-        if pred.shape != expected:
-            raise BlockwiseError(f"predict_region: model_fn returned shape {pred.shape}, expected {expected}")
-        pred = pred.astype(np.float32, copy=False)
-        for o, p in zip(chunk, pred):
-            local, out = overlap(o)
-            w = window[local]
-            wp = ws.array("weighted", (out_channels,) + w.shape)
-            np.multiply(w, p[(slice(None),) + local], out=wp)
-            num[(slice(None),) + out] += wp
-            den[out] += w
-    num /= den
-    return num
+def blend_sums(volume_shape: Sequence[int], patch_shape: Sequence[int], stride: Sequence[int],
+               window=None) -> BlendSums:
+    """The :class:`~cleftwise.blockwise.patch_sums.BlendSums` of a global grid; ``window`` as
+    in :func:`predict_region` (None: ``blend_profiles(patch_shape)``). BlockwiseError for a
+    window that is not positive with the patch's shape."""
+    patch = _shape3(patch_shape, "patch_shape")
+    axes = grid_origins(volume_shape, patch, stride)
+    if window is None:
+        window = blend_profiles(patch)
+    try:
+        return BlendSums(volume_shape, patch, stride, window, axes)
+    except BlockwiseError as e:
+        raise BlockwiseError(f"predict_region: {e}") from e
 
 
 class Workspace:
@@ -374,6 +449,7 @@ class Workspace:
         self._buffers: dict = {}
 
     def array(self, name: str, shape: Sequence[int], zero: bool = False) -> np.ndarray:
+        """A float32 view of ``shape`` into buffer ``name`` (zeroed when ``zero``)."""
         size = int(np.prod(shape, dtype=np.int64))
         buf = self._buffers.get(name)
         if buf is None or buf.size < size:
@@ -435,12 +511,13 @@ class TorchPredictor:
         num_threads: if given, ``torch.set_num_threads(num_threads)`` (process-wide).
         pin_memory: use pinned host buffers for CUDA transfers.
 
-    A batch runs at its true size, never padded: ``patches_evaluated`` counts the patches run
-    through the model (a TTA patch counts once) and ``forward_calls`` the calls. CPU
-    convolutions may take another code path for a single sample, so a patch's probabilities
-    can differ by ~1e-5 between batch sizes; blockwise and whole-volume results agree to
-    that tolerance (cleftwise before the issue "Prediction inner loop …" padded a batch of one
-    to two to make them bit-identical, at twice the cost).
+    A batch runs at its true size: ``patches_evaluated`` counts the patches run through the
+    model (a TTA patch counts once) and ``forward_calls`` the calls. CPU convolutions take
+    another code path for a single sample, so a patch run alone differs by ~1e-6 from the same
+    patch in a larger batch (measured bit-identical across batches of 2..5);
+    :func:`batch_plan` therefore never sends one patch alone when ``batch_size >= 2`` (a block
+    with a single patch sends it twice), which keeps blockwise and whole-volume results
+    bit-identical.
     """
 
     def __init__(self, model, device: Union[str, "torch.device", None] = "auto",

@@ -1,10 +1,25 @@
 """The ``predict`` step: blockwise sliding-window inference of a 3D CNN over a volume.
 
-Each worker loads the model once. A block reads the union of the *global* patches that cover
-its write ROI (:func:`cleftwise.blockwise.sliding_window.required_read_region`), predicts them in
-batches, blends them with the window and writes Σw·p / Σw over its write ROI. Because the
-patch grid is global (origins at the input volume's origin + k·stride), a voxel gets the same
-value whatever the block shape, backend, worker count or number of resumes.
+Patches lie on one *global* grid (origins at the input volume's origin + k·stride,
+:func:`~cleftwise.blockwise.sliding_window.grid_origins`) and each patch is predicted once per
+job, in two passes (a stage of two steps):
+
+1. :class:`PredictStep`: a block runs the patches whose origin lies in its write ROI (patches
+   starting before the ROI go to the first block along that axis), in batches, and adds
+   their blended predictions as exact integer sums
+   (:class:`~cleftwise.blockwise.patch_sums.BlendSums`). It writes the voxels no other
+   block's patch reaches, and saves the rest of its sums (its low-face margins and the spill
+   past its high faces into up to 7 neighbours) to ``<work_dir>/predict_sums/<block>.npz``.
+2. :class:`PredictBlendStep` (no model): a block adds its own saved sums and its lower
+   neighbours' spill, divides by Σ w (a function of the grid) and writes the remaining voxels;
+   the sums are deleted when every block is blended.
+
+Integer sums do not depend on their order, so a voxel gets the same bits whatever the block
+shape, backend, worker count or resumes, and the same bits as
+:func:`~cleftwise.blockwise.sliding_window.predict_region` over the whole volume. Both passes
+overwrite, never add: a re-run block gives the same file and voxels. Pass 1 records per block
+the forward passes run (the predictor's count), summed in the run report beside the minimal
+count (the grid patches touching the ROI).
 
 Output: a (c, z, y, x) volume of probabilities, uint8 0–255 (default) or float16, with the
 input's voxel size and the ROI's offset.
@@ -16,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from typing import Optional, Union
 
@@ -30,16 +46,18 @@ from cleftwise.storage.volume import open_volume
 
 from cleftwise.blockwise.grid import Block
 from cleftwise.blockwise.errors import BlockwiseError
-from cleftwise.blockwise.sliding_window import (torch_threads, TorchPredictor, Workspace, blend_window,
-                                                calibrate_batch_size, keep_freed_memory, predict_region,
-                                                raw_outside_range, required_read_region,
-                                                resolve_raw_range, to_uint8)
+from cleftwise.blockwise.ledger import Ledger
+from cleftwise.blockwise.patch_sums import box_minus_box, final_begin, intersect, minimal_patch_count, owned
+from cleftwise.blockwise.sliding_window import (torch_threads, TorchPredictor, Workspace, blend_profiles,
+                                                blend_sums, calibrate_batch_size, grid_origins,
+                                                keep_freed_memory, raw_outside_range, resolve_raw_range,
+                                                run_patches, to_uint8)
 from cleftwise.blockwise.stages import Stage
 from cleftwise.postprocess.preflight import check_checkpoint
 from cleftwise.blockwise.step import ArraySpec, BlockStep
 from cleftwise.postprocess.errors import PostprocessError
 
-__all__ = ["PredictConfig", "PredictStep", "channel_names", "checked_raw_range", "check_raw_values",
+__all__ = ["PredictConfig", "PredictStep", "PredictBlendStep", "channel_names", "checked_raw_range", "check_raw_values",
            "batch_cache_path", "BATCH_CANDIDATES", "STAGE"]
 
 log = logging.getLogger(__name__)
@@ -157,8 +175,11 @@ class PredictStep(BlockStep):
 
     name = "predict"
 
-    def __init__(self, cfg: PredictConfig):
+    def __init__(self, cfg: PredictConfig, blend_in_finish: bool = True):
         self.cfg = cfg
+        #: run pass 2 (:class:`PredictBlendStep`) in :meth:`finish`, locally; the stage runs it
+        #: as a step of its own on the backend instead
+        self.blend_in_finish = bool(blend_in_finish)
         for key in ("input", "output", "checkpoint"):
             if not getattr(cfg, key):
                 raise PostprocessError(f"predict: '{key}' is not set")
@@ -223,20 +244,96 @@ class PredictStep(BlockStep):
                 # the window's per-axis floor (issue "Prediction inner loop …") changed the
                 # predictions: a job started with the product floor is not resumed by this one
                 "blend_floor": "axis",
+                # exact fixed-point blending, each patch once per job (issue 21): other bits and
+                # a two-pass layout, so a job of the earlier per-block blending is not resumed
+                "blend_sums": "fixed_point",
                 # raw_range only when set, so jobs started before the setting existed resume
                 **({"raw_range": list(self.raw_range)} if c.raw_range is not None else {}),
                 **{k: v for k, v in asdict(c).items()
                    if k not in PredictConfig.NOT_IDENTITY and k != "raw_range"}}
 
-    # -- work -----------------------------------------------------------------------------
-    def read_roi(self, block: Block) -> tuple[Roi, tuple, tuple]:
-        """Read ROI (nm) and write begin/end (voxels, global grid) of ``block``."""
+    # -- geometry (voxels of the input volume: the global grid's origin) -----------------
+    def write_box(self, block: Block) -> tuple:
+        """``block``'s write region [begin, end) in input-volume voxels (z, y, x)."""
         w0 = tuple(int(x) for x in (block.write_roi.begin - self.volume_roi.begin) / self.voxel_size)
         w1 = tuple(a + int(s) for a, s in zip(w0, block.write_roi.shape / self.voxel_size))
-        r0, r1 = required_read_region(w0, w1, self.patch, self.stride, self.volume_shape)
-        roi = Roi(self.volume_roi.begin + Coordinate(r0) * self.voxel_size,
-                  Coordinate(b - a for a, b in zip(r0, r1)) * self.voxel_size)
-        return roi, w0, w1, r0
+        return w0, w1
+
+    def roi_box(self) -> tuple:
+        """The ROI [begin, end) in input-volume voxels."""
+        r0 = tuple(int(x) for x in (self.total_roi.begin - self.volume_roi.begin) / self.voxel_size)
+        return r0, tuple(a + int(s) for a, s in zip(r0, self.total_roi.shape / self.voxel_size))
+
+    def voxel_roi(self, box: tuple) -> Roi:
+        """Input-volume voxel box → ROI (nm)."""
+        return Roi(self.volume_roi.begin + Coordinate(box[0]) * self.voxel_size,
+                   Coordinate(e - b for b, e in zip(*box)) * self.voxel_size)
+
+    def grid(self) -> tuple:
+        """Per-axis origins of the global patch grid (cached)."""
+        g = self.__dict__.get("_grid")
+        if g is None:
+            g = self.__dict__["_grid"] = grid_origins(self.volume_shape, self.patch, self.stride)
+        return g
+
+    def owned_origins(self, block: Block) -> tuple:
+        """Per-axis grid origins whose patches ``block`` runs in pass 1 (:func:`owned`)."""
+        (w0, w1), (r0, r1) = self.write_box(block), self.roi_box()
+        return tuple(owned(o, p, a, b, c, d) for o, p, a, b, c, d in zip(self.grid(), self.patch, w0, w1, r0, r1))
+
+    def interior(self, block: Block) -> Optional[tuple]:
+        """The part of ``block`` that only its own patches cover (final after pass 1), or None."""
+        w0, w1 = self.write_box(block)
+        lo = tuple(final_begin(o, p, a, b) for o, p, a, b in zip(self.grid(), self.patch, w0, w1))
+        return (lo, w1) if all(a < b for a, b in zip(lo, w1)) else None
+
+    def minimal_patches(self) -> int:
+        """The global-grid patches touching the ROI: the fewest forward passes for this job."""
+        return minimal_patch_count(self.grid(), self.patch, *self.roi_box())
+
+    def sums_path(self, block_id: int) -> str:
+        """Pass 1's integer sums of ``block_id`` that pass 2 still needs (``.npz``: pieces
+        ``begin<i>``, ``end<i>`` (input-volume voxels) and ``sums<i>`` (C, z, y, x))."""
+        return os.path.join(os.path.abspath(self.work_dir), "predict_sums", f"{int(block_id)}.npz")
+
+    def input_roi(self, block: Block) -> Optional[Roi]:
+        """Input ROI (nm) of the patches ``block`` runs in pass 1; None when it runs none."""
+        own = self.owned_origins(block)
+        if not all(len(o) for o in own):
+            return None
+        return self.voxel_roi((tuple(int(o[0]) for o in own),
+                               tuple(int(o[-1]) + p for o, p in zip(own, self.patch))))
+
+    def to_output(self, prob: np.ndarray) -> np.ndarray:
+        """float32 probabilities → the output dtype (uint8 ×255, or float16)."""
+        return to_uint8(prob, in_place=True) if self.cfg.output_dtype == "uint8" else prob.astype(np.float16)
+
+    def blend_sums(self):
+        """The exact blending maths of this job's grid and window (cached)."""
+        bs = self.__dict__.get("_sums")
+        if bs is None:
+            bs = self.__dict__["_sums"] = blend_sums(self.volume_shape, self.patch, self.stride,
+                                                     blend_profiles(self.patch, mode=self.cfg.blend))
+        return bs
+
+    # -- work -----------------------------------------------------------------------------
+    def prepare_scratch(self, fresh: bool) -> None:
+        """A fresh start forgets pass-1 sums of an earlier job and pass 2's ledger (its blocks
+        must be blended again into the new output)."""
+        if fresh:
+            shutil.rmtree(os.path.dirname(self.sums_path(0)), ignore_errors=True)
+            self.blend_step().drop_outputs()
+
+    @contextlib.contextmanager
+    def worker(self):
+        """As :meth:`BlockStep.worker`, but the one-block function returns ``process``'s
+        counters so the engine stores them with the block's done record."""
+        with self.open_worker() as resources:
+            def run(block: Block):
+                return self.process(block, resources)
+
+            run.prefetch = lambda block: self.prefetch(block, resources)
+            yield run
 
     @contextlib.contextmanager
     def open_worker(self):
@@ -249,7 +346,6 @@ class PredictStep(BlockStep):
                                        amp_dtype="bf16" if self.cfg.amp else None)
             batch = self.cfg.batch_size if self.cfg.batch_size != "auto" else self.auto_batch_size(predictor)
             yield {"predictor": predictor, "batch_size": int(batch), "workspace": Workspace(),
-                   "window": blend_window(self.patch, mode=self.cfg.blend),
                    "src": open_volume(self.cfg.input, missing=self.cfg.missing_chunks),
                    "dst": open_volume(self.cfg.output, mode="r+"), "pending": {}}
 
@@ -286,20 +382,151 @@ class PredictStep(BlockStep):
     def prefetch(self, block: Block, w) -> None:
         """Start an asynchronous TensorStore read of ``block``'s input."""
         w["pending"].clear()
-        w["pending"][block.block_id] = w["src"].read_async(self.read_roi(block)[0])
+        roi = self.input_roi(block)
+        if roi is not None:
+            w["pending"][block.block_id] = w["src"].read_async(roi)
+
+    def process(self, block: Block, w) -> dict:
+        """Pass 1: run the patches ``block`` owns, accumulate their exact sums, write the
+        voxels no other block's patch reaches, and save the rest of the sums (its low-face
+        margins and the spill into its high neighbours) for pass 2. Overwrites, never adds:
+        a re-run gives the same file. Returns the block's counters."""
+        own = self.owned_origins(block)
+        stats = {"patches_run": 0, "patches_padded": 0}
+        evaluated = w["predictor"].patches_evaluated
+        pieces: list = []
+        roi = self.input_roi(block)
+        fut = w["pending"].pop(block.block_id, None)
+        if roi is not None:
+            raw = fut.result() if fut is not None else w["src"].read(roi)
+            check_raw_values(raw, self.cfg.input, self.raw_range, "predict.raw_range", f" (block {block.block_id})")
+            w0, _ = self.write_box(block)
+            r0 = tuple(int(o[0]) for o in own)
+            r1 = self.roi_box()[1]
+            acc = (w0, tuple(min(e, int(o[-1]) + p) for o, p, e in zip(own, self.patch, r1)))
+            sums = self.blend_sums()
+            num = sums.zeros(self.out_channels, acc)
+            origins = np.stack(np.meshgrid(*own, indexing="ij"), axis=-1).reshape(-1, 3)
+            for o, p in run_patches(w["predictor"], raw, r0, origins, self.patch, w["batch_size"],
+                                    self.out_channels, self.raw_range, w["workspace"], stats):
+                sums.add(num, w0, o, p)
+            inner = self.interior(block)
+            if inner is not None:
+                sl = (slice(None),) + tuple(slice(b - a, e - a) for a, b, e in zip(w0, *inner))
+                w["dst"].write(self.voxel_roi(inner), self.to_output(sums.finalize(num[sl], inner)))
+            for piece in box_minus_box(acc, inner):
+                sl = (slice(None),) + tuple(slice(b - a, e - a) for a, b, e in zip(w0, *piece))
+                pieces.append((piece, num[sl]))
+        arrays = {"count": np.int64(len(pieces))}
+        for i, (piece, data) in enumerate(pieces):
+            arrays[f"begin{i}"] = np.asarray(piece[0], dtype=np.int64)
+            arrays[f"end{i}"] = np.asarray(piece[1], dtype=np.int64)
+            arrays[f"sums{i}"] = data
+        path = self.sums_path(block.block_id)
+        with atomic_path(path, "predict sums") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        stats["scratch_bytes"] = int(os.path.getsize(path))
+        # forward passes as the predictor counts them (a lone patch's padding copy included)
+        stats["forward_passes"] = int(w["predictor"].patches_evaluated - evaluated)
+        return stats
+
+    def counters(self) -> dict:
+        """Summed over the ledger's done records: ``forward_passes`` (patches through the model,
+        as the predictor counts them), ``patches_run`` (distinct grid patches) and
+        ``patches_padding`` (copies sent so that no batch holds one patch alone), beside
+        ``forward_passes_minimal`` (the grid patches touching the ROI); ``scratch_bytes`` pass 1
+        wrote (and per output voxel). A re-run block replaces its record: never counted twice."""
+        totals = {"forward_passes": 0, "patches_run": 0, "patches_padded": 0, "scratch_bytes": 0}
+        for rec in Ledger(self.ledger_path()).records():
+            for key, v in (rec.get("counters") or {}).items():
+                if key in totals:
+                    totals[key] += int(v)
+        out_voxels = int(np.prod([int(s) for s in self.total_roi.shape / self.voxel_size]))
+        return {"forward_passes": totals["forward_passes"], "forward_passes_minimal": self.minimal_patches(),
+                "patches_run": totals["patches_run"], "patches_padding": totals["patches_padded"],
+                "scratch_bytes": totals["scratch_bytes"],
+                "scratch_bytes_per_voxel": round(totals["scratch_bytes"] / max(1, out_voxels), 3)}
+
+    status_extra = counters
+
+    def blend_step(self) -> "PredictBlendStep":
+        """Pass 2 of this job."""
+        return PredictBlendStep(self)
+
+    def finish(self) -> dict:
+        """The counters; when the step runs alone (``run_task(PredictStep(cfg))``), pass 2 too."""
+        out = self.counters()
+        if self.blend_in_finish:
+            from cleftwise.blockwise.runner import BackendConfig, run_task
+
+            rep = run_task(self.blend_step(), BackendConfig(progress=False))
+            out["blend"] = rep.to_dict()
+        return out
+
+
+class PredictBlendStep(BlockStep):
+    """Pass 2 of predict: per block, add its own margin sums and its lower neighbours' spills
+    (pass 1's files), divide by Σ w (a function of the grid, no neighbour needed) and write
+    those voxels. No model; idempotent (it only reads the sums and overwrites voxels)."""
+
+    name = "predict_blend"
+
+    def __init__(self, first: "PredictStep"):
+        self.first = first
+        self.cfg = first.cfg
+        self.total_roi, self.voxel_size, self.write_size = first.total_roi, first.voxel_size, first.write_size
+        self.work_dir = first.work_dir
+
+    def blocks(self) -> list[Block]:
+        return self.first.blocks()
+
+    def identity(self) -> dict:
+        return {**self.first.identity(), "pass": "blend", "output": self.cfg.output}
+
+    @contextlib.contextmanager
+    def open_worker(self):
+        yield {"dst": open_volume(self.cfg.output, mode="r+"),
+               "ids": {b.index: b.block_id for b in self.first.blocks()}}
 
     def process(self, block: Block, w) -> None:
-        roi, w0, w1, r0 = self.read_roi(block)
-        fut = w["pending"].pop(block.block_id, None)
-        raw = fut.result() if fut is not None else w["src"].read(roi)
-        check_raw_values(raw, self.cfg.input, self.raw_range, "predict.raw_range", f" (block {block.block_id})")
-        probs = predict_region(w["predictor"], raw, r0, w0, w1, self.patch, self.stride,
-                               self.volume_shape, w["window"], batch_size=w["batch_size"],
-                               out_channels=self.out_channels, raw_range=self.raw_range,
-                               workspace=w["workspace"])
-        # probs is a view into the worker's workspace: consumed here
-        out = to_uint8(probs, in_place=True) if self.cfg.output_dtype == "uint8" else probs.astype(np.float16)
-        w["dst"].write(block.write_roi, out)
+        first = self.first
+        box = first.write_box(block)
+        margins = box_minus_box(box, first.interior(block))
+        if not margins:
+            return
+        sums = first.blend_sums()
+        num = sums.zeros(first.out_channels, box)
+        for e in np.ndindex(2, 2, 2):
+            bid = w["ids"].get(tuple(i - d for i, d in zip(block.index, e)))
+            if bid is None:
+                continue
+            path = first.sums_path(bid)
+            try:
+                data = np.load(path)
+            except OSError as err:
+                raise BlockwiseError(f"predict: pass-1 sums of block {bid} are missing or unreadable ({path}: "
+                                     f"{err}); re-run with --overwrite") from err
+            with data:
+                for i in range(int(data["count"])):
+                    piece = (tuple(int(x) for x in data[f"begin{i}"]), tuple(int(x) for x in data[f"end{i}"]))
+                    ov = intersect(piece, box)
+                    if ov is None:
+                        continue
+                    src = (slice(None),) + tuple(slice(a - b, c - b) for a, c, b in zip(*ov, piece[0]))
+                    dst = (slice(None),) + tuple(slice(a - b, c - b) for a, c, b in zip(*ov, box[0]))
+                    part = data[f"sums{i}"]
+                    if part.dtype != num.dtype:
+                        raise BlockwiseError(f"predict: {path} holds {part.dtype} sums, this job uses "
+                                             f"{num.dtype}; re-run with --overwrite")
+                    num[dst] += part[src]
+        for m in margins:
+            sl = (slice(None),) + tuple(slice(a - b, c - b) for a, c, b in zip(*m, box[0]))
+            w["dst"].write(first.voxel_roi(m), first.to_output(sums.finalize(num[sl], m)))
+
+    def finish(self) -> dict:
+        """Pass-1 sums are no longer needed once every block is blended."""
+        shutil.rmtree(os.path.dirname(self.first.sums_path(0)), ignore_errors=True)
+        return {}
 
 
 #: batch sizes ``batch_size: auto`` tries, in this order (it stops when patches/s drop)
@@ -348,11 +575,14 @@ def _locked(path: str):
 
 
 def _predict_steps(run, cfg: PredictConfig):
-    yield PredictStep(PredictConfig(**{**asdict(cfg), "input": cfg.input or run.raw,
-                                       "output": cfg.output or run.predictions_url,
-                                       "roi": cfg.roi if cfg.roi is not None else run.roi,
-                                       "work_dir": cfg.work_dir or run.stage_dir("predict"),
-                                       "missing_chunks": run.missing_for(cfg)}))
+    first = PredictStep(PredictConfig(**{**asdict(cfg), "input": cfg.input or run.raw,
+                                         "output": cfg.output or run.predictions_url,
+                                         "roi": cfg.roi if cfg.roi is not None else run.roi,
+                                         "work_dir": cfg.work_dir or run.stage_dir("predict"),
+                                         "missing_chunks": run.missing_for(cfg)}),
+                        blend_in_finish=False)
+    yield first
+    yield first.blend_step()
 
 
 def _predict_preflight(run, cfg: PredictConfig) -> None:

@@ -29,11 +29,16 @@ from cleftwise.storage.volume import open_volume
 #     "db": "448520f967bb0b27559a47a19d4484e066e9c9e9240c33681cda2d30f1f42e9f",
 #     "edges": "af7a17fffa605dce63e80ab5409155f95b7a91442b24abd4fe0122fdf4736bf3",
 #     "n_db": 7, "n_edges": 7
+# Before exact fixed-point blending with each patch run once per job (issue 21; 2 of the
+# 7,372,800 prediction values moved by one uint8 level, labels unchanged):
+#     "pred": "aab9179e2e206d22d8c94f1b4f0119ceaa0b77510a964a8367eddd1bd94b75c1",
+#     "db": "602104148c08e7b3ada714d7400d052b3320e37059209efeae770ef49e490e0a",
+#     "edges": "0523f56477f0089367d5a65bc0c9e3eaaa8ac8f03ffb25f80e3786be0880e191",
 GOLDEN = {
-    "pred": "aab9179e2e206d22d8c94f1b4f0119ceaa0b77510a964a8367eddd1bd94b75c1",
+    "pred": "e6fe0bf71217fe43599b938a116b355cf6bb25b8cba89733bdbeb60132efed73",
     "labels": "2b35b982d6ace12830496d0d4dba81a17442ea279ae6a2bbab06322fe633d696",
-    "db": "602104148c08e7b3ada714d7400d052b3320e37059209efeae770ef49e490e0a",
-    "edges": "0523f56477f0089367d5a65bc0c9e3eaaa8ac8f03ffb25f80e3786be0880e191",
+    "db": "2250e895af9ad91cb588f70c0ed2541d537d206687a8d4febd031a581ffa9044",
+    "edges": "e404d2cebc82a412da573ced6b1c6c1c7fffc0d78578ac1b1e0dbc9ccdd6d4e5",
     "n_db": 7,
     "n_edges": 7,
 }

@@ -13,7 +13,7 @@ import torch
 
 from cleftwise.blockwise.errors import BlockwiseError
 from cleftwise.blockwise.runner import BackendConfig, run_task
-from cleftwise.blockwise.sliding_window import (TorchPredictor, Workspace, blend_window, calibrate_batch_size,
+from cleftwise.blockwise.sliding_window import (TorchPredictor, Workspace, batch_plan, blend_window, calibrate_batch_size,
                                                 keep_freed_memory, patch_origins, predict_region)
 from cleftwise.models.checkpoint import save_checkpoint
 from cleftwise.models.rsunet import RSUNetConfig, build_rsunet
@@ -52,8 +52,14 @@ def test_every_patch_evaluated_exactly_once_unpadded(predictor, batch_size):
     predict_region(model_fn, raw, (0, 0, 0), (0, 0, 0), VOL, PATCH, STRIDE, VOL, None, batch_size=batch_size)
     assert predictor.patches_evaluated - before == n == sum(seen)
     assert predictor.forward_calls - calls == math.ceil(n / batch_size) == len(seen)
-    # full batches, then the patches left over at their true size
-    assert seen == [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    # full batches, then the patches left over at their true size; never one patch alone when
+    # batch_size >= 2 (issue 21: 100 patches by 3 → 32 batches of 3, then 2 + 2, not 3 + 1)
+    assert seen == batch_plan(n, batch_size)
+    if batch_size > 1:
+        assert 1 not in seen
+    rest = n % batch_size
+    if rest != 1 or batch_size == 1:
+        assert seen == [batch_size] * (n // batch_size) + ([rest] if rest else [])
 
 
 def test_outputs_agree_across_batch_sizes(predictor):
@@ -76,7 +82,6 @@ def test_workspace_is_reused_and_changes_nothing(predictor):
     b = predict_region(predictor, raw, (0, 0, 0), wb, we, PATCH, STRIDE, VOL, None, batch_size=3, workspace=ws)
     np.testing.assert_array_equal(b, fresh)
     assert ws.nbytes() == held and {k: id(v) for k, v in ws._buffers.items()} == buffers
-    assert np.shares_memory(a, b)  # the result is a view into the workspace
 
 
 def test_keep_freed_memory_once():
