@@ -1,19 +1,23 @@
 """Run a :class:`~cleftwise.blockwise.step.BlockStep` on a backend, with ledger, resume and retries.
 
-Backends (``BackendConfig.backend``):
+Backends (``BackendConfig.backend``; their workers: :mod:`cleftwise.blockwise.pool`):
 
 - ``local``: in-process, serial; for tests and debugging.
-- ``daisy``: daisy 2.x ``Task`` + ``run_blockwise``; each worker process opens the task's
-  resources once and pulls blocks from the daisy scheduler (bound to 127.0.0.1 unless
-  ``host`` says otherwise). With ``worker_command`` (e.g. ``"srun -N1 -n1 {command}"``) each
-  worker is launched through that template so it can land on another node.
+- ``daisy``: daisy 2.x ``Task`` + ``run_blockwise`` schedules the blocks (bound to 127.0.0.1
+  unless ``host`` says otherwise); long-lived worker processes, launched directly or through
+  ``worker_command`` (e.g. ``"srun -N1 -n1 {command}"``) so they can land on other nodes,
+  open each pass's resources once and pull its blocks.
 - ``ray``: Ray actors (``workers`` of them, ``gpus_per_worker`` each) that open the resources
-  once and process blocks handed out from a queue; ``address`` joins an existing cluster
-  (``auto``, ``ray://host:port``); otherwise a local Ray without dashboard is started once
-  per process and reused.
+  once per pass and process blocks handed out from a queue; ``address`` joins an existing
+  cluster (``auto``, ``ray://host:port``); otherwise a local Ray without dashboard is started
+  once per process and reused.
 - ``dask``: ``dask.distributed`` workers (a ``LocalCluster`` of ``workers`` processes, or an
   existing scheduler ``address`` as dask-jobqueue gives on SLURM/PBS); each worker process
-  keeps the task's resources open across blocks.
+  keeps the pass's resources open across blocks.
+
+Workers live for a whole run when the caller passes a pool (``with worker_pool(cfg) as pool:
+run_task(step, cfg, pool=pool)``, as :func:`~cleftwise.blockwise.stages.run_stages` does);
+without one, ``run_task`` starts and closes a pool for its pass alone.
 
 All backends share the ledger, so a job started on one can be resumed on another. A block
 whose processing raises is retried ``max_retries`` times in the worker; a worker process that
@@ -23,17 +27,11 @@ dies has its block re-run elsewhere by the backend. Blocks that still fail end t
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import pickle
-import shlex
 import socket
-import subprocess
-import sys
 import time
 import traceback
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -115,19 +113,21 @@ def _worker_name() -> str:
 
 def process_block_with_ledger(fn: Callable[[Block], None], block: Block, ledger: Ledger,
                               max_retries: int) -> Optional[str]:
-    """Run ``fn(block)`` with retries; mark done on success. Returns the error text or None."""
+    """Run ``fn(block)`` with retries; mark done on success, with the integer counters ``fn``
+    returned (a dict, e.g. forward passes run; None: none). Returns the error text or None."""
     err = None
     for attempt in range(max_retries + 1):
         t0 = time.perf_counter()
         try:
-            fn(block)
+            counters = fn(block)
         except Exception:  # noqa: BLE001 - any error of the step is recorded for the report
             err = traceback.format_exc(limit=8)
             log.warning("block %d failed (try %d/%d): %s", block.block_id, attempt + 1,
                         max_retries + 1, err.strip().splitlines()[-1])
             continue
         crashpoints.hit("block_written", ledger.name)  # written, not yet marked done
-        ledger.mark_done(block.block_id, time.perf_counter() - t0, _worker_name())
+        ledger.mark_done(block.block_id, time.perf_counter() - t0, _worker_name(),
+                         counters=counters if isinstance(counters, dict) else None)
         return None
     ledger.mark_failed(block.block_id, err or "unknown error", max_retries + 1, _worker_name())
     return err
@@ -164,28 +164,6 @@ def _run_local(task: BlockStep, todo: list[Block], ledger: Ledger, cfg: BackendC
             progress.set(done_before + i + 1)
 
 
-class _DaisyWorker:
-    """0-arg daisy worker function: opens the task once, then pulls blocks from daisy."""
-
-    def __init__(self, task: BlockStep, ledger_path: str, max_retries: int,
-                 worker_command: Optional[str], payload_path: str):
-        self.task = task
-        self.ledger_path = ledger_path
-        self.max_retries = max_retries
-        self.worker_command = worker_command
-        self.payload_path = payload_path
-
-    def __call__(self):
-        if self.worker_command:
-            command = f"{shlex.quote(sys.executable)} -m cleftwise.blockwise.daisy_worker {shlex.quote(self.payload_path)}"
-            full = self.worker_command.format(command=command)
-            proc = subprocess.run(full, shell=True, env=os.environ.copy())
-            if proc.returncode != 0:
-                raise RuntimeError(f"worker command exited with {proc.returncode}: {full}")
-            return
-        daisy_worker_loop(self.task, self.ledger_path, self.max_retries)
-
-
 def daisy_worker_loop(task: BlockStep, ledger_path: str, max_retries: int) -> None:
     """Pull blocks from the daisy scheduler named in ``DAISY_CONTEXT`` until none are left."""
     import daisy
@@ -204,76 +182,6 @@ def daisy_worker_loop(task: BlockStep, ledger_path: str, max_retries: int) -> No
                 process_block_with_ledger(fn, block, ledger, max_retries)
 
 
-def _run_daisy(task: BlockStep, todo: list[Block], ledger: Ledger, cfg: BackendConfig,
-               progress: _Progress, done_before: int) -> None:
-    import daisy
-    from funlib.geometry import Roi
-
-    blocks = task.blocks()
-    # daisy tiles the same grid: total = union of write ROIs, block = the full write shape
-    total = blocks[0].write_roi
-    for b in blocks[1:]:
-        total = total.union(b.write_roi)
-    shape = blocks[0].write_roi.shape
-    template = Roi((0,) * 3, shape)
-    todo_begins = {tuple(b.write_roi.begin) for b in todo}
-    payload_path = os.path.join(ledger.path, "daisy_worker_payload.pkl")
-    with open(payload_path, "wb") as f:
-        import cloudpickle
-
-        cloudpickle.dump({"task": task, "ledger_path": ledger.path, "max_retries": cfg.max_retries}, f)
-
-    def check(dblock) -> bool:
-        return tuple(dblock.write_roi.begin) not in todo_begins
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dtask = daisy.Task(
-            f"cleftwise_{task.name}", total_roi=total, read_roi=template, write_roi=template,
-            process_function=_DaisyWorker(task, ledger.path, cfg.max_retries, cfg.worker_command,
-                                          payload_path),
-            check_function=check, read_write_conflict=False, fit="shrink",
-            max_workers=int(cfg.workers), max_retries=int(cfg.max_retries),
-            timeout=cfg.block_timeout)
-    # daisy's worker logs go under the job's ledger, not ./daisy_logs of whatever the cwd is
-    # (process-global in daisy 2; workers adopt it from the scheduler's context)
-    from daisy.logging import get_log_basedir, set_log_basedir
-
-    before = get_log_basedir()
-    set_log_basedir(os.path.join(ledger.path, "daisy_logs"))
-    try:
-        daisy.run_blockwise([dtask], host=cfg.host, progress=cfg.progress, summary=False)
-    except RuntimeError as e:  # abandonment after repeated worker deaths
-        log.error("daisy abandoned the task: %s", e)
-    finally:
-        set_log_basedir(before)
-
-
-_RAY_ACTOR_CLS = None
-
-
-def _ray_actor_class():
-    global _RAY_ACTOR_CLS
-    if _RAY_ACTOR_CLS is None:
-        import ray
-
-        class _RayBlockWorker:
-            def __init__(self, task: BlockStep, ledger_path: str, max_retries: int):
-                self._cm = task.worker()
-                self._fn = self._cm.__enter__()
-                self._ledger = Ledger(ledger_path)
-                self._retries = max_retries
-
-            def process(self, block: Block):
-                return process_block_with_ledger(self._fn, block, self._ledger, self._retries)
-
-            def close(self):
-                self._cm.__exit__(None, None, None)
-
-        _RAY_ACTOR_CLS = ray.remote(_RayBlockWorker)
-    return _RAY_ACTOR_CLS
-
-
 def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None):
     """Start (once per process) or join Ray: no dashboard, no usage stats."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -288,131 +196,6 @@ def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None):
             ray.init(num_cpus=num_cpus, **kwargs)
     return ray
 
-
-def _run_ray(task: BlockStep, todo: list[Block], ledger: Ledger, cfg: BackendConfig,
-             progress: _Progress, done_before: int) -> None:
-    ray = ensure_ray(cfg.address, num_cpus=max(int(cfg.workers), os.cpu_count() or 1))
-    from ray.exceptions import RayActorError
-
-    Actor = _ray_actor_class()
-    opts = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker, max_restarts=0)
-    task_ref = ray.put(task)
-    n = min(int(cfg.workers), len(todo))
-    actors = [Actor.options(**opts).remote(task_ref, ledger.path, cfg.max_retries) for _ in range(n)]
-    queue = list(reversed(todo))
-    deaths: dict[int, int] = {}
-    dead: list = []
-    running = {}
-    finished = 0
-
-    def submit(actor):
-        block = queue.pop()
-        running[actor.process.remote(block)] = (actor, block)
-
-    for a in actors:
-        if queue:
-            submit(a)
-    try:
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            ref = ready[0]
-            actor, block = running.pop(ref)
-            try:
-                ray.get(ref)
-            except RayActorError as e:  # the worker process died: replace it, re-queue the block
-                deaths[block.block_id] = deaths.get(block.block_id, 0) + 1
-                if deaths[block.block_id] > cfg.max_retries:
-                    ledger.mark_failed(block.block_id, f"worker died: {e}", deaths[block.block_id])
-                else:
-                    queue.append(block)
-                dead.append(actor)
-                actor = Actor.options(**opts).remote(task_ref, ledger.path, cfg.max_retries)
-                actors.append(actor)
-            else:
-                finished += 1
-                progress.set(done_before + finished)
-            if queue:
-                submit(actor)
-    finally:
-        live = [a for a in actors if a not in dead]
-        closing = []
-        for a in live:  # close each worker's resources (model, DB connection) before ending it
-            with contextlib.suppress(Exception):
-                closing.append(a.close.remote())
-        with contextlib.suppress(Exception):
-            ray.wait(closing, num_returns=len(closing), timeout=30)
-        for a in actors:
-            with contextlib.suppress(Exception):
-                ray.kill(a)
-
-
-def _dask_contexts() -> dict:
-    """This dask worker's open step contexts, by run key (kept on the worker object)."""
-    from distributed import get_worker
-
-    worker = get_worker()
-    if not hasattr(worker, "_cleftwise_contexts"):
-        worker._cleftwise_contexts = {}
-    return worker._cleftwise_contexts
-
-
-def _dask_process(task: BlockStep, key: str, ledger_path: str, max_retries: int, block: Block):
-    """Runs inside a dask worker process; the task's resources stay open between blocks."""
-    contexts = _dask_contexts()
-    entry = contexts.get(key)
-    if entry is None:
-        cm = task.worker()
-        entry = (cm, cm.__enter__(), Ledger(ledger_path))
-        contexts[key] = entry
-    return process_block_with_ledger(entry[1], block, entry[2], max_retries)
-
-
-def _dask_close(key: str, dask_worker=None) -> int:
-    """Close the step context of run ``key`` on this worker (called on every worker at the end)."""
-    contexts = getattr(dask_worker, "_cleftwise_contexts", {})
-    entry = contexts.pop(key, None)
-    if entry is not None:
-        entry[0].__exit__(None, None, None)
-        return 1
-    return 0
-
-
-def _run_dask(task: BlockStep, todo: list[Block], ledger: Ledger, cfg: BackendConfig,
-              progress: _Progress, done_before: int) -> None:
-    from distributed import Client, LocalCluster, as_completed
-
-    cluster = None
-    key = ""
-    if cfg.address:
-        client = Client(cfg.address, timeout="20s")
-    else:
-        cluster = LocalCluster(n_workers=int(cfg.workers), threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
-        client = Client(cluster)
-    try:
-        key = f"{task.name}:{ledger.path}:{time.time_ns()}"
-        task_f = client.scatter(task, broadcast=True)
-        futures = [client.submit(_dask_process, task_f, key, ledger.path, cfg.max_retries, b,
-                                 pure=False, retries=cfg.max_retries, key=f"{task.name}-{b.block_id}-{key}")
-                   for b in todo]
-        finished = 0
-        for fut in as_completed(futures):
-            if fut.status == "error":
-                b = todo[futures.index(fut)]
-                ledger.mark_failed(b.block_id, f"dask worker failed: {fut.exception()!r}", cfg.max_retries + 1)
-            finished += 1
-            progress.set(done_before + finished)
-    finally:
-        with contextlib.suppress(Exception):
-            client.run(_dask_close, key)
-        client.close()
-        if cluster is not None:
-            cluster.close()
-
-
-_RUNNERS = {"local": _run_local, "daisy": _run_daisy, "ray": _run_ray, "dask": _run_dask}
-
-
 # -- public entry points -------------------------------------------------------------------
 
 def task_status(task: BlockStep) -> LedgerStatus:
@@ -420,14 +203,19 @@ def task_status(task: BlockStep) -> LedgerStatus:
     return Ledger(task.ledger_path()).status(len(task.blocks()))
 
 
-def run_task(task: BlockStep, backend: Optional[BackendConfig] = None, overwrite: bool = False
-             ) -> RunReport:
+def run_task(task: BlockStep, backend: Optional[BackendConfig] = None, overwrite: bool = False,
+             pool=None) -> RunReport:
     """Run every block of ``task`` that is not done yet; raise if any block fails for good.
 
     The job identity (``task.job_settings()``) is checked against the ledger: resuming a job whose
-    settings changed raises :class:`BlockwiseError` unless ``overwrite``.
+    settings changed raises :class:`BlockwiseError` unless ``overwrite``. ``pool``: a
+    :class:`~cleftwise.blockwise.pool.WorkerPool` of the run whose workers run the blocks
+    (default: a pool for this pass alone, on ``backend``).
     """
-    cfg = backend or BackendConfig()
+    cfg = pool.cfg if pool is not None else (backend or BackendConfig())
+    if backend is not None and pool is not None and backend.backend != pool.cfg.backend:
+        raise BlockwiseError(f"task {task.name}: backend {backend.backend!r} but the worker pool "
+                             f"runs {pool.cfg.backend!r}")
     t0 = time.perf_counter()
     blocks = task.blocks()
     if not blocks:
@@ -443,8 +231,16 @@ def run_task(task: BlockStep, backend: Optional[BackendConfig] = None, overwrite
              len(blocks) - len(todo), len(todo), cfg.backend, cfg.workers)
     progress = _Progress(len(blocks), len(blocks) - len(todo), task.name, cfg.progress)
     try:
-        if todo:
-            _RUNNERS[cfg.backend](task, todo, ledger, cfg, progress, len(blocks) - len(todo))
+        if todo and cfg.backend == "local" and pool is None:
+            _run_local(task, todo, ledger, cfg, progress, len(blocks) - len(todo))
+        elif todo:
+            if pool is None:
+                from cleftwise.blockwise.pool import worker_pool
+
+                with worker_pool(cfg, log_dir=os.path.join(ledger.path, "daisy_logs")) as own:
+                    own.run_pass(task, todo, ledger, progress, len(blocks) - len(todo))
+            else:
+                pool.run_pass(task, todo, ledger, progress, len(blocks) - len(todo))
     except KeyboardInterrupt as e:  # Ctrl-C: the caller reports where it stopped, in one line
         e.cleftwise_where = f"{task.name}, {len(ledger.done_ids())} of {len(blocks)} blocks done"
         raise

@@ -17,7 +17,9 @@ What the engine does with them (:func:`run_stages`):
   ledgers of every stage downstream of it, so those run again on their new inputs — and only
   those: changing the partner rule re-runs partners and what follows, never the segmentation;
   a run interrupted inside a stage (killed, failed: ``stage_running.json`` is left in the
-  stage's ledger folder) counts as work there, so the next run drops the stages downstream.
+  stage's ledger folder) counts as work there, so the next run drops the stages downstream;
+- every pass of every stage of one call runs on one worker pool
+  (:mod:`cleftwise.blockwise.pool`): worker processes start once per run, not per pass.
 
 Knows nothing of synapses: the run config is opaque here (stage sections are its attributes).
 """
@@ -35,6 +37,7 @@ from typing import Any, Callable, Iterable, Optional
 from cleftwise.blockwise import crashpoints
 from cleftwise.blockwise.errors import BlockwiseError
 from cleftwise.blockwise.ledger import Ledger, atomic_write_json, job_identity
+from cleftwise.blockwise.pool import WorkerPool, worker_pool
 from cleftwise.blockwise.runner import BackendConfig, run_task, task_status
 from cleftwise.blockwise.step import BlockStep
 
@@ -166,22 +169,33 @@ def preflight_stages(registry: Registry, run_cfg: Any, names: Iterable[str]) -> 
 
 
 def run_stages(registry: Registry, run_cfg: Any, names: Iterable[str], backend: BackendConfig,
-               overwrite: bool = False) -> dict:
-    """Run the stages ``names`` of ``registry`` in order; returns per-stage reports and seconds."""
+               overwrite: bool = False, pool: Optional[WorkerPool] = None) -> dict:
+    """Run the stages ``names`` of ``registry`` in order; returns per-stage reports and seconds,
+    and under ``workers`` the worker processes the run started and their start-up times (s).
+
+    Every pass of every stage runs on one worker pool (``pool``, or one made for this call and
+    closed at its end, also on an error or Ctrl-C)."""
+    names = registry.check(names)
+    if pool is None:
+        with worker_pool(backend) as own:
+            return run_stages(registry, run_cfg, names, backend, overwrite, pool=own)
     summary: dict = {"stages": {}, "seconds": {}}
-    for name in registry.check(names):
-        try:
-            _run_stage(registry, run_cfg, registry[name], backend, overwrite, summary)
-        except KeyboardInterrupt as e:  # Ctrl-C: where it stopped, for a one-line report
-            where = getattr(e, "cleftwise_where", None)
-            e.cleftwise_where = f"stage {name}" + (f" ({where})" if where else "")
-            raise
-        crashpoints.hit("stage_finished", name)
+    try:
+        for name in names:
+            try:
+                _run_stage(registry, run_cfg, registry[name], backend, overwrite, summary, pool)
+            except KeyboardInterrupt as e:  # Ctrl-C: where it stopped, for a one-line report
+                where = getattr(e, "cleftwise_where", None)
+                e.cleftwise_where = f"stage {name}" + (f" ({where})" if where else "")
+                raise
+            crashpoints.hit("stage_finished", name)
+    finally:
+        summary["workers"] = pool.stats()
     return summary
 
 
 def _run_stage(registry: Registry, run_cfg: Any, stage: Stage, backend: BackendConfig,
-               overwrite: bool, summary: dict) -> None:
+               overwrite: bool, summary: dict, pool: WorkerPool) -> None:
     """One stage into ``summary``: its ``run``, or its passes in order (see the module docstring)."""
     name, cfg = stage.name, getattr(run_cfg, stage.name)
     t0 = time.perf_counter()
@@ -207,7 +221,7 @@ def _run_stage(registry: Registry, run_cfg: Any, stage: Stage, backend: BackendC
                 log.info("%s: settings changed (%s): running it again from scratch", step.name,
                          ", ".join(changed))
                 fresh = True
-            report = run_task(step, backend, overwrite=fresh)
+            report = run_task(step, backend, overwrite=fresh, pool=pool)
             later_fresh |= fresh or report.processed > 0
             # a finish that reports ``rewrote`` decides (its product is what it rewrote, e.g.
             # DB records); otherwise processed blocks changed the outputs

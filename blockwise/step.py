@@ -87,8 +87,10 @@ class BlockStep(abc.ABC):
         yield None
 
     @abc.abstractmethod
-    def process(self, block: Block, resources: Any) -> None:
-        """Compute and durably write ``block``'s outputs (the block is marked done after)."""
+    def process(self, block: Block, resources: Any) -> Optional[dict]:
+        """Compute and durably write ``block``'s outputs (the block is marked done after);
+        may return a dict of integer counters (e.g. forward passes) that the ledger stores with
+        the block's done record (a re-run block replaces them, so nothing counts twice)."""
 
     def prefetch(self, block: Block, resources: Any) -> None:
         """Start reading ``block``'s input while the current block computes (optional)."""
@@ -185,8 +187,8 @@ class BlockStep(abc.ABC):
     def worker(self) -> Iterator[Callable[[Block], None]]:
         """What the backends call: open the resources once, yield a one-block function."""
         with self.open_worker() as resources:
-            def run(block: Block) -> None:
-                self.process(block, resources)
+            def run(block: Block) -> Optional[dict]:
+                return self.process(block, resources)  # optional integer counters for the ledger
 
             if type(self).prefetch is not BlockStep.prefetch:
                 run.prefetch = lambda block: self.prefetch(block, resources)

@@ -83,7 +83,8 @@ def adjacency_plot(edges: pd.DataFrame, nodes: pd.DataFrame, path: str, title: O
     top = max(1.0, float(edges["n_synapses"].max())) if len(edges) else 1.0
     colours = {1: np.array([0.85, 0.1, 0.1]), -1: np.array([0.1, 0.25, 0.9]), 0: np.array([0.4, 0.4, 0.4])}
     for e in edges.itertuples():
-        s = int(np.sign(getattr(e, "sign", 0) or 0))
+        sign = getattr(e, "sign", 0)
+        s = 0 if pd.isna(sign) else int(np.sign(sign))
         k = 0.35 + 0.65 * float(e.n_synapses) / top
         img[ri[int(e.pre)], ci[int(e.post)]] = 1 - k * (1 - colours[s])
     fig, ax = plt.subplots(figsize=(5.5, 5))

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from cleftwise.blockwise import crashpoints
+from cleftwise.blockwise.pool import worker_pool
 from cleftwise.blockwise.runner import BackendConfig
 from cleftwise.blockwise.stages import preflight_stages, run_stages, stages_status
 from cleftwise.postprocess.errors import PostprocessError
@@ -130,9 +131,12 @@ def run_pipeline(cfg, stages: tuple = STAGES, overwrite: bool = False) -> dict:
     stages = REGISTRY.check(stages)
     preflight(cfg, stages)
     os.makedirs(cfg.output_dir, exist_ok=True)
-    with output_lock(cfg.output_dir):
+    with output_lock(cfg.output_dir), \
+            worker_pool(cfg.backend, log_dir=os.path.join(os.path.abspath(cfg.output_dir), "logs")) as pool:
+        # one worker pool for every pass of every stage; ``workers`` in the summary: processes
+        # started and each one's start-up (launch → ready, s)
         summary = {"config": _shown(to_dict(cfg)),
-                   **run_stages(REGISTRY, cfg, stages, cfg.backend, overwrite=overwrite)}
+                   **run_stages(REGISTRY, cfg, stages, cfg.backend, overwrite=overwrite, pool=pool)}
         tmp = os.path.join(cfg.output_dir, f"run_summary.json.tmp{os.getpid()}")
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=1, default=str)

@@ -325,17 +325,6 @@ class PredictStep(BlockStep):
             self.blend_step().drop_outputs()
 
     @contextlib.contextmanager
-    def worker(self):
-        """As :meth:`BlockStep.worker`, but the one-block function returns ``process``'s
-        counters so the engine stores them with the block's done record."""
-        with self.open_worker() as resources:
-            def run(block: Block):
-                return self.process(block, resources)
-
-            run.prefetch = lambda block: self.prefetch(block, resources)
-            yield run
-
-    @contextlib.contextmanager
     def open_worker(self):
         # keep the forward pass's large freed buffers mapped for the next batch (glibc only;
         # process-wide, once): see keep_freed_memory

@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VERSION = f"cleftwise {cleftwise.__version__}"
 SUBCOMMANDS = ["predict", "query", "export", "import-stack", "import-synapses", "make-synthetic",
                "config-reference", "train-rsunet", "train-classifier", "evaluate", "evaluate-classifier",
-               "evaluate-real", "evaluate-tables", "tune-segment", "cv-folds"]
+               "evaluate-real", "evaluate-tables", "tune-segment", "cv-folds", "view"]
 # the folders installed as cleftwise.<layer> and the benchmarks: no sys.path edits anywhere
 CODE_DIRS = ["blockwise", "models", "postprocess", "storage", "train", "launch", "benchmarks"]
 

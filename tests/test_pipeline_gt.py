@@ -67,7 +67,7 @@ def test_perfect_prediction(synthetic):
     # the connectome stage exported the unsigned graph (no E/I yet): one edge per synapse pair
     edges = pd.read_parquet(os.path.join(cfg.output_dir, "graph", "edges.parquet"))
     assert summary["stages"]["connectome"]["edges"] == len(edges) >= 1
-    assert (edges["sign"] == 0).all()
+    assert edges["sign"].isna().all()  # no E/I yet: every sign unknown (missing, not 0)
     assert summary["stages"]["connectome"]["signed_neurons"] == 0
     assert summary["stages"]["connectome"]["signed_presynaptic"] == 0
     # idempotent: a second run changes nothing in the DB
