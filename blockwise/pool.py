@@ -42,7 +42,7 @@ from typing import Optional
 from cleftwise.blockwise.errors import BlockwiseError
 from cleftwise.blockwise.grid import Block
 from cleftwise.blockwise.ledger import Ledger
-from cleftwise.blockwise.runner import (BackendConfig, _Progress, _run_local, _worker_name,
+from cleftwise.blockwise.runner import (BackendConfig, _run_local, _worker_name,
                                         process_block_with_ledger)
 from cleftwise.blockwise.step import BlockStep
 
@@ -95,7 +95,7 @@ class WorkerPool:
                 "worker_startup_s": {k: (None if v is None else round(v, 3)) for k, v in self.startup_s.items()}}
 
     # -- one pass ----------------------------------------------------------------------
-    def run_pass(self, task: BlockStep, todo: list[Block], ledger: Ledger, progress: _Progress,
+    def run_pass(self, task: BlockStep, todo: list[Block], ledger: Ledger, progress: ProgressBar,
                  done_before: int) -> None:
         """Run the blocks ``todo`` of ``task`` (its ledger records them)."""
         _run_local(task, todo, ledger, self.cfg, progress, done_before)
@@ -286,7 +286,7 @@ class DaisyPool(WorkerPool):
         before = get_log_basedir()
         set_log_basedir(os.path.join(ledger.path, "daisy_logs"))
         try:
-            daisy.run_blockwise([dtask], host=self.cfg.host, progress=self.cfg.progress, summary=False)
+            daisy.run_blockwise([dtask], host=self.cfg.host, progress=False, summary=False)  # our bar polls the ledger
         except RuntimeError as e:  # abandonment after repeated worker deaths
             log.error("daisy abandoned the task: %s", e)
         finally:
@@ -412,8 +412,11 @@ class RayPool(WorkerPool):
         key = f"{task.name}:{ledger.path}:{time.time_ns()}"
         task_ref = ray.put(task)
         use = self.actors[:min(len(self.actors), len(todo))]
-        for a in use:
-            a.open.remote(key, task_ref, ledger.path, cfg.max_retries)
+        try:  # wait for the step to arrive (and unpickle) on every actor: its error, said once
+            ray.get([a.open.remote(key, task_ref, ledger.path, cfg.max_retries) for a in use])
+        except RayTaskError as e:
+            raise BlockwiseError(f"task {task.name}: the step could not be sent to the Ray workers: "
+                                 f"{str(e).strip().splitlines()[-1]}") from e
         queue_ = list(reversed(todo))
         deaths: dict[int, int] = {}
         running = {}

@@ -95,11 +95,13 @@ class ProgressBar:
 
     ``set_done(n)`` sets the finished blocks; ``partial(block_id, fraction)`` (local backend)
     or, with ``folder``, a background thread polling the workers' progress files every
-    ``poll`` seconds add the running blocks' fractions. Disabled: every call does nothing.
+    ``poll`` seconds add the running blocks' fractions; ``done_fn`` (polled too) counts
+    finished blocks where the backend does not report them (daisy). Disabled: nothing.
     """
 
     def __init__(self, total: int, initial: int, desc: str, enabled: bool,
-                 folder: Optional[str] = None, poll: float = 1.0):
+                 folder: Optional[str] = None, poll: float = 1.0,
+                 done_fn: Optional[Callable[[], int]] = None):
         self.bar = None
         self.done = int(initial)
         self.running: dict = {}
@@ -107,6 +109,7 @@ class ProgressBar:
         self.stop = threading.Event()
         self.thread = None
         self.folder = folder
+        self.done_fn = done_fn
         if not enabled:
             return
         from tqdm.auto import tqdm
@@ -132,6 +135,8 @@ class ProgressBar:
             self.done = int(n)
         self._show()
 
+    set = set_done  # the name the backends call
+
     def partial(self, block_id: int, fraction: float) -> None:
         with self.lock:
             self.running[block_id] = fraction
@@ -151,8 +156,14 @@ class ProgressBar:
                     running[int(d["block"])] = float(d["fraction"])
                 except (OSError, ValueError, KeyError, TypeError):
                     continue  # a file being replaced or removed right now
+            done = None
+            if self.done_fn is not None:
+                with contextlib.suppress(Exception):  # e.g. the ledger folder being replaced
+                    done = int(self.done_fn())
             with self.lock:
                 self.running = running
+                if done is not None:
+                    self.done = max(self.done, done)
             self._show()
 
     def close(self) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import time
 import traceback
@@ -39,6 +40,7 @@ from cleftwise.blockwise import crashpoints
 from cleftwise.blockwise.errors import BlockwiseError
 from cleftwise.blockwise.grid import Block
 from cleftwise.blockwise.ledger import Ledger, LedgerStatus
+from cleftwise.blockwise.progress import ProgressBar, block_progress, progress_dir
 from cleftwise.blockwise.step import BlockStep
 
 __all__ = ["BackendConfig", "RunReport", "run_task", "task_status", "BACKENDS"]
@@ -112,14 +114,22 @@ def _worker_name() -> str:
 
 
 def process_block_with_ledger(fn: Callable[[Block], None], block: Block, ledger: Ledger,
-                              max_retries: int) -> Optional[str]:
+                              max_retries: int,
+                              on_progress: Optional[Callable[[int, float], None]] = None) -> Optional[str]:
     """Run ``fn(block)`` with retries; mark done on success, with the integer counters ``fn``
-    returned (a dict, e.g. forward passes run; None: none). Returns the error text or None."""
+    returned (a dict, e.g. forward passes run; None: none). Returns the error text or None.
+
+    Progress the step reports inside the block (:func:`cleftwise.blockwise.progress.report`)
+    goes to ``on_progress(block_id, fraction)`` (the driver's bar, local backend), else to this
+    worker's progress file under the ledger, which the driver's bar polls."""
     err = None
     for attempt in range(max_retries + 1):
         t0 = time.perf_counter()
         try:
-            counters = fn(block)
+            with block_progress(block.block_id, callback=on_progress,
+                                folder=None if on_progress else progress_dir(ledger.path),
+                                worker=_worker_name()):
+                counters = fn(block)
         except Exception:  # noqa: BLE001 - any error of the step is recorded for the report
             err = traceback.format_exc(limit=8)
             log.warning("block %d failed (try %d/%d): %s", block.block_id, attempt + 1,
@@ -133,34 +143,17 @@ def process_block_with_ledger(fn: Callable[[Block], None], block: Block, ledger:
     return err
 
 
-class _Progress:
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="block",
-                            dynamic_ncols=True, mininterval=0.5)
-
-    def set(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(max(0, n - self.bar.n))
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # -- backends --------------------------------------------------------------------------------
 
 def _run_local(task: BlockStep, todo: list[Block], ledger: Ledger, cfg: BackendConfig,
-               progress: _Progress, done_before: int) -> None:
+               progress: ProgressBar, done_before: int) -> None:
     with task.worker() as fn:
         prefetch = getattr(fn, "prefetch", None)
         for i, block in enumerate(todo):
             if prefetch is not None and i + 1 < len(todo):
                 prefetch(todo[i + 1])  # start reading the next block's input while this one runs
-            process_block_with_ledger(fn, block, ledger, cfg.max_retries)
+            process_block_with_ledger(fn, block, ledger, cfg.max_retries, on_progress=progress.partial)
+            progress.block_done(block.block_id)
             progress.set(done_before + i + 1)
 
 
@@ -204,7 +197,7 @@ def task_status(task: BlockStep) -> LedgerStatus:
 
 
 def run_task(task: BlockStep, backend: Optional[BackendConfig] = None, overwrite: bool = False,
-             pool=None) -> RunReport:
+             pool=None, label: Optional[str] = None) -> RunReport:
     """Run every block of ``task`` that is not done yet; raise if any block fails for good.
 
     The job identity (``task.job_settings()``) is checked against the ledger: resuming a job whose
@@ -229,7 +222,11 @@ def run_task(task: BlockStep, backend: Optional[BackendConfig] = None, overwrite
     ledger.clear_failed(b.block_id for b in todo)
     log.info("%s: %d blocks, %d done before, %d to run on %s x%d", task.name, len(blocks),
              len(blocks) - len(todo), len(todo), cfg.backend, cfg.workers)
-    progress = _Progress(len(blocks), len(blocks) - len(todo), task.name, cfg.progress)
+    remote = cfg.backend != "local"  # workers in other processes report through files
+    shutil.rmtree(progress_dir(ledger.path), ignore_errors=True)  # a killed worker's leftovers
+    progress = ProgressBar(len(blocks), len(blocks) - len(todo), label or task.name, cfg.progress,
+                           folder=progress_dir(ledger.path) if remote else None,
+                           done_fn=(lambda: len(ledger.done_ids())) if remote else None)
     try:
         if todo and cfg.backend == "local" and pool is None:
             _run_local(task, todo, ledger, cfg, progress, len(blocks) - len(todo))

@@ -181,9 +181,10 @@ def run_stages(registry: Registry, run_cfg: Any, names: Iterable[str], backend: 
             return run_stages(registry, run_cfg, names, backend, overwrite, pool=own)
     summary: dict = {"stages": {}, "seconds": {}}
     try:
-        for name in names:
+        for k, name in enumerate(names, 1):
             try:
-                _run_stage(registry, run_cfg, registry[name], backend, overwrite, summary, pool)
+                _run_stage(registry, run_cfg, registry[name], backend, overwrite, summary, pool,
+                           position=f"{k}/{len(names)}")
             except KeyboardInterrupt as e:  # Ctrl-C: where it stopped, for a one-line report
                 where = getattr(e, "cleftwise_where", None)
                 e.cleftwise_where = f"stage {name}" + (f" ({where})" if where else "")
@@ -195,8 +196,9 @@ def run_stages(registry: Registry, run_cfg: Any, names: Iterable[str], backend: 
 
 
 def _run_stage(registry: Registry, run_cfg: Any, stage: Stage, backend: BackendConfig,
-               overwrite: bool, summary: dict, pool: WorkerPool) -> None:
-    """One stage into ``summary``: its ``run``, or its passes in order (see the module docstring)."""
+               overwrite: bool, summary: dict, pool: WorkerPool, position: str = "") -> None:
+    """One stage into ``summary``: its ``run``, or its passes in order (see the module docstring);
+    ``position`` (``k/N``: the stage's place in the run) labels its progress bars."""
     name, cfg = stage.name, getattr(run_cfg, stage.name)
     t0 = time.perf_counter()
     reason = stage.skip(run_cfg, cfg) if stage.skip else None
@@ -204,7 +206,7 @@ def _run_stage(registry: Registry, run_cfg: Any, stage: Stage, backend: BackendC
         log.warning("stage %s: skipped, %s", name, reason)
         summary["stages"][name] = {"skipped": reason}
         return
-    log.info("stage %s: start", name)
+    log.info("stage %s%s: start", name, f" ({position})" if position else "")
     if stage.run is not None:
         summary["stages"][name] = stage.run(run_cfg, cfg)
     else:
@@ -221,7 +223,8 @@ def _run_stage(registry: Registry, run_cfg: Any, stage: Stage, backend: BackendC
                 log.info("%s: settings changed (%s): running it again from scratch", step.name,
                          ", ".join(changed))
                 fresh = True
-            report = run_task(step, backend, overwrite=fresh, pool=pool)
+            report = run_task(step, backend, overwrite=fresh, pool=pool,
+                              label=f"[{position}] {step.name}" if position else None)
             later_fresh |= fresh or report.processed > 0
             # a finish that reports ``rewrote`` decides (its product is what it rewrote, e.g.
             # DB records); otherwise processed blocks changed the outputs
@@ -249,7 +252,7 @@ def stages_status(registry: Registry, run_cfg: Any) -> dict:
             for step in stage.steps(run_cfg, cfg):
                 st = task_status(step)
                 out[step.name] = {"total": st.total, "done": st.done, "remaining": st.remaining,
-                                  "failed": st.failed}
+                                  "failed": st.failed, **step.status_extra()}
         except Exception as e:  # noqa: BLE001 - a stage whose inputs are missing is "not started"
             out.setdefault(stage.name, {"not_started": str(e).splitlines()[0]})
     return out

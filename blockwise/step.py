@@ -98,6 +98,11 @@ class BlockStep(abc.ABC):
     def prepare_scratch(self, fresh: bool) -> None:
         """Step-specific preparation in the driver after the outputs exist (optional)."""
 
+    def status_extra(self) -> dict:
+        """Extra figures for ``--status`` from what the ledger holds (e.g. predict: forward
+        passes run and the minimal count); default none."""
+        return {}
+
     def finish(self) -> Optional[dict]:
         """Called once in the driver after every block is done (e.g. to merge results); may
         return fields for the run report (``rewrote: True`` when it rewrote shared outputs,

@@ -52,6 +52,7 @@ from cleftwise.blockwise.sliding_window import (torch_threads, TorchPredictor, W
                                                 blend_sums, calibrate_batch_size, grid_origins,
                                                 keep_freed_memory, raw_outside_range, resolve_raw_range,
                                                 run_patches, to_uint8)
+from cleftwise.blockwise.progress import report as report_progress
 from cleftwise.blockwise.stages import Stage
 from cleftwise.postprocess.preflight import check_checkpoint
 from cleftwise.blockwise.step import ArraySpec, BlockStep
@@ -396,9 +397,11 @@ class PredictStep(BlockStep):
             sums = self.blend_sums()
             num = sums.zeros(self.out_channels, acc)
             origins = np.stack(np.meshgrid(*own, indexing="ij"), axis=-1).reshape(-1, 3)
-            for o, p in run_patches(w["predictor"], raw, r0, origins, self.patch, w["batch_size"],
-                                    self.out_channels, self.raw_range, w["workspace"], stats):
+            for k, (o, p) in enumerate(run_patches(w["predictor"], raw, r0, origins, self.patch,
+                                                   w["batch_size"], self.out_channels, self.raw_range,
+                                                   w["workspace"], stats), 1):
                 sums.add(num, w0, o, p)
+                report_progress(k, len(origins))  # the bar moves inside a large block
             inner = self.interior(block)
             if inner is not None:
                 sl = (slice(None),) + tuple(slice(b - a, e - a) for a, b, e in zip(w0, *inner))

@@ -59,3 +59,57 @@ def test_local_bar_partial_and_block_done():
         assert abs(bar.bar.n - 1.0) < 1e-9
     finally:
         bar.close()
+
+
+# -- through the engine: a real blockwise filter whose blocks report halfway ----------------
+
+import sys  # noqa: E402
+
+import cloudpickle  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from cleftwise.blockwise.filter_step import FilterConfig, FilterStep  # noqa: E402
+from cleftwise.blockwise.runner import BackendConfig, run_task  # noqa: E402
+from cleftwise.storage.volume import create_volume  # noqa: E402
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class _HalfwayStep(FilterStep):
+    """The Gaussian filter step, reporting half of each block done, then pausing."""
+
+    def process(self, block, resources):
+        progress.report(1, 2)
+        time.sleep(self.pause)
+        return super().process(block, resources)
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_bar_moves_inside_blocks(tmp_path, monkeypatch, backend, request):
+    if backend == "ray":
+        request.getfixturevalue("ray_cluster")
+        import ray.cloudpickle  # Ray pickles with its own copy of cloudpickle
+
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    url = f"{tmp_path}/in.zarr/raw"
+    vol = create_volume(url, shape=(8, 40, 40), voxel_size=(40, 4, 4), dtype="uint8",
+                        chunk_shape=(4, 20, 20), overwrite=True)
+    vol.write(vol.roi, np.random.default_rng(0).integers(0, 255, (8, 40, 40), dtype=np.uint8))
+    step = _HalfwayStep(FilterConfig(url, f"{tmp_path}/out.zarr/smooth", block_shape_nm=(160, 80, 80)))
+    step.pause = 0.0 if backend == "local" else 2.5  # the driver polls workers' files every 1 s
+    seen = []
+    show = progress.ProgressBar._show
+
+    def record(self):
+        show(self)
+        if self.bar is not None:
+            seen.append(float(self.bar.n))
+
+    monkeypatch.setattr(progress.ProgressBar, "_show", record)
+    run_task(step, BackendConfig(backend, workers=1, progress=True))
+    fractions = [n for n in seen if abs(n - round(n)) > 1e-6]
+    assert fractions and all(abs(n % 1 - 0.5) < 1e-6 for n in fractions), seen
+    assert seen[-1] == len(step.blocks())
+    assert not os.listdir(progress.progress_dir(step.ledger_path())) if os.path.isdir(
+        progress.progress_dir(step.ledger_path())) else True
