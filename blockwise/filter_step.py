@@ -9,7 +9,6 @@ write ROI grown by 4σ (zeros outside the volume).
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 

@@ -42,6 +42,7 @@ from typing import Optional
 from cleftwise.blockwise.errors import BlockwiseError
 from cleftwise.blockwise.grid import Block
 from cleftwise.blockwise.ledger import Ledger
+from cleftwise.blockwise.progress import ProgressBar
 from cleftwise.blockwise.runner import (BackendConfig, _run_local, _worker_name,
                                         process_block_with_ledger)
 from cleftwise.blockwise.step import BlockStep
@@ -580,12 +581,16 @@ class DaskPool(WorkerPool):
                                      pure=False, retries=cfg.max_retries,
                                      key=f"{task.name}-{b.block_id}-{key}")
                        for b in todo]
+            block_of = {f.key: b for f, b in zip(futures, todo)}
             finished = 0
-            for fut in as_completed(futures):
+            done = as_completed(futures)
+            del futures  # only as_completed holds them: each is released once seen, so a worker
+            for fut in done:  # lost later does not make the scheduler recompute finished blocks
                 if fut.status == "error":
-                    b = todo[futures.index(fut)]
+                    b = block_of[fut.key]
                     ledger.mark_failed(b.block_id, f"dask worker failed: {fut.exception()!r}",
                                        cfg.max_retries + 1)
+                fut.release()
                 finished += 1
                 progress.set(done_before + finished)
         finally:

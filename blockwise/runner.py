@@ -34,7 +34,7 @@ import socket
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 from cleftwise.blockwise import crashpoints
 from cleftwise.blockwise.errors import BlockwiseError

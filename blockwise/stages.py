@@ -206,7 +206,7 @@ def _run_stage(registry: Registry, run_cfg: Any, stage: Stage, backend: BackendC
         log.warning("stage %s: skipped, %s", name, reason)
         summary["stages"][name] = {"skipped": reason}
         return
-    log.info("stage %s%s: start", name, f" ({position})" if position else "")
+    log.info("stage %s: start%s", name, f" ({position})" if position else "")
     if stage.run is not None:
         summary["stages"][name] = stage.run(run_cfg, cfg)
     else:

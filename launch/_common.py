@@ -89,6 +89,10 @@ def setup_logging(args: argparse.Namespace, default: int = logging.INFO) -> int:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else default
     logging.basicConfig(level=logging.DEBUG if verbose >= 2 else logging.WARNING, format=LOG_FORMAT,
                         force=True)
+    if verbose >= 2:  # libraries that set their own level (distributed, ray) follow the root too
+        for logger in list(logging.root.manager.loggerDict.values()):
+            if isinstance(logger, logging.Logger):
+                logger.setLevel(logging.NOTSET)
     logging.getLogger("cleftwise").setLevel(level)
     return level
 

@@ -12,7 +12,6 @@ Also ``python launch/evaluate_tables.py``.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from typing import Optional

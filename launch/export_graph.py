@@ -21,10 +21,11 @@ disagree are flagged in the node table. Example (MANC imported with launch/impor
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import sys
 
-from cleftwise.launch._common import new_parser
+from cleftwise.launch._common import new_parser, setup_logging
 from cleftwise.postprocess.connectome import EDGE_WEIGHTS, SignConfig
 from cleftwise.postprocess.errors import PostprocessError
 from cleftwise.postprocess.export import (FORMATS, SignTableConfig, export_graph, export_paths, signs_for,
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-synapse-signs", action="store_true",
                    help="ignore per-synapse ei_prob (signs from --sign-table only)")
     a = p.parse_args(argv)
+    setup_logging(a, default=logging.WARNING)
     if a.sign_table and not (a.sign_class_col or a.sign_prob_cols):
         p.error("--sign-table needs --sign-class-col or --sign-prob-cols")
     formats = [f.strip() for f in a.format.split(",") if f.strip()]

@@ -27,7 +27,7 @@ import json
 import logging
 import sys
 
-from cleftwise.launch._common import new_parser
+from cleftwise.launch._common import new_parser, setup_logging
 from cleftwise.storage.db.urls import redact
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.importers.tables import PRESETS, TableImportConfig, import_tables, parse_mapping
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(a, default=logging.WARNING)
     try:
         columns = parse_mapping(a.map)
         missing = [f for f in ("pre_neuron", "post_neuron") if f not in columns]

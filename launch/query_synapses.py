@@ -25,7 +25,7 @@ import argparse
 import logging
 import sys
 
-from cleftwise.launch._common import new_parser
+from cleftwise.launch._common import new_parser, setup_logging
 from cleftwise.storage.atomic import atomic_path, check_output_path
 from cleftwise.storage.errors import StorageError
 from cleftwise.storage.db import open_store
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         p.error("--format parquet needs --out PATH")
     if a.limit is not None and a.limit < 0:
         p.error("--limit must be >= 0")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(a, default=logging.WARNING)
     filters = dict(roi=a.roi, roi_match=a.roi_match, pre=a.pre, post=a.post, neuron=a.neuron,
                    min_score=a.min_score, block_id=a.block)
     columns = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None

@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import logging
 import http.server
 import json
 import os
@@ -34,7 +35,7 @@ from typing import Optional
 
 import numpy as np
 
-from cleftwise.launch._common import new_parser
+from cleftwise.launch._common import new_parser, setup_logging
 from cleftwise.storage.atomic import atomic_path
 from cleftwise.storage.errors import StorageError
 
@@ -245,6 +246,7 @@ def main(argv=None) -> int:
     p.add_argument("--raw", help="raw volume URL (default: from run_summary.json)")
     p.add_argument("--neurons", help="neuron segmentation URL (default: from run_summary.json)")
     a = p.parse_args(argv)
+    setup_logging(a, default=logging.WARNING)
     server = None
     try:
         port = a.port

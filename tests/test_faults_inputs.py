@@ -140,7 +140,7 @@ def test_classify_on_dask_closes_without_a_thread_error(raws, tmp_path, dask_add
     from distributed import Client
 
     from cleftwise.blockwise.ledger import Ledger
-    from cleftwise.blockwise.runner import _dask_close, _dask_process
+    from cleftwise.blockwise.pool import _dask_close, _dask_process
 
     cfg = _classify_cfg(raws, "u8", tmp_path)
     report = run_task(ClassifyStep(cfg), BackendConfig("dask", address=dask_address, progress=False))
@@ -236,8 +236,10 @@ def test_import_synapses_without_preset_or_map_is_a_usage_error(tmp_path):
     table = tmp_path / "t.csv"
     table.write_text("a,b\n1,2\n")
     r = _cli("import-synapses", "--db", f"sqlite:///{tmp_path / 's.db'}", "--table", str(table))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "without --preset, --map must name the table column of pre_neuron and post_neuron" in r.stderr
+    # neither a preset nor a mapping: the layout is detected (cleftwise, CAVE, neuPrint/MANC);
+    # a table of none of them is one clear error naming its columns and the ways out
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "cannot tell the table's layout from its columns ['a', 'b']; choose a preset" in r.stderr
 
 
 def test_malformed_yaml_names_file_line_and_column(tmp_path):

@@ -124,13 +124,13 @@ _KILL = textwrap.dedent("""
     real = runner.process_block_with_ledger
     seen = [0]
 
-    def killing(fn, block, ledger, max_retries):
+    def killing(fn, block, ledger, max_retries, **kw):
         if {task!r} in str(ledger.path):
             fn(block)                      # the block's output is written ...
             seen[0] += 1
             if seen[0] == {after}:         # ... but the ledger never hears of it
                 os.kill(os.getpid(), signal.SIGKILL)
-        return real(fn, block, ledger, max_retries)
+        return real(fn, block, ledger, max_retries, **kw)
 
     runner.process_block_with_ledger = killing
     sys.argv = ["predict_volume.py", "--config", sys.argv[1], "--stages", sys.argv[2], "--no-progress"]
