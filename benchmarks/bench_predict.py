@@ -34,12 +34,18 @@ dependency)::
     python -m venv benchmarks/scratch/venv-chunkflow --system-site-packages
     benchmarks/scratch/venv-chunkflow/bin/pip install chunkflow==1.2.0
 
+Sections ``grid`` (forward passes and wall vs the minimal global patch grid at the README default
+block, 64 x 512 x 512 and 18 x 160 x 160 blocks; outputs compared byte for byte with the
+whole-volume run) and ``volara`` (volara 1.0.5 ``Predict`` in its own venv at equal work: same
+weights, same patches) live in ``predict_grid.py``; see its docstring.
+
 Results: ``benchmarks/results/bench_predict{,_quick}.{json,md}``; a section not run
 (``--sections``) is carried over from the existing file, marked with when it was measured.
 
-Run: ``python benchmarks/bench_predict.py [--quick] [--repeats N] [--sections engine,peers]
-[--profile] [--chunkflow-python PATH]`` (the full run takes ~10 min for ``peers`` and ~10 min
-for ``engine`` on 2 shared cores; ``--quick`` ~1-2 min).
+Run: ``python benchmarks/bench_predict.py [--quick] [--repeats N] [--sections engine,peers,grid,volara]
+[--profile] [--chunkflow-python PATH] [--volara-python PATH]`` (the full run takes ~10 min for
+``peers`` and ~10 min for ``engine`` on 2 shared cores; ``grid`` (1 repeat unless ``--repeats``)
+~12 min and ``volara`` ~8 min at load ~5; ``--quick`` ~1-2 min each).
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ from cleftwise.blockwise.sliding_window import (TorchPredictor, blend_window, gr
 from cleftwise.models.checkpoint import load_model, save_checkpoint
 from cleftwise.models.rsunet import RSUNetConfig, build_rsunet
 from cleftwise.storage.volume import create_volume, open_volume
+
+import predict_grid  # noqa: E402  (sections grid and volara; this script's folder is on the path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -461,6 +469,7 @@ def write_markdown(res: dict, path: str) -> None:
         lines += peers_markdown(res) + [""]
     if "results" in res:
         lines += engine_markdown(res)
+    lines += predict_grid.markdown(res)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -959,15 +968,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--filters", type=int, nargs="+", help="RSUNet filters per level (default: setup's)")
     ap.add_argument("--sections", default="engine,peers",
                     help="comma list: engine (engine vs forward vs MONAI, 2 threads), peers (cleftwise vs "
-                         "chunkflow vs forward, 1 thread, fresh processes). A section not run is carried "
+                         "chunkflow vs forward, 1 thread, fresh processes), grid (forward passes and time vs "
+                         "the minimal global grid at several block shapes), volara (cleftwise vs volara "
+                         "Predict, same weights and patches). A section not run is carried "
                          "over from the existing results file, marked with when it was measured")
+    ap.add_argument("--volara-python", default=predict_grid.VOLARA_PY,
+                    help="python of the venv holding volara 1.0.5 + volara-torch (see benchmarks/requirements.txt)")
     ap.add_argument("--chunkflow-python", default=CHUNKFLOW_PY,
                     help="python of the venv holding chunkflow 1.2.0 (see the set-up comment)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     args = ap.parse_args(argv)
     sections = {x.strip() for x in args.sections.split(",") if x.strip()}
-    if not sections <= {"engine", "peers"}:
-        ap.error(f"--sections: unknown {sorted(sections - {'engine', 'peers'})}")
+    known = {"engine", "peers", "grid", "volara"}
+    if not sections <= known:
+        ap.error(f"--sections: unknown {sorted(sections - known)}")
     setup = QUICK if args.quick else FULL
     if args.filters:
         setup = dataclasses.replace(setup, filters=tuple(args.filters))
@@ -986,7 +1000,8 @@ def main(argv=None) -> dict:
         res = engine_section(args, setup, repeats)
         res["engine_measured"] = stamp
     elif "results" in prev:
-        res = {k: v for k, v in prev.items() if k not in ("peers", "peers_measured")}
+        res = {k: v for k, v in prev.items() if k not in ("peers", "peers_measured", "grid", "grid_measured",
+                                                          "volara", "volara_measured")}
         res.setdefault("engine_measured", {"measured_at": "in an earlier run (before the peers section "
                                                           "existed; commit not recorded)",
                                            "git": {}})
@@ -1000,6 +1015,14 @@ def main(argv=None) -> dict:
         res["peers_measured"] = stamp
     elif "peers" in prev:
         res["peers"], res["peers_measured"] = prev["peers"], prev.get("peers_measured", {})
+    for sec in ("grid", "volara"):
+        if sec in sections:
+            reps = max(1, args.repeats or 1)  # long sections; ratios are also measured within a run
+            res[sec] = (predict_grid.grid_section(args.quick, reps) if sec == "grid"
+                        else predict_grid.volara_section(args.quick, reps, args.volara_python))
+            res[f"{sec}_measured"] = stamp
+        elif sec in prev:
+            res[sec], res[f"{sec}_measured"] = prev[sec], prev.get(f"{sec}_measured", {})
 
     os.makedirs(args.out, exist_ok=True)
     with open(json_path, "w") as f:
@@ -1023,7 +1046,13 @@ def main(argv=None) -> dict:
               f"{'met' if pr['met'][k] else 'NOT met'})" if k in pr["targets"] else "")
               for k, v in pr["ratios"].items()))
         print(f"cleftwise vs chunkflow: {pr['agreement_cleftwise_vs_chunkflow']}; same patch grid: {pr['same_patch_grid']}")
+    for sec in ("grid", "volara"):
+        if sec in sections and "met" in res[sec]:
+            print(f"{sec}: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in res[sec]["met"].items()))
     print(f"results: {json_path} (+ .md)")
+    if "grid" in sections and not all(e.get("byte_identical_to_whole_volume", True)
+                                      for e in res["grid"]["results"].values()):
+        print("WARNING: some block shape's output differs from the whole-volume run", file=sys.stderr)
     if "engine" in sections and not res["checks"]["engine_matches_direct"]:
         print("ERROR: engine output differs from a direct predict_region call", file=sys.stderr)
         sys.exit(1)
