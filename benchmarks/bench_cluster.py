@@ -43,13 +43,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-from bench_cc import synapse_like_probability  # noqa: E402  (same input as bench_cc)
+from bench_cc import Setup, synapse_like_probability  # noqa: E402  (same input and geometry record as bench_cc)
 
 VOXEL_SIZE = (40, 4, 4)
 THRESHOLD = 0.5
@@ -59,15 +59,6 @@ IGNEOUS_PY = os.path.join(HERE, "scratch", "venv-igneous", "bin", "python")
 TARGETS = {"wall_vs_igneous2": 1.0, "wall_vs_local1_large": 0.65, "per_core_vs_global_write_large": 0.9,
            "dask_first_block_start_s": 5.0}
 
-
-@dataclass
-class Setup:
-    """Benchmark geometry (voxels, z y x)."""
-
-    shape: tuple
-    block: tuple
-    foreground: float
-    repeats: int
 
 
 FULL = Setup(shape=(128, 512, 512), block=(32, 256, 256), foreground=0.02, repeats=2)
