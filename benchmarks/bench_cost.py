@@ -34,8 +34,6 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -43,6 +41,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+from bench_cluster import git_state  # noqa: E402  (commit and modified files, as there)
 from predict_grid import PatchCounter  # noqa: E402
 
 WEIGHTS = os.path.join(REPO, "models", "weights", "rsunet_polarity.pt")
@@ -84,14 +83,6 @@ def model_flops_per_patch() -> tuple[int, int]:
     with torch.inference_mode(), FlopCounterMode(display=False) as fc:
         model(torch.zeros((1, 1) + PATCH))
     return int(fc.get_total_flops()), int(sum(p.numel() for p in model.parameters()))
-
-
-def git_state() -> dict:
-    def git(*a):
-        r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
-        return r.stdout.rstrip() if r.returncode == 0 else ""
-    return {"commit": git("rev-parse", "--short", "HEAD"),
-            "modified": [l[3:] for l in git("status", "--porcelain", "--untracked-files=no").splitlines()]}
 
 
 def measure(shape: tuple) -> dict:
